@@ -1,0 +1,62 @@
+/**
+ * The BlockDriver interface: the small async contract every storage backend implements. Drivers do
+ * the I/O they are asked for and nothing else; bounds, tracking, hooks, and the emulation of what a
+ * driver lacks (write-zeroes, FUA) live in one place above them, io/block-node.ts.
+ */
+
+export interface DriverCapabilities {
+  /** "native": pwriteZeroes is implemented (it may still throw ENOTSUP for one request); "emulate": never call it. */
+  readonly zeroes: "native" | "emulate";
+  /** "native": the driver honours flags.fua itself; "emulate": the node flushes after the write. */
+  readonly fua: "native" | "emulate";
+  /** Whether pdiscard does anything; discard is advisory, so a no-op is always correct. */
+  readonly discard: boolean;
+  /** Whether blockStatus can report holes; otherwise everything is data. */
+  readonly blockStatus: boolean;
+}
+
+export interface WriteFlags {
+  /** Force unit access: durable before the call returns. */
+  readonly fua?: boolean;
+}
+
+export interface ZeroFlags extends WriteFlags {
+  /** The range may be deallocated (NBD: NO_HOLE not set). */
+  readonly mayTrim?: boolean;
+  /** Fail with ENOTSUP instead of doing anything slower than a metadata operation. */
+  readonly fastZero?: boolean;
+}
+
+/** One run of the same allocation state. */
+export interface Extent {
+  readonly offset: number;
+  readonly length: number;
+  /** Not allocated: reads return zeros and cost nothing. */
+  readonly hole: boolean;
+  /** Known to read as zeros. */
+  readonly zero: boolean;
+}
+
+export interface BlockDriver {
+  /** A short name: "file", "memory", "null". */
+  readonly driverName: string;
+  readonly capabilities: DriverCapabilities;
+  /** Size in bytes; fixed for the life of the open driver. */
+  size(): number;
+  /** Fills `into` with the bytes at offset. The caller has checked bounds. */
+  pread(offset: number, into: Buffer): Promise<void>;
+  /** Writes the buffers back to back at offset. The buffers must not be changed by the driver. */
+  pwrite(offset: number, data: readonly Buffer[], flags: WriteFlags): Promise<void>;
+  /** Zeroes a range without a data buffer; may throw ENOTSUP to ask the node to emulate. */
+  pwriteZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void>;
+  pdiscard(offset: number, length: number): Promise<void>;
+  flush(): Promise<void>;
+  /** Extents covering at least the start of [offset, offset+length), in order, without gaps. */
+  blockStatus(offset: number, length: number): Promise<Extent[]>;
+  close(): Promise<void>;
+}
+
+/** Block status for drivers that cannot see holes: the whole range is data. */
+export function allData(offset: number, length: number): Extent[] {
+  return [{ offset, length, hole: false, zero: false }];
+}

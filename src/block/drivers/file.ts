@@ -1,0 +1,216 @@
+/**
+ * The file driver: raw images with positional I/O on one file descriptor.
+ *
+ * Small requests use synchronous pread/pwritev on the event loop: on this kind of machine the libuv
+ * threadpool hop costs more than a page-cache copy of 4 KiB (docs/ARCHITECTURE.md has the numbers).
+ * Synchronous calls stall every connection while the disk is slow, so the cost is bounded: a call that
+ * takes longer than SYNC_IO_SLOW_MS switches the driver to threadpool I/O for ASYNC_BACKOFF_MS, and
+ * requests above SYNC_IO_BYTES_MAX always use the threadpool. flush (fdatasync) always does.
+ *
+ * Discard, write-zeroes and block status use the native addon (fallocate, SEEK_DATA/SEEK_HOLE) when it
+ * is built; without it, zeroes are emulated by the node, discard is a no-op, and all is data.
+ */
+import * as fs from "node:fs";
+import { performance } from "node:perf_hooks";
+import { BlockError, fromLinuxErrno, toBlockError } from "../../core/errors.js";
+import { MiB } from "../../core/units.js";
+import { allData, type BlockDriver, type DriverCapabilities, type Extent, type ZeroFlags } from "../driver.js";
+import { ENXIO, EOPNOTSUPP, native } from "./native.js";
+
+export const SYNC_IO_BYTES_MAX = 2 * MiB;
+export const SYNC_IO_SLOW_MS = 4;
+export const ASYNC_BACKOFF_MS = 500;
+/** Block status stops after this many extents; the caller asks again for the rest. */
+export const FILE_EXTENTS_MAX = 1024;
+
+export interface FileDriverOptions {
+  readonly readOnly?: boolean;
+  /** Force threadpool I/O for every request (for comparison in benchmarks). */
+  readonly asyncOnly?: boolean;
+}
+
+function readAsync(fd: number, into: Buffer, offset: number, position: number): Promise<number> {
+  return new Promise((resolve, reject) =>
+    fs.read(fd, into, offset, into.length - offset, position, (err, n) => (err ? reject(err) : resolve(n))),
+  );
+}
+
+function writevAsync(fd: number, data: readonly Buffer[], position: number): Promise<number> {
+  return new Promise((resolve, reject) =>
+    fs.writev(fd, data as Buffer[], position, (err, n) => (err ? reject(err) : resolve(n))),
+  );
+}
+
+function fdatasyncAsync(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+}
+
+/** The buffers left after skipping `skip` bytes of `data` (for short writes). */
+function remainingIov(data: readonly Buffer[], skip: number): Buffer[] {
+  const out: Buffer[] = [];
+  for (const b of data) {
+    if (skip >= b.length) skip -= b.length;
+    else {
+      out.push(skip > 0 ? b.subarray(skip) : b);
+      skip = 0;
+    }
+  }
+  return out;
+}
+
+export class FileDriver implements BlockDriver {
+  readonly driverName = "file";
+  readonly capabilities: DriverCapabilities;
+  readonly path: string;
+  readonly #fd: number;
+  readonly #size: number;
+  readonly #asyncOnly: boolean;
+  #asyncUntilMs = 0;
+  #closed = false;
+
+  private constructor(path: string, fd: number, size: number, asyncOnly: boolean) {
+    this.path = path;
+    this.#fd = fd;
+    this.#size = size;
+    this.#asyncOnly = asyncOnly;
+    this.capabilities = {
+      zeroes: native ? "native" : "emulate",
+      fua: "emulate",
+      discard: native !== null,
+      blockStatus: native !== null,
+    };
+  }
+
+  static open(path: string, options: FileDriverOptions = {}): FileDriver {
+    let fd: number;
+    try {
+      fd = fs.openSync(path, options.readOnly ? "r" : "r+");
+    } catch (err) {
+      throw toBlockError(err);
+    }
+    const st = fs.fstatSync(fd);
+    if (!st.isFile()) {
+      fs.closeSync(fd);
+      throw new BlockError("EINVAL", `${path}: not a regular file`);
+    }
+    return new FileDriver(path, fd, st.size, options.asyncOnly ?? false);
+  }
+
+  /** Whether the native addon (fallocate, SEEK_DATA) is in use. */
+  static get nativeAvailable(): boolean {
+    return native !== null;
+  }
+
+  size(): number {
+    return this.#size;
+  }
+
+  #useSync(length: number): boolean {
+    return !this.#asyncOnly && length <= SYNC_IO_BYTES_MAX && performance.now() >= this.#asyncUntilMs;
+  }
+
+  #timed(startMs: number): void {
+    const now = performance.now();
+    if (now - startMs > SYNC_IO_SLOW_MS) this.#asyncUntilMs = now + ASYNC_BACKOFF_MS;
+  }
+
+  async pread(offset: number, into: Buffer): Promise<void> {
+    let done = 0;
+    try {
+      if (this.#useSync(into.length)) {
+        const t0 = performance.now();
+        while (done < into.length) {
+          const n = fs.readSync(this.#fd, into, done, into.length - done, offset + done);
+          if (n === 0) break;
+          done += n;
+        }
+        this.#timed(t0);
+      } else {
+        while (done < into.length) {
+          const n = await readAsync(this.#fd, into, done, offset + done);
+          if (n === 0) break;
+          done += n;
+        }
+      }
+    } catch (err) {
+      throw toBlockError(err);
+    }
+    // A file shorter than its advertised size reads as zeros past its end.
+    if (done < into.length) into.fill(0, done);
+  }
+
+  async pwrite(offset: number, data: readonly Buffer[]): Promise<void> {
+    let total = 0;
+    for (const b of data) total += b.length;
+    let done = 0;
+    try {
+      if (this.#useSync(total)) {
+        const t0 = performance.now();
+        done = fs.writevSync(this.#fd, data as Buffer[], offset);
+        while (done < total) done += fs.writevSync(this.#fd, remainingIov(data, done), offset + done);
+        this.#timed(t0);
+      } else {
+        done = await writevAsync(this.#fd, data, offset);
+        while (done < total) done += await writevAsync(this.#fd, remainingIov(data, done), offset + done);
+      }
+    } catch (err) {
+      throw toBlockError(err);
+    }
+  }
+
+  async pwriteZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    if (!native) throw new BlockError("ENOTSUP", "write-zeroes needs the native addon");
+    let r = flags.mayTrim ? native.punchHole(this.#fd, offset, length) : -EOPNOTSUPP;
+    if (r < 0) r = native.zeroRange(this.#fd, offset, length);
+    if (r === -EOPNOTSUPP) throw new BlockError("ENOTSUP", "filesystem cannot zero a range in place");
+    if (r < 0) throw fromLinuxErrno(-r, "fallocate");
+  }
+
+  async pdiscard(offset: number, length: number): Promise<void> {
+    if (!native) return;
+    const r = native.punchHole(this.#fd, offset, length);
+    // Discard is advisory: a filesystem without hole punching keeps the data, which is allowed.
+    if (r < 0 && r !== -EOPNOTSUPP) throw fromLinuxErrno(-r, "fallocate(PUNCH_HOLE)");
+  }
+
+  async flush(): Promise<void> {
+    try {
+      await fdatasyncAsync(this.#fd);
+    } catch (err) {
+      throw toBlockError(err);
+    }
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    if (!native) return allData(offset, length);
+    const out: Extent[] = [];
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end && out.length < FILE_EXTENTS_MAX) {
+      const data = native.seekData(this.#fd, pos);
+      if (data === -ENXIO) {
+        // No data from pos to the end of the file.
+        out.push({ offset: pos, length: end - pos, hole: true, zero: true });
+        break;
+      }
+      if (data < 0) return out.length ? out : allData(offset, length);
+      if (data > pos) {
+        const stop = Math.min(data, end);
+        out.push({ offset: pos, length: stop - pos, hole: true, zero: true });
+        pos = stop;
+        continue;
+      }
+      const hole = native.seekHole(this.#fd, pos);
+      const stop = hole < 0 ? end : Math.min(hole, end);
+      out.push({ offset: pos, length: stop - pos, hole: false, zero: false });
+      pos = stop;
+    }
+    return out;
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    fs.closeSync(this.#fd);
+  }
+}

@@ -1,0 +1,116 @@
+#!/usr/bin/env node
+/** The drivetap command line. Each subcommand parses its options and hands a config to the daemon. */
+import { Command, InvalidArgumentError } from "commander";
+import pino from "pino";
+import { FileDriver } from "../block/drivers/file.js";
+import { formatSize, parseSize } from "../core/units.js";
+import { Daemon, NULL_IMAGE, type ServeConfig } from "../daemon/daemon.js";
+import type { Logger } from "../core/log.js";
+
+const DEFAULT_SIZE = "1G";
+const DEFAULT_PORT = 10809;
+
+function sizeOption(value: string): number {
+  try {
+    return parseSize(value);
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
+}
+
+function portOption(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError(`not a port: ${value}`);
+  return n;
+}
+
+interface ServeOptions {
+  socket?: string;
+  port?: number;
+  bind: string;
+  exportName: string;
+  nodeName: string;
+  readOnly?: boolean;
+  size: number;
+  description?: string;
+  verbose?: boolean;
+  asyncIo?: boolean;
+}
+
+async function serve(image: string | undefined, opts: ServeOptions): Promise<void> {
+  const log = pino(
+    { name: "drivetap", level: opts.verbose ? "debug" : "warn", base: undefined },
+    pino.destination({ fd: 2, sync: false }),
+  ) as unknown as Logger;
+  if (opts.socket && opts.port !== undefined) throw new InvalidArgumentError("use --socket or --port, not both");
+  const config: ServeConfig = {
+    image,
+    sizeBytes: opts.size,
+    readOnly: opts.readOnly ?? false,
+    exportName: opts.exportName,
+    nodeName: opts.nodeName,
+    description: opts.description,
+    listen: opts.socket
+      ? { type: "unix", path: opts.socket }
+      : { type: "inet", host: opts.bind, port: opts.port ?? DEFAULT_PORT },
+    log,
+    asyncIo: opts.asyncIo,
+  };
+  const daemon = await Daemon.start(config);
+  log.debug({ native: FileDriver.nativeAvailable }, "file driver native addon");
+  const what = image === undefined ? `built-in ${formatSize(opts.size)} sparse memory disk` : image;
+  process.stdout.write(
+    `drivetap: serving ${daemon.node.name} (${what}, ${daemon.node.size()} bytes${config.readOnly ? ", read-only" : ""})\n` +
+      `drivetap: ready at ${daemon.uri}\n` +
+      `drivetap: try: nbdinfo '${daemon.uri}'   (Ctrl-C stops; in-flight writes finish and are flushed)\n`,
+  );
+  let stopping = false;
+  const stop = (signal: string): void => {
+    if (stopping) {
+      process.stderr.write(`drivetap: second ${signal}, exiting without waiting\n`);
+      process.exit(1);
+    }
+    stopping = true;
+    log.info({ signal }, "stopping");
+    daemon.close().then(
+      () => process.exit(0),
+      (err) => {
+        process.stderr.write(`drivetap: error while stopping: ${(err as Error).message}\n`);
+        process.exit(1);
+      },
+    );
+  };
+  process.on("SIGINT", () => stop("SIGINT"));
+  process.on("SIGTERM", () => stop("SIGTERM"));
+}
+
+const program = new Command();
+program
+  .name("drivetap")
+  .description("A userspace block-storage daemon: serves disk images over NBD and runs block jobs on them.")
+  .showHelpAfterError();
+
+program
+  .command("serve")
+  .description(`Serve IMAGE (a raw file) over NBD; without IMAGE, a built-in sparse memory disk (${NULL_IMAGE} serves the null driver)`)
+  .argument("[image]", "raw disk image to serve")
+  .option("--socket <path>", "listen on this unix socket instead of TCP")
+  .option("--port <n>", `TCP port (default ${DEFAULT_PORT})`, portOption)
+  .option("--bind <addr>", "TCP address to bind", "127.0.0.1")
+  .option("--export-name <name>", "NBD export name", "")
+  .option("--node-name <name>", "block node name", "disk0")
+  .option("--read-only", "refuse writes")
+  .option("--size <size>", "size of the built-in disk", sizeOption, parseSize(DEFAULT_SIZE))
+  .option("--description <text>", "export description shown to clients")
+  .option("--async-io", "always use threadpool I/O in the file driver (for comparison)")
+  .option("-v, --verbose", "debug logs on stderr")
+  .action(async (image: string | undefined, opts: ServeOptions) => {
+    try {
+      await serve(image, opts);
+    } catch (err) {
+      process.stderr.write(`drivetap serve: ${(err as Error).message}\n`);
+      process.exit(1);
+    }
+  });
+
+await program.parseAsync(process.argv);

@@ -1,0 +1,77 @@
+/**
+ * Operating errors and protocol errors, and the one table that maps an errno-like code to the NBD
+ * error number on the wire (and, later, to QMP error classes). Assertions (bugs) live in assert.ts.
+ */
+
+export type BlockErrorCode = "EPERM" | "EIO" | "ENOMEM" | "EINVAL" | "ENOSPC" | "EOVERFLOW" | "ENOTSUP" | "ESHUTDOWN";
+
+/** An error the block layer reports to its caller: bad request, failing disk, shutdown. */
+export class BlockError extends Error {
+  readonly code: BlockErrorCode;
+  constructor(code: BlockErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = "BlockError";
+    this.code = code;
+  }
+}
+
+/** The peer sent bytes we cannot accept; the connection answers per spec or closes. */
+export class ProtocolError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "ProtocolError";
+  }
+}
+
+/** NBD error numbers, as the spec lists them. */
+export const NBD_ERRNO: Readonly<Record<BlockErrorCode, number>> = {
+  EPERM: 1,
+  EIO: 5,
+  ENOMEM: 12,
+  EINVAL: 22,
+  ENOSPC: 28,
+  EOVERFLOW: 75,
+  ENOTSUP: 95,
+  ESHUTDOWN: 108,
+};
+
+const SYSTEM_CODES: Readonly<Record<string, BlockErrorCode>> = {
+  EPERM: "EPERM",
+  EACCES: "EPERM",
+  EROFS: "EPERM",
+  EIO: "EIO",
+  ENOMEM: "ENOMEM",
+  EINVAL: "EINVAL",
+  ENOSPC: "ENOSPC",
+  EDQUOT: "ENOSPC",
+  EFBIG: "ENOSPC",
+  EOVERFLOW: "EOVERFLOW",
+  ENOTSUP: "ENOTSUP",
+  EOPNOTSUPP: "ENOTSUP",
+  ESHUTDOWN: "ESHUTDOWN",
+};
+
+/** Turns anything thrown below the block layer into a BlockError (unknown system errors become EIO). */
+export function toBlockError(err: unknown): BlockError {
+  if (err instanceof BlockError) return err;
+  const sysCode = (err as { code?: unknown } | null)?.code;
+  const code = typeof sysCode === "string" ? (SYSTEM_CODES[sysCode] ?? "EIO") : "EIO";
+  const message = err instanceof Error ? err.message : String(err);
+  return new BlockError(code, message, { cause: err });
+}
+
+/** Linux errno numbers returned (negated) by the native addon. */
+const LINUX_ERRNO: Readonly<Record<number, BlockErrorCode>> = {
+  1: "EPERM",
+  5: "EIO",
+  12: "ENOMEM",
+  22: "EINVAL",
+  28: "ENOSPC",
+  75: "EOVERFLOW",
+  95: "ENOTSUP",
+  108: "ESHUTDOWN",
+};
+
+export function fromLinuxErrno(errno: number, what: string): BlockError {
+  return new BlockError(LINUX_ERRNO[errno] ?? "EIO", `${what}: errno ${errno}`);
+}

@@ -1,0 +1,330 @@
+/**
+ * The request path. Every I/O to a served disk enters a BlockNode, which:
+ *   checks bounds -> registers a TrackedRequest -> waits for overlapping serialising requests ->
+ *   runs before-write hooks -> calls the driver (emulating write-zeroes and FUA where it cannot) ->
+ *   runs after-write hooks -> ends the tracked request.
+ * It can drain (wait for everything in flight) and counts I/O. Jobs see and duplicate writes through
+ * hooks; they never patch drivers.
+ */
+import { BlockError, toBlockError } from "../core/errors.js";
+import { rangesOverlap } from "../core/ranges.js";
+import { MiB } from "../core/units.js";
+import type { BlockDriver, Extent, WriteFlags, ZeroFlags } from "../block/driver.js";
+import { TrackedRequest, type HookedKind, type RequestKind, type WriteHook } from "./tracked-request.js";
+
+/** Emulated write-zeroes writes this much at a time from one shared, never-written zero buffer. */
+export const ZERO_EMULATION_BYTES = 1 * MiB;
+const ZERO_BUFFER: Buffer = Buffer.alloc(ZERO_EMULATION_BYTES);
+
+export interface NodeStats {
+  readOps: number;
+  readBytes: number;
+  writeOps: number;
+  writeBytes: number;
+  zeroOps: number;
+  zeroBytes: number;
+  discardOps: number;
+  discardBytes: number;
+  flushOps: number;
+  blockStatusOps: number;
+  failedOps: number;
+}
+
+export interface BlockNodeOptions {
+  readonly readOnly?: boolean;
+}
+
+const NO_FLAGS: ZeroFlags = Object.freeze({});
+
+export class BlockNode {
+  readonly name: string;
+  readonly driver: BlockDriver;
+  readonly readOnly: boolean;
+  readonly stats: NodeStats = {
+    readOps: 0,
+    readBytes: 0,
+    writeOps: 0,
+    writeBytes: 0,
+    zeroOps: 0,
+    zeroBytes: 0,
+    discardOps: 0,
+    discardBytes: 0,
+    flushOps: 0,
+    blockStatusOps: 0,
+    failedOps: 0,
+  };
+  readonly #inFlight = new Set<TrackedRequest>();
+  #hooks: readonly WriteHook[] = [];
+  #serialiseWrites = false;
+  #serialisingInFlight = 0;
+  #nextId = 1;
+  #drainWaiters: Array<() => void> = [];
+  #closed = false;
+
+  constructor(name: string, driver: BlockDriver, options: BlockNodeOptions = {}) {
+    this.name = name;
+    this.driver = driver;
+    this.readOnly = options.readOnly ?? false;
+  }
+
+  size(): number {
+    return this.driver.size();
+  }
+
+  get inFlightCount(): number {
+    return this.#inFlight.size;
+  }
+
+  /** The requests in flight now, oldest first (for jobs that must wait on a range). */
+  inFlight(): IterableIterator<TrackedRequest> {
+    return this.#inFlight.values();
+  }
+
+  /** Attaches a hook; returns the function that detaches it. */
+  addWriteHook(hook: WriteHook): () => void {
+    this.#hooks = [...this.#hooks, hook];
+    this.#serialiseWrites = this.#hooks.some((h) => h.serialise);
+    return () => {
+      this.#hooks = this.#hooks.filter((h) => h !== hook);
+      this.#serialiseWrites = this.#hooks.some((h) => h.serialise);
+    };
+  }
+
+  get hookCount(): number {
+    return this.#hooks.length;
+  }
+
+  // ---- the public I/O verbs ------------------------------------------------------------------------
+
+  async read(offset: number, into: Buffer): Promise<void> {
+    this.#checkRange("read", offset, into.length);
+    const req = this.#begin("read", offset, into.length, null, NO_FLAGS, false);
+    try {
+      await this.driver.pread(offset, into);
+      this.stats.readOps++;
+      this.stats.readBytes += into.length;
+    } catch (err) {
+      throw this.#failed(err);
+    } finally {
+      this.#end(req);
+    }
+  }
+
+  async write(offset: number, data: readonly Buffer[], flags: WriteFlags = NO_FLAGS): Promise<void> {
+    let length = 0;
+    for (const b of data) length += b.length;
+    this.#checkRange("write", offset, length);
+    await this.#mutate("write", offset, length, data, flags);
+    this.stats.writeOps++;
+    this.stats.writeBytes += length;
+  }
+
+  async writeZeroes(offset: number, length: number, flags: ZeroFlags = NO_FLAGS): Promise<void> {
+    this.#checkRange("zero", offset, length);
+    await this.#mutate("zero", offset, length, null, flags);
+    this.stats.zeroOps++;
+    this.stats.zeroBytes += length;
+  }
+
+  async discard(offset: number, length: number, flags: WriteFlags = NO_FLAGS): Promise<void> {
+    this.#checkRange("discard", offset, length);
+    await this.#mutate("discard", offset, length, null, flags);
+    this.stats.discardOps++;
+    this.stats.discardBytes += length;
+  }
+
+  async flush(): Promise<void> {
+    this.#checkOpen();
+    await this.#mutate("flush", 0, 0, null, NO_FLAGS);
+    this.stats.flushOps++;
+  }
+
+  /** Extents from offset, clamped to the disk's end; at least one, covering offset. */
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    this.#checkOpen();
+    const size = this.size();
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length <= 0 || offset >= size) {
+      throw new BlockError("EINVAL", `block status out of range: offset ${offset} length ${length} size ${size}`);
+    }
+    const clamped = Math.min(length, size - offset);
+    const req = this.#begin("block-status", offset, clamped, null, NO_FLAGS, false);
+    try {
+      this.stats.blockStatusOps++;
+      const extents = await this.driver.blockStatus(offset, clamped);
+      return extents.length > 0 ? extents : [{ offset, length: clamped, hole: false, zero: false }];
+    } catch (err) {
+      throw this.#failed(err);
+    } finally {
+      this.#end(req);
+    }
+  }
+
+  /** Advisory prefetch; validates the range and reads it through the driver into scratch memory. */
+  async cache(offset: number, length: number): Promise<void> {
+    this.#checkRange("cache", offset, length);
+    const req = this.#begin("cache", offset, length, null, NO_FLAGS, false);
+    try {
+      const scratch = Buffer.allocUnsafe(Math.min(length, ZERO_EMULATION_BYTES));
+      for (let pos = offset; pos < offset + length; pos += scratch.length) {
+        const n = Math.min(scratch.length, offset + length - pos);
+        await this.driver.pread(pos, n === scratch.length ? scratch : scratch.subarray(0, n));
+      }
+    } catch (err) {
+      throw this.#failed(err);
+    } finally {
+      this.#end(req);
+    }
+  }
+
+  /** Resolves when nothing is in flight. Requests started meanwhile are waited for too. */
+  drain(): Promise<void> {
+    if (this.#inFlight.size === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#drainWaiters.push(resolve));
+  }
+
+  /** Drains, then closes the driver. Later requests fail with ESHUTDOWN. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    await this.drain();
+    await this.driver.close();
+  }
+
+  // ---- the path --------------------------------------------------------------------------------------
+
+  #checkOpen(): void {
+    if (this.#closed) throw new BlockError("ESHUTDOWN", `node ${this.name} is closed`);
+  }
+
+  #checkRange(kind: RequestKind, offset: number, length: number): void {
+    this.#checkOpen();
+    if (kind !== "read" && kind !== "cache" && this.readOnly) {
+      throw new BlockError("EPERM", `node ${this.name} is read-only`);
+    }
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw new BlockError("EINVAL", `bad range: offset ${offset} length ${length}`);
+    }
+    const size = this.size();
+    if (offset + length > size) {
+      // The NBD spec's choice: ENOSPC for writes past the end, EINVAL for everything else.
+      const code = kind === "write" || kind === "zero" ? "ENOSPC" : "EINVAL";
+      throw new BlockError(code, `${kind} beyond end of disk: offset ${offset} length ${length} size ${size}`);
+    }
+  }
+
+  #begin(
+    kind: RequestKind,
+    offset: number,
+    length: number,
+    data: readonly Buffer[] | null,
+    flags: ZeroFlags,
+    serialising: boolean,
+  ): TrackedRequest {
+    const req = new TrackedRequest(this.#nextId++, kind, offset, length, data, flags, serialising);
+    this.#inFlight.add(req);
+    if (serialising) this.#serialisingInFlight++;
+    return req;
+  }
+
+  #end(req: TrackedRequest): void {
+    this.#inFlight.delete(req);
+    if (req.serialising) this.#serialisingInFlight--;
+    req.end();
+    if (this.#inFlight.size === 0 && this.#drainWaiters.length > 0) {
+      const waiters = this.#drainWaiters;
+      this.#drainWaiters = [];
+      for (const w of waiters) w();
+    }
+  }
+
+  #failed(err: unknown): BlockError {
+    this.stats.failedOps++;
+    return toBlockError(err);
+  }
+
+  /** Waits for every earlier, overlapping write that must serialise with this one. */
+  async #waitForOverlaps(req: TrackedRequest): Promise<void> {
+    for (const other of this.#inFlight) {
+      if (other === req) return;
+      if (other.kind === "read" || other.kind === "block-status" || other.kind === "cache" || other.kind === "flush")
+        continue;
+      if (!(other.serialising || req.serialising)) continue;
+      if (rangesOverlap(other.offset, other.length, req.offset, req.length)) await other.whenEnded();
+    }
+  }
+
+  async #mutate(
+    kind: HookedKind,
+    offset: number,
+    length: number,
+    data: readonly Buffer[] | null,
+    flags: ZeroFlags,
+  ): Promise<void> {
+    const hooks = this.#hooks;
+    const req = this.#begin(kind, offset, length, data, flags, kind !== "flush" && this.#serialiseWrites);
+    try {
+      if (this.#serialisingInFlight > 0 && kind !== "flush") await this.#waitForOverlaps(req);
+      for (const hook of hooks) if (hook.before) await hook.before(req);
+      let driverError: Error | undefined;
+      try {
+        await this.#callDriver(req);
+      } catch (err) {
+        driverError = toBlockError(err);
+      }
+      let hookError: unknown;
+      for (const hook of hooks) {
+        if (!hook.after) continue;
+        try {
+          await hook.after(req, driverError);
+        } catch (err) {
+          hookError ??= err;
+        }
+      }
+      if (driverError) throw driverError;
+      if (hookError !== undefined) throw hookError;
+    } catch (err) {
+      throw this.#failed(err);
+    } finally {
+      this.#end(req);
+    }
+  }
+
+  async #callDriver(req: TrackedRequest): Promise<void> {
+    const driver = this.driver;
+    const flags = req.flags;
+    switch (req.kind) {
+      case "write":
+        await driver.pwrite(req.offset, req.data!, flags);
+        break;
+      case "zero":
+        await this.#zero(req.offset, req.length, flags);
+        break;
+      case "discard":
+        if (driver.capabilities.discard) await driver.pdiscard(req.offset, req.length);
+        break;
+      case "flush":
+        await driver.flush();
+        return;
+      default:
+        throw new BlockError("EINVAL", `not a write kind: ${req.kind}`);
+    }
+    if (flags.fua && driver.capabilities.fua === "emulate") await driver.flush();
+  }
+
+  async #zero(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    const driver = this.driver;
+    if (driver.capabilities.zeroes === "native") {
+      try {
+        await driver.pwriteZeroes(offset, length, flags);
+        return;
+      } catch (err) {
+        if (!(err instanceof BlockError) || err.code !== "ENOTSUP") throw err;
+      }
+    }
+    if (flags.fastZero) throw new BlockError("ENOTSUP", "fast zero not possible: zeroes would be written");
+    for (let pos = offset; pos < offset + length; pos += ZERO_EMULATION_BYTES) {
+      const n = Math.min(ZERO_EMULATION_BYTES, offset + length - pos);
+      await driver.pwrite(pos, [n === ZERO_EMULATION_BYTES ? ZERO_BUFFER : ZERO_BUFFER.subarray(0, n)], {});
+    }
+  }
+}

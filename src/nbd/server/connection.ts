@@ -1,0 +1,516 @@
+/**
+ * One client connection: the fixed-newstyle handshake, then transmission. Requests run concurrently and
+ * are answered as they finish (out of order); replies written in one event-loop turn leave in one
+ * writev (the socket is corked until setImmediate). Malformed input gets the spec's error, or closes
+ * this connection only; a client that hangs up mid-reply just loses its replies.
+ */
+import type { Socket } from "node:net";
+import { BlockError, NBD_ERRNO, ProtocolError, toBlockError } from "../../core/errors.js";
+import type { Logger } from "../../core/log.js";
+import type { Extent } from "../../block/driver.js";
+import type { BlockNode } from "../../io/block-node.js";
+import * as C from "../protocol/constants.js";
+import {
+  OFFSET_DATA_PREFIX_BYTES,
+  decodeExportRequest,
+  decodeMetaContextRequest,
+  encodeBlockStatusChunk,
+  encodeErrorChunk,
+  encodeExportNameReply,
+  encodeHoleChunk,
+  encodeInfoBlockSize,
+  encodeInfoExport,
+  encodeInfoString,
+  encodeMetaContext,
+  encodeOptionReply,
+  encodeServerEntry,
+  encodeServerGreeting,
+  encodeSimpleReply,
+  writeOffsetDataPrefix,
+  writeSimpleReply,
+  type RequestHeader,
+  type StatusDescriptor,
+} from "../protocol/codec.js";
+import { ServerDecoder, type ServerMessage } from "../protocol/decoder.js";
+import * as L from "./limits.js";
+
+export interface NbdExport {
+  readonly name: string;
+  readonly description: string;
+  readonly node: BlockNode;
+  readonly readOnly: boolean;
+}
+
+/** What a connection needs from its server. */
+export interface ExportDirectory {
+  findExport(name: string): NbdExport | undefined;
+  listExports(): readonly NbdExport[];
+}
+
+const BASE_ALLOCATION_ID = 1;
+const KNOWN_CLIENT_FLAGS = C.NBD_FLAG_C_FIXED_NEWSTYLE | C.NBD_FLAG_C_NO_ZEROES;
+
+const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
+  [C.NBD_CMD_READ]: C.NBD_CMD_FLAG_DF,
+  [C.NBD_CMD_WRITE]: C.NBD_CMD_FLAG_FUA,
+  [C.NBD_CMD_DISC]: 0,
+  [C.NBD_CMD_FLUSH]: 0,
+  [C.NBD_CMD_TRIM]: C.NBD_CMD_FLAG_FUA,
+  [C.NBD_CMD_CACHE]: 0,
+  [C.NBD_CMD_WRITE_ZEROES]: C.NBD_CMD_FLAG_FUA | C.NBD_CMD_FLAG_NO_HOLE | C.NBD_CMD_FLAG_FAST_ZERO,
+  [C.NBD_CMD_BLOCK_STATUS]: C.NBD_CMD_FLAG_REQ_ONE,
+};
+
+export class NbdConnection {
+  readonly id: number;
+  readonly #socket: Socket;
+  readonly #directory: ExportDirectory;
+  readonly #log: Logger;
+  readonly #decoder: ServerDecoder;
+  #noZeroes = false;
+  #structured = false;
+  /** Meta contexts chosen with SET_META_CONTEXT, and the export they were chosen for. */
+  #metaExport: string | null = null;
+  #baseAllocation = false;
+  #optionCount = 0;
+  #export: NbdExport | null = null;
+  #handshakeTimer: NodeJS.Timeout | null;
+  #inFlightRequests = 0;
+  #inFlightBytes = 0;
+  #readingPaused = false;
+  #corked = false;
+  #closing = false;
+  #closed = false;
+  #idleWaiters: Array<() => void> = [];
+  readonly #onClosed: (c: NbdConnection) => void;
+
+  constructor(id: number, socket: Socket, directory: ExportDirectory, log: Logger, onClosed: (c: NbdConnection) => void) {
+    this.id = id;
+    this.#socket = socket;
+    this.#directory = directory;
+    this.#log = log;
+    this.#onClosed = onClosed;
+    this.#decoder = new ServerDecoder(
+      {
+        optionBytesMax: L.OPTION_BYTES_MAX,
+        payloadBytesMax: L.REQUEST_BYTES_MAX,
+        payloadSkipBytesMax: L.REQUEST_SKIP_BYTES_MAX,
+      },
+      (m) => this.#onMessage(m),
+    );
+    socket.setNoDelay?.(true);
+    socket.on("data", (chunk: Buffer) => this.#onData(chunk));
+    socket.on("error", (err) => this.#log.debug({ err: err.message }, "socket error"));
+    socket.on("close", () => this.#finish());
+    socket.on("end", () => this.#closeAfterInFlight());
+    this.#handshakeTimer = setTimeout(() => {
+      this.#log.warn({}, "handshake timed out");
+      this.#destroy();
+    }, L.HANDSHAKE_TIMEOUT_MS);
+    this.#handshakeTimer.unref();
+    this.#send(encodeServerGreeting(C.NBD_FLAG_FIXED_NEWSTYLE | C.NBD_FLAG_NO_ZEROES));
+  }
+
+  get exportName(): string | null {
+    return this.#export?.name ?? null;
+  }
+
+  /** Stops reading, lets in-flight requests finish and their replies go out, then closes. */
+  async shutdown(): Promise<void> {
+    this.#beginClose("server shutting down");
+    await this.#whenIdle();
+    // end() uncorks and flushes the last replies; then the socket goes even if the client lingers.
+    this.#socket.end(() => this.#socket.destroy());
+  }
+
+  // ---- input -----------------------------------------------------------------------------------------
+
+  #onData(chunk: Buffer): void {
+    try {
+      this.#decoder.push(chunk);
+    } catch (err) {
+      if (!(err instanceof ProtocolError)) throw err;
+      this.#log.warn({ err: err.message }, "protocol error; closing connection");
+      this.#decoder.stop();
+      this.#closeAfterInFlight();
+    }
+  }
+
+  #onMessage(m: ServerMessage): void {
+    switch (m.type) {
+      case "client-flags":
+        return this.#onClientFlags(m.flags);
+      case "option":
+        return this.#onOption(m.option, m.data);
+      case "option-too-big":
+        this.#log.warn({ option: m.option, length: m.length }, "option too big; closing");
+        this.#optionReply(m.option, C.NBD_REP_ERR_TOO_BIG, Buffer.from("option data too long"));
+        return this.#closeAfterInFlight();
+      case "request":
+        return this.#onRequest(m.header, m.payload, m.oversize);
+    }
+  }
+
+  // ---- handshake -------------------------------------------------------------------------------------
+
+  #onClientFlags(flags: number): void {
+    if ((flags & ~KNOWN_CLIENT_FLAGS) !== 0 || (flags & C.NBD_FLAG_C_FIXED_NEWSTYLE) === 0) {
+      this.#log.warn({ flags }, "unsupported client flags; closing");
+      this.#decoder.stop();
+      return this.#destroy();
+    }
+    this.#noZeroes = (flags & C.NBD_FLAG_C_NO_ZEROES) !== 0;
+  }
+
+  #optionReply(option: number, type: number, data?: Buffer): void {
+    this.#send(encodeOptionReply(option, type, data));
+  }
+
+  #optionError(option: number, type: number, message: string): void {
+    this.#log.debug({ option, type: type & 0xff, message }, "option refused");
+    this.#optionReply(option, type, Buffer.from(message, "utf8"));
+  }
+
+  #onOption(option: number, data: Buffer): void {
+    if (++this.#optionCount > L.OPTIONS_PER_CONNECTION_MAX) {
+      this.#log.warn({}, "too many options; closing");
+      this.#decoder.stop();
+      return this.#destroy();
+    }
+    try {
+      switch (option) {
+        case C.NBD_OPT_EXPORT_NAME:
+          return this.#optExportName(data);
+        case C.NBD_OPT_ABORT:
+          this.#optionReply(option, C.NBD_REP_ACK);
+          this.#decoder.stop();
+          return this.#closeAfterInFlight();
+        case C.NBD_OPT_LIST:
+          if (data.length !== 0) return this.#optionError(option, C.NBD_REP_ERR_INVALID, "LIST takes no data");
+          for (const e of this.#directory.listExports()) {
+            this.#optionReply(option, C.NBD_REP_SERVER, encodeServerEntry(e.name, e.description));
+          }
+          return this.#optionReply(option, C.NBD_REP_ACK);
+        case C.NBD_OPT_INFO:
+        case C.NBD_OPT_GO:
+          return this.#optInfoGo(option, data);
+        case C.NBD_OPT_STRUCTURED_REPLY:
+          if (data.length !== 0) return this.#optionError(option, C.NBD_REP_ERR_INVALID, "STRUCTURED_REPLY takes no data");
+          if (this.#structured) return this.#optionError(option, C.NBD_REP_ERR_INVALID, "structured replies already on");
+          this.#structured = true;
+          return this.#optionReply(option, C.NBD_REP_ACK);
+        case C.NBD_OPT_LIST_META_CONTEXT:
+        case C.NBD_OPT_SET_META_CONTEXT:
+          return this.#optMetaContext(option, data);
+        case C.NBD_OPT_STARTTLS:
+          return this.#optionError(option, C.NBD_REP_ERR_UNSUP, "TLS is not supported by this server");
+        default:
+          return this.#optionError(option, C.NBD_REP_ERR_UNSUP, `option ${option} is not supported`);
+      }
+    } catch (err) {
+      if (err instanceof ProtocolError) return this.#optionError(option, C.NBD_REP_ERR_INVALID, err.message);
+      throw err;
+    }
+  }
+
+  #transmissionFlags(e: NbdExport): number {
+    let flags = C.NBD_FLAG_HAS_FLAGS | C.NBD_FLAG_SEND_FLUSH | C.NBD_FLAG_SEND_FUA | C.NBD_FLAG_SEND_CACHE;
+    // Every connection shares one node and one file: a flush on any covers writes from all.
+    flags |= C.NBD_FLAG_CAN_MULTI_CONN;
+    if (this.#structured) flags |= C.NBD_FLAG_SEND_DF;
+    if (e.readOnly) flags |= C.NBD_FLAG_READ_ONLY;
+    else flags |= C.NBD_FLAG_SEND_TRIM | C.NBD_FLAG_SEND_WRITE_ZEROES | C.NBD_FLAG_SEND_FAST_ZERO;
+    return flags;
+  }
+
+  #optExportName(data: Buffer): void {
+    const name = data.toString("utf8");
+    const e = data.length <= C.NBD_STRING_BYTES_MAX ? this.#directory.findExport(name) : undefined;
+    if (!e) {
+      // This option has no error reply: the spec's answer is to close.
+      this.#log.warn({ name }, "EXPORT_NAME for unknown export; closing");
+      this.#decoder.stop();
+      return this.#closeAfterInFlight();
+    }
+    this.#send(encodeExportNameReply(e.node.size(), this.#transmissionFlags(e), this.#noZeroes));
+    this.#enterTransmission(e);
+  }
+
+  #optInfoGo(option: number, data: Buffer): void {
+    const { name, infos } = decodeExportRequest(data);
+    const e = this.#directory.findExport(name);
+    if (!e) return this.#optionError(option, C.NBD_REP_ERR_UNKNOWN, `no export named "${name}"`);
+    this.#optionReply(option, C.NBD_REP_INFO, encodeInfoExport(e.node.size(), this.#transmissionFlags(e)));
+    if (infos.includes(C.NBD_INFO_NAME)) this.#optionReply(option, C.NBD_REP_INFO, encodeInfoString(C.NBD_INFO_NAME, e.name));
+    if (infos.includes(C.NBD_INFO_DESCRIPTION) && e.description) {
+      this.#optionReply(option, C.NBD_REP_INFO, encodeInfoString(C.NBD_INFO_DESCRIPTION, e.description));
+    }
+    this.#optionReply(
+      option,
+      C.NBD_REP_INFO,
+      encodeInfoBlockSize(1, L.BLOCK_SIZE_PREFERRED, Math.min(L.REQUEST_BYTES_MAX, Math.max(e.node.size(), 1))),
+    );
+    this.#optionReply(option, C.NBD_REP_ACK);
+    if (option === C.NBD_OPT_GO) this.#enterTransmission(e);
+  }
+
+  #optMetaContext(option: number, data: Buffer): void {
+    const isSet = option === C.NBD_OPT_SET_META_CONTEXT;
+    if (!this.#structured) {
+      return this.#optionError(option, C.NBD_REP_ERR_INVALID, "meta contexts need structured replies first");
+    }
+    const { exportName, queries } = decodeMetaContextRequest(data);
+    if (!this.#directory.findExport(exportName)) {
+      return this.#optionError(option, C.NBD_REP_ERR_UNKNOWN, `no export named "${exportName}"`);
+    }
+    let base = false;
+    if (!isSet && queries.length === 0) base = true;
+    for (const q of queries) {
+      if (q === C.BASE_ALLOCATION || (!isSet && q === "base:")) base = true;
+    }
+    if (base) this.#optionReply(option, C.NBD_REP_META_CONTEXT, encodeMetaContext(BASE_ALLOCATION_ID, C.BASE_ALLOCATION));
+    if (isSet) {
+      this.#metaExport = exportName;
+      this.#baseAllocation = base;
+    }
+    this.#optionReply(option, C.NBD_REP_ACK);
+  }
+
+  #enterTransmission(e: NbdExport): void {
+    if (this.#metaExport !== e.name) this.#baseAllocation = false;
+    this.#export = e;
+    if (this.#handshakeTimer) clearTimeout(this.#handshakeTimer);
+    this.#handshakeTimer = null;
+    this.#decoder.enterTransmission();
+    this.#log.debug({ export: e.name, structured: this.#structured }, "transmission");
+  }
+
+  // ---- transmission ----------------------------------------------------------------------------------
+
+  #onRequest(h: RequestHeader, payload: Buffer[] | null, oversize: boolean): void {
+    const e = this.#export!;
+    if (h.type === C.NBD_CMD_DISC) {
+      this.#decoder.stop();
+      return this.#closeAfterInFlight();
+    }
+    const allowed = ALLOWED_FLAGS[h.type];
+    if (allowed === undefined) return this.#replyError(h, "EINVAL", `unknown command ${h.type}`);
+    if ((h.flags & ~allowed) !== 0 || (h.flags & C.NBD_CMD_FLAG_DF && !this.#structured)) {
+      return this.#replyError(h, "EINVAL", `flags ${h.flags} not valid for ${C.COMMAND_NAMES[h.type]}`);
+    }
+    if (oversize) return this.#replyError(h, "EINVAL", `write of ${h.length} bytes exceeds ${L.REQUEST_BYTES_MAX}`);
+    const isWrite = h.type === C.NBD_CMD_WRITE || h.type === C.NBD_CMD_TRIM || h.type === C.NBD_CMD_WRITE_ZEROES;
+    if (isWrite && e.readOnly) return this.#replyError(h, "EPERM", "export is read-only");
+    if (h.type === C.NBD_CMD_FLUSH) {
+      if (h.offset !== 0 || h.length !== 0) return this.#replyError(h, "EINVAL", "FLUSH needs offset and length 0");
+    } else if (h.length === 0) {
+      return this.#replyError(h, "EINVAL", "zero-length request");
+    }
+    if (h.type === C.NBD_CMD_READ && h.length > L.REQUEST_BYTES_MAX) {
+      return this.#replyError(h, this.#structured ? "EOVERFLOW" : "EINVAL", `read of ${h.length} bytes exceeds ${L.REQUEST_BYTES_MAX}`);
+    }
+    if (h.type === C.NBD_CMD_BLOCK_STATUS && !this.#baseAllocation) {
+      return this.#replyError(h, "EINVAL", "no meta context was negotiated");
+    }
+    const bytes = h.type === C.NBD_CMD_READ || h.type === C.NBD_CMD_WRITE ? h.length : 0;
+    this.#inFlightRequests++;
+    this.#inFlightBytes += bytes;
+    if (this.#inFlightRequests >= L.IN_FLIGHT_REQUESTS_MAX || this.#inFlightBytes >= L.IN_FLIGHT_BYTES_MAX) {
+      this.#pauseReading();
+    }
+    this.#run(e.node, h, payload).then(
+      () => this.#requestDone(bytes),
+      (err) => {
+        // Only a bug gets here: #run answers operating errors itself.
+        this.#log.error({ err: String(err) }, "request handler failed");
+        this.#requestDone(bytes);
+        this.#destroy();
+      },
+    );
+  }
+
+  async #run(node: BlockNode, h: RequestHeader, payload: Buffer[] | null): Promise<void> {
+    try {
+      switch (h.type) {
+        case C.NBD_CMD_READ:
+          return await this.#read(node, h);
+        case C.NBD_CMD_WRITE:
+          await node.write(h.offset, payload!, { fua: (h.flags & C.NBD_CMD_FLAG_FUA) !== 0 });
+          break;
+        case C.NBD_CMD_FLUSH:
+          await node.flush();
+          break;
+        case C.NBD_CMD_TRIM:
+          await node.discard(h.offset, h.length, { fua: (h.flags & C.NBD_CMD_FLAG_FUA) !== 0 });
+          break;
+        case C.NBD_CMD_WRITE_ZEROES:
+          await node.writeZeroes(h.offset, h.length, {
+            fua: (h.flags & C.NBD_CMD_FLAG_FUA) !== 0,
+            mayTrim: (h.flags & C.NBD_CMD_FLAG_NO_HOLE) === 0,
+            fastZero: (h.flags & C.NBD_CMD_FLAG_FAST_ZERO) !== 0,
+          });
+          break;
+        case C.NBD_CMD_CACHE:
+          await node.cache(h.offset, h.length);
+          break;
+        case C.NBD_CMD_BLOCK_STATUS:
+          return await this.#blockStatus(node, h);
+      }
+      this.#send(encodeSimpleReply(0, h.cookieHi, h.cookieLo));
+    } catch (err) {
+      const be = toBlockError(err);
+      if (be.code !== "ENOTSUP" && be.code !== "EINVAL" && be.code !== "ENOSPC") {
+        this.#log.warn({ command: C.COMMAND_NAMES[h.type], offset: h.offset, length: h.length, err: be.message }, "request failed");
+      }
+      this.#replyError(h, be.code, be.message);
+    }
+  }
+
+  async #read(node: BlockNode, h: RequestHeader): Promise<void> {
+    if (!this.#structured) {
+      const buf = Buffer.allocUnsafe(C.NBD_SIMPLE_REPLY_BYTES + h.length);
+      await node.read(h.offset, buf.subarray(C.NBD_SIMPLE_REPLY_BYTES));
+      writeSimpleReply(buf, 0, 0, h.cookieHi, h.cookieLo);
+      return this.#send(buf);
+    }
+    if (h.length >= L.SPARSE_READ_BYTES_MIN && (h.flags & C.NBD_CMD_FLAG_DF) === 0 && node.driver.capabilities.blockStatus) {
+      const extents = await node.blockStatus(h.offset, h.length);
+      if (extents.some((x) => x.zero)) return this.#sparseRead(node, h, extents);
+    }
+    const buf = Buffer.allocUnsafe(OFFSET_DATA_PREFIX_BYTES + h.length);
+    await node.read(h.offset, buf.subarray(OFFSET_DATA_PREFIX_BYTES));
+    writeOffsetDataPrefix(buf, 0, C.NBD_REPLY_FLAG_DONE, h.cookieHi, h.cookieLo, h.offset, h.length);
+    this.#send(buf);
+  }
+
+  /** A read answered chunk by chunk: holes as OFFSET_HOLE, data as OFFSET_DATA, DONE on the last. */
+  async #sparseRead(node: BlockNode, h: RequestHeader, extents: Extent[]): Promise<void> {
+    const chunks: Buffer[] = [];
+    const end = h.offset + h.length;
+    let pos = h.offset;
+    for (const x of extents) {
+      if (pos >= end) break;
+      const n = Math.min(x.offset + x.length, end) - pos;
+      if (x.zero) chunks.push(encodeHoleChunk(0, h.cookieHi, h.cookieLo, pos, n));
+      else {
+        const buf = Buffer.allocUnsafe(OFFSET_DATA_PREFIX_BYTES + n);
+        await node.read(pos, buf.subarray(OFFSET_DATA_PREFIX_BYTES));
+        writeOffsetDataPrefix(buf, 0, 0, h.cookieHi, h.cookieLo, pos, n);
+        chunks.push(buf);
+      }
+      pos += n;
+    }
+    if (pos < end) {
+      const buf = Buffer.allocUnsafe(OFFSET_DATA_PREFIX_BYTES + (end - pos));
+      await node.read(pos, buf.subarray(OFFSET_DATA_PREFIX_BYTES));
+      writeOffsetDataPrefix(buf, 0, 0, h.cookieHi, h.cookieLo, pos, end - pos);
+      chunks.push(buf);
+    }
+    const last = chunks[chunks.length - 1];
+    last.writeUInt16BE(C.NBD_REPLY_FLAG_DONE, 4);
+    for (const c of chunks) this.#send(c);
+  }
+
+  async #blockStatus(node: BlockNode, h: RequestHeader): Promise<void> {
+    const extents = await node.blockStatus(h.offset, h.length);
+    const descriptors: StatusDescriptor[] = [];
+    for (const x of extents) {
+      const flags = (x.hole ? C.NBD_STATE_HOLE : 0) | (x.zero ? C.NBD_STATE_ZERO : 0);
+      const last = descriptors[descriptors.length - 1];
+      if (last && last.flags === flags) descriptors[descriptors.length - 1] = { length: last.length + x.length, flags };
+      else descriptors.push({ length: x.length, flags });
+    }
+    const oneOnly = (h.flags & C.NBD_CMD_FLAG_REQ_ONE) !== 0;
+    const out = descriptors.slice(0, oneOnly ? 1 : L.BLOCK_STATUS_DESCRIPTORS_MAX);
+    this.#send(encodeBlockStatusChunk(C.NBD_REPLY_FLAG_DONE, h.cookieHi, h.cookieLo, BASE_ALLOCATION_ID, out));
+  }
+
+  #replyError(h: RequestHeader, code: BlockError["code"], message: string): void {
+    const errno = NBD_ERRNO[code];
+    this.#log.debug({ command: C.COMMAND_NAMES[h.type] ?? h.type, errno, message }, "request refused");
+    if (this.#structured && (h.type === C.NBD_CMD_READ || h.type === C.NBD_CMD_BLOCK_STATUS)) {
+      this.#send(encodeErrorChunk(errno, message, h.cookieHi, h.cookieLo));
+    } else {
+      this.#send(encodeSimpleReply(errno, h.cookieHi, h.cookieLo));
+    }
+  }
+
+  #requestDone(bytes: number): void {
+    this.#inFlightRequests--;
+    this.#inFlightBytes -= bytes;
+    if (
+      this.#readingPaused &&
+      this.#inFlightRequests < L.IN_FLIGHT_REQUESTS_MAX / 2 &&
+      this.#inFlightBytes < L.IN_FLIGHT_BYTES_MAX / 2 &&
+      !this.#closing
+    ) {
+      this.#readingPaused = false;
+      this.#socket.resume();
+    }
+    if (this.#inFlightRequests === 0 && this.#idleWaiters.length > 0) {
+      const waiters = this.#idleWaiters;
+      this.#idleWaiters = [];
+      for (const w of waiters) w();
+    }
+  }
+
+  #pauseReading(): void {
+    if (this.#readingPaused) return;
+    this.#readingPaused = true;
+    this.#socket.pause();
+  }
+
+  // ---- output and life cycle -------------------------------------------------------------------------
+
+  #send(buf: Buffer): void {
+    const s = this.#socket;
+    if (this.#closed || s.destroyed || !s.writable) return;
+    if (!this.#corked) {
+      this.#corked = true;
+      s.cork();
+      setImmediate(this.#uncork);
+    }
+    s.write(buf);
+  }
+
+  readonly #uncork = (): void => {
+    this.#corked = false;
+    if (!this.#socket.destroyed) this.#socket.uncork();
+  };
+
+  #whenIdle(): Promise<void> {
+    if (this.#inFlightRequests === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#idleWaiters.push(resolve));
+  }
+
+  #beginClose(why: string): void {
+    if (this.#closing) return;
+    this.#closing = true;
+    this.#log.debug({ why }, "closing");
+    this.#decoder.stop();
+    this.#socket.pause();
+  }
+
+  /** DISC, ABORT and fatal protocol errors: finish what is in flight, flush replies, close. */
+  #closeAfterInFlight(): void {
+    this.#beginClose("closing after in-flight requests");
+    void this.#whenIdle().then(() => {
+      if (this.#corked) this.#uncork();
+      this.#socket.end();
+    });
+  }
+
+  #destroy(): void {
+    this.#decoder.stop();
+    this.#socket.destroy();
+  }
+
+  #finish(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#closing = true;
+    if (this.#handshakeTimer) clearTimeout(this.#handshakeTimer);
+    this.#decoder.stop();
+    this.#onClosed(this);
+  }
+}

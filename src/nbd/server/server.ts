@@ -1,0 +1,93 @@
+/**
+ * The NBD server: listens on a unix socket or TCP, holds the exports, and owns the connections. It
+ * bounds the number of connections and shuts down cleanly (in-flight requests finish first).
+ */
+import * as fs from "node:fs";
+import * as net from "node:net";
+import type { Logger } from "../../core/log.js";
+import { NbdConnection, type ExportDirectory, type NbdExport } from "./connection.js";
+import { CONNECTIONS_MAX } from "./limits.js";
+
+export type ListenAddress = { readonly type: "unix"; readonly path: string } | { readonly type: "inet"; readonly host: string; readonly port: number };
+
+export class NbdServer implements ExportDirectory {
+  readonly #exports = new Map<string, NbdExport>();
+  readonly #connections = new Set<NbdConnection>();
+  readonly #servers: net.Server[] = [];
+  readonly #log: Logger;
+  readonly #unixPaths: string[] = [];
+  #nextConnectionId = 1;
+
+  constructor(log: Logger) {
+    this.#log = log;
+  }
+
+  addExport(e: NbdExport): void {
+    if (this.#exports.has(e.name)) throw new Error(`export "${e.name}" already exists`);
+    this.#exports.set(e.name, e);
+  }
+
+  removeExport(name: string): boolean {
+    return this.#exports.delete(name);
+  }
+
+  findExport(name: string): NbdExport | undefined {
+    return this.#exports.get(name);
+  }
+
+  listExports(): readonly NbdExport[] {
+    return [...this.#exports.values()];
+  }
+
+  get connectionCount(): number {
+    return this.#connections.size;
+  }
+
+  /** Starts listening; resolves with the bound address (the real port when 0 was asked). */
+  async listen(address: ListenAddress): Promise<ListenAddress> {
+    const server = net.createServer({ allowHalfOpen: true, noDelay: true }, (socket) => this.#accept(socket));
+    server.maxConnections = CONNECTIONS_MAX;
+    server.on("drop", () => this.#log.warn({ max: CONNECTIONS_MAX }, "connection refused: too many connections"));
+    if (address.type === "unix") removeStaleSocket(address.path);
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      if (address.type === "unix") server.listen(address.path, () => resolve());
+      else server.listen(address.port, address.host, () => resolve());
+    });
+    server.on("error", (err) => this.#log.error({ err: err.message }, "listener error"));
+    this.#servers.push(server);
+    if (address.type === "unix") {
+      this.#unixPaths.push(address.path);
+      return address;
+    }
+    const bound = server.address() as net.AddressInfo;
+    return { type: "inet", host: address.host, port: bound.port };
+  }
+
+  #accept(socket: net.Socket): void {
+    const id = this.#nextConnectionId++;
+    const log = this.#log.child({ conn: id });
+    log.debug({}, "connected");
+    const c = new NbdConnection(id, socket, this, log, (closed) => {
+      this.#connections.delete(closed);
+      log.debug({}, "disconnected");
+    });
+    this.#connections.add(c);
+  }
+
+  /** Stops accepting, lets every connection finish its in-flight requests, then closes them. */
+  async close(): Promise<void> {
+    const closing = this.#servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
+    await Promise.all([...this.#connections].map((c) => c.shutdown()));
+    await Promise.all(closing);
+    for (const p of this.#unixPaths) removeStaleSocket(p);
+  }
+}
+
+function removeStaleSocket(path: string): void {
+  try {
+    if (fs.statSync(path).isSocket()) fs.unlinkSync(path);
+  } catch {
+    // Not there: nothing to remove.
+  }
+}

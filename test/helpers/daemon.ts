@@ -1,0 +1,159 @@
+/**
+ * Starts the real drivetap CLI (dist/src/cli/main.js) as a child process, on a unix socket in a fresh
+ * temp directory, and waits for its "ready at" line. Interop and fault tests drive it with real clients.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync, openSync, closeSync, ftruncateSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+/** The repository root (this file runs as dist/test/helpers/daemon.js). */
+export const REPO_ROOT = fileURLToPath(new URL("../../../", import.meta.url));
+export const CLI = join(REPO_ROOT, "dist/src/cli/main.js");
+export const NATIVE_ADDON = join(REPO_ROOT, "build/Release/drivetap_native.node");
+
+const READY_TIMEOUT_MS = 15_000;
+const STOP_TIMEOUT_MS = 30_000;
+
+export interface StartOptions {
+  /** A raw image file; omitted: the built-in memory disk. */
+  readonly image?: string;
+  /** Extra arguments after `serve [IMAGE]`. */
+  readonly args?: readonly string[];
+  /** Listen on TCP (args must carry --port) instead of the default temp unix socket. */
+  readonly tcp?: boolean;
+  readonly readyTimeoutMs?: number;
+}
+
+export interface RunningDaemon {
+  /** The URI printed after "ready at". */
+  readonly uri: string;
+  /** The unix socket path ("" when serving TCP). */
+  readonly socket: string;
+  readonly proc: ChildProcess;
+  /** Sends the signal and resolves with the exit code (null if killed by a signal). */
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+  /** Resolves with the exit code once the process has ended, for whatever reason. */
+  readonly exited: Promise<number | null>;
+  stdout(): string;
+  stderr(): string;
+  /** True while the process has not exited. */
+  alive(): boolean;
+  /** Resolves once stderr (the log) contains a match for re; rejects on exit or timeout. */
+  waitForStderr(re: RegExp, timeoutMs?: number): Promise<void>;
+  /** SIGKILLs if still running and removes the temp directory; for t.after. */
+  cleanup(): Promise<void>;
+}
+
+export async function startDaemon(opts: StartOptions = {}): Promise<RunningDaemon> {
+  const dir = mkdtempSync(join(tmpdir(), "drivetap-sock-"));
+  const socket = opts.tcp ? "" : join(dir, "nbd.sock");
+  const args = [CLI, "serve"];
+  if (opts.image !== undefined) args.push(opts.image);
+  if (!opts.tcp) args.push("--socket", socket);
+  args.push(...(opts.args ?? []));
+  const proc = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] });
+
+  let out = "";
+  let err = "";
+  const listeners = new Set<() => void>();
+  const notify = (): void => {
+    for (const l of listeners) l();
+  };
+  proc.stdout!.setEncoding("utf8").on("data", (s: string) => {
+    out += s;
+    notify();
+  });
+  proc.stderr!.setEncoding("utf8").on("data", (s: string) => {
+    err += s;
+    notify();
+  });
+  const exited = new Promise<number | null>((resolve) => {
+    proc.on("exit", (code) => {
+      notify();
+      resolve(code);
+    });
+  });
+  const spawnError = new Promise<never>((_, reject) => proc.on("error", reject));
+  spawnError.catch(() => {});
+  const isAlive = (): boolean => proc.exitCode === null && proc.signalCode === null;
+
+  /** Waits until test() holds on the collected output, failing on exit or timeout. */
+  const waitFor = (what: string, test: () => boolean, timeoutMs: number): Promise<void> =>
+    new Promise((resolve, reject) => {
+      const finish = (e?: Error): void => {
+        clearTimeout(timer);
+        listeners.delete(check);
+        if (e) reject(e);
+        else resolve();
+      };
+      const check = (): void => {
+        if (test()) finish();
+        else if (!isAlive()) finish(new Error(`drivetap exited (${proc.exitCode ?? proc.signalCode}) before ${what}\nstdout: ${out}\nstderr: ${err}`));
+      };
+      const timer = setTimeout(() => finish(new Error(`drivetap: no ${what} within ${timeoutMs} ms\nstdout: ${out}\nstderr: ${err}`)), timeoutMs);
+      listeners.add(check);
+      spawnError.catch((e: Error) => finish(e));
+      check();
+    });
+
+  const cleanup = async (): Promise<void> => {
+    if (isAlive()) {
+      proc.kill("SIGKILL");
+      await exited;
+    }
+    rmSync(dir, { recursive: true, force: true });
+  };
+
+  try {
+    await waitFor("ready line", () => /^drivetap: ready at \S+$/m.test(out), opts.readyTimeoutMs ?? READY_TIMEOUT_MS);
+  } catch (e) {
+    await cleanup();
+    throw e;
+  }
+  const uri = /^drivetap: ready at (\S+)$/m.exec(out)![1];
+
+  const stop = async (signal: NodeJS.Signals = "SIGTERM"): Promise<number | null> => {
+    if (isAlive()) proc.kill(signal);
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`drivetap did not exit within ${STOP_TIMEOUT_MS} ms of ${signal}\nstderr: ${err}`)), STOP_TIMEOUT_MS);
+    });
+    try {
+      return await Promise.race([exited, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  };
+
+  return {
+    uri,
+    socket,
+    proc,
+    stop,
+    exited,
+    stdout: () => out,
+    stderr: () => err,
+    alive: isAlive,
+    waitForStderr: (re, timeoutMs = 15_000) => waitFor(`log matching ${re}`, () => re.test(err), timeoutMs),
+    cleanup,
+  };
+}
+
+/** Creates a sparse raw image of sizeBytes (optionally with content at offset 0). */
+export function makeImage(path: string, sizeBytes: number, content?: Buffer): string {
+  if (content) writeFileSync(path, content);
+  const fd = openSync(path, content ? "r+" : "w");
+  try {
+    ftruncateSync(fd, sizeBytes);
+  } finally {
+    closeSync(fd);
+  }
+  return path;
+}
+
+/** Builds an nbd+unix URI for another export name on the same socket. */
+export function unixUri(socket: string, exportName = ""): string {
+  return `nbd+unix:///${encodeURIComponent(exportName)}?socket=${socket}`;
+}

@@ -7,6 +7,7 @@ import { mkdtempSync, rmSync, writeFileSync, openSync, closeSync, ftruncateSync 
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import type { TestContext } from "node:test";
 
 /** The repository root (this file runs as dist/test/helpers/daemon.js). */
 export const REPO_ROOT = fileURLToPath(new URL("../../../", import.meta.url));
@@ -40,8 +41,8 @@ export interface RunningDaemon {
   stderr(): string;
   /** True while the process has not exited. */
   alive(): boolean;
-  /** Resolves once stderr (the log) contains a match for re; rejects on exit or timeout. */
-  waitForStderr(re: RegExp, timeoutMs?: number): Promise<void>;
+  /** Resolves once stderr (the log) matches (a regex or a predicate); rejects on exit or timeout. */
+  waitForStderr(match: RegExp | ((stderr: string) => boolean), timeoutMs?: number): Promise<void>;
   /** SIGKILLs if still running and removes the temp directory; for t.after. */
   cleanup(): Promise<void>;
 }
@@ -136,9 +137,47 @@ export async function startDaemon(opts: StartOptions = {}): Promise<RunningDaemo
     stdout: () => out,
     stderr: () => err,
     alive: isAlive,
-    waitForStderr: (re, timeoutMs = 15_000) => waitFor(`log matching ${re}`, () => re.test(err), timeoutMs),
+    waitForStderr: (match, timeoutMs = 15_000) =>
+      waitFor(`log matching ${String(match)}`, () => (match instanceof RegExp ? match.test(err) : match(err)), timeoutMs),
     cleanup,
   };
+}
+
+export interface ServedImage {
+  readonly daemon: RunningDaemon;
+  /** The temp directory holding the image (removed after the test). */
+  readonly dir: string;
+  readonly image: string;
+}
+
+/**
+ * A sparse raw image of sizeBytes in a fresh temp dir, served on a unix socket. After the test the
+ * daemon is stopped (SIGTERM, then SIGKILL) and the files are removed.
+ */
+export async function serveTempImage(
+  t: Pick<TestContext, "after">,
+  sizeBytes: number,
+  opts: { args?: readonly string[]; content?: Buffer } = {},
+): Promise<ServedImage> {
+  const dir = mkdtempSync(join(tmpdir(), "drivetap-img-"));
+  let daemon: RunningDaemon | undefined;
+  t.after(async () => {
+    if (daemon) await stopQuietly(daemon);
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const image = makeImage(join(dir, "disk.img"), sizeBytes, opts.content);
+  daemon = await startDaemon({ image, args: opts.args });
+  return { daemon, dir, image };
+}
+
+/** Registers the daemon's shutdown after the test: SIGTERM first, SIGKILL if it does not exit. */
+export function stopAfter(t: Pick<TestContext, "after">, daemon: RunningDaemon): void {
+  t.after(() => stopQuietly(daemon));
+}
+
+async function stopQuietly(daemon: RunningDaemon): Promise<void> {
+  if (daemon.alive()) await daemon.stop("SIGTERM").catch(() => undefined);
+  await daemon.cleanup();
 }
 
 /** Creates a sparse raw image of sizeBytes (optionally with content at offset 0). */

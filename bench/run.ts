@@ -42,16 +42,20 @@ interface Server {
 export const SERVERS: readonly Server[] = [
   {
     name: "drivetap",
-    start: (image, socket) => spawn(process.execPath, [CLI, "serve", image, "--socket", socket], { stdio: "ignore" }),
+    start: (image, socket) =>
+      spawn(process.execPath, [CLI, "serve", image, "--socket", socket], { stdio: "ignore" }),
   },
   {
     name: "qemu-nbd",
     start: (image, socket) =>
-      spawn("qemu-nbd", ["-t", "--cache=writeback", "-e", "8", "-f", "raw", "-k", socket, image], { stdio: "ignore" }),
+      spawn("qemu-nbd", ["-t", "--cache=writeback", "-e", "8", "-f", "raw", "-k", socket, image], {
+        stdio: "ignore",
+      }),
   },
   {
     name: "nbdkit",
-    start: (image, socket) => spawn("nbdkit", ["--foreground", "--unix", socket, "file", image], { stdio: "ignore" }),
+    start: (image, socket) =>
+      spawn("nbdkit", ["--foreground", "--unix", socket, "file", image], { stdio: "ignore" }),
   },
 ];
 
@@ -130,7 +134,9 @@ async function main(): Promise<void> {
           const key = `${s.name}/${w.name}`;
           results.set(key, [...(results.get(key) ?? []), value]);
           if (s.name === "drivetap") drivetapRss = Math.max(drivetapRss, peakRssBytes(proc.pid!));
-          process.stderr.write(`round ${round} ${w.name.padEnd(20)} ${s.name.padEnd(9)} ${value.toFixed(0)} ${w.unit}\n`);
+          process.stderr.write(
+            `round ${round} ${w.name.padEnd(20)} ${s.name.padEnd(9)} ${value.toFixed(0)} ${w.unit}\n`,
+          );
         } finally {
           proc.kill("SIGTERM");
           await new Promise((r) => (proc.exitCode !== null ? r(null) : proc.once("exit", r)));
@@ -140,20 +146,30 @@ async function main(): Promise<void> {
   }
 
   const names = servers.map((s) => s.name);
-  const header = ["workload", ...names.map((n) => n), ...names.filter((n) => n !== "drivetap").map((n) => `vs ${n}`)];
+  const header = [
+    "workload",
+    ...names.map((n) => n),
+    ...names.filter((n) => n !== "drivetap").map((n) => `vs ${n}`),
+  ];
   const rows = WORKLOADS.map((w) => {
     const med = names.map((n) => median(results.get(`${n}/${w.name}`) ?? [NaN]));
     const dt = med[names.indexOf("drivetap")];
-    const ratios = names.filter((n) => n !== "drivetap").map((n) => `${(dt / med[names.indexOf(n)]).toFixed(2)}x`);
+    const ratios = names
+      .filter((n) => n !== "drivetap")
+      .map((n) => `${(dt / med[names.indexOf(n)]).toFixed(2)}x`);
     return [`${w.name} (${w.unit})`, ...med.map((v) => v.toFixed(0)), ...ratios];
   });
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
-  const line = (cells: string[]): string => "| " + cells.map((c, i) => c.padEnd(widths[i])).join(" | ") + " |";
-  console.log(`\nfio ioengine=nbd, unix socket, ${SIZE} bytes raw image, ${RUNTIME_S}s per run, median of ${ROUNDS} interleaved rounds`);
+  const line = (cells: string[]): string =>
+    "| " + cells.map((c, i) => c.padEnd(widths[i])).join(" | ") + " |";
+  console.log(
+    `\nfio ioengine=nbd, unix socket, ${SIZE} bytes raw image, ${RUNTIME_S}s per run, median of ${ROUNDS} interleaved rounds`,
+  );
   console.log(line(header));
   console.log("|" + widths.map((w) => "-".repeat(w + 2)).join("|") + "|");
   for (const r of rows) console.log(line(r));
-  if (names.includes("drivetap")) console.log(`\ndrivetap peak RSS: ${(drivetapRss / 1048576).toFixed(0)} MiB`);
+  if (names.includes("drivetap"))
+    console.log(`\ndrivetap peak RSS: ${(drivetapRss / 1048576).toFixed(0)} MiB`);
   if (!process.env.BENCH_DIR) fs.rmSync(dir, { recursive: true, force: true });
 }
 

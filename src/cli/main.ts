@@ -42,7 +42,8 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
     { name: "drivetap", level: opts.verbose ? "debug" : "warn", base: undefined },
     pino.destination({ fd: 2, sync: false }),
   ) as unknown as Logger;
-  if (opts.socket && opts.port !== undefined) throw new InvalidArgumentError("use --socket or --port, not both");
+  if (opts.socket && opts.port !== undefined)
+    throw new InvalidArgumentError("use --socket or --port, not both");
   const config: ServeConfig = {
     image,
     sizeBytes: opts.size,
@@ -92,7 +93,9 @@ program
 
 program
   .command("serve")
-  .description(`Serve IMAGE (a raw file) over NBD; without IMAGE, a built-in sparse memory disk (${NULL_IMAGE} serves the null driver)`)
+  .description(
+    `Serve IMAGE (a raw file) over NBD; without IMAGE, a built-in sparse memory disk (${NULL_IMAGE} serves the null driver)`,
+  )
   .argument("[image]", "raw disk image to serve")
   .option("--socket <path>", "listen on this unix socket instead of TCP")
   .option("--port <n>", `TCP port (default ${DEFAULT_PORT})`, portOption)

@@ -3,7 +3,8 @@
  * error number on the wire (and, later, to QMP error classes). Assertions (bugs) live in assert.ts.
  */
 
-export type BlockErrorCode = "EPERM" | "EIO" | "ENOMEM" | "EINVAL" | "ENOSPC" | "EOVERFLOW" | "ENOTSUP" | "ESHUTDOWN";
+export type BlockErrorCode =
+  "EPERM" | "EIO" | "ENOMEM" | "EINVAL" | "ENOSPC" | "EOVERFLOW" | "ENOTSUP" | "ESHUTDOWN";
 
 /** An error the block layer reports to its caller: bad request, failing disk, shutdown. */
 export class BlockError extends Error {

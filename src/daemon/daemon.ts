@@ -50,7 +50,13 @@ export class Daemon {
   readonly uri: string;
   #closing: Promise<void> | null = null;
 
-  private constructor(graph: BlockGraph, nbd: NbdServer, node: BlockNode, address: ListenAddress, uri: string) {
+  private constructor(
+    graph: BlockGraph,
+    nbd: NbdServer,
+    node: BlockNode,
+    address: ListenAddress,
+    uri: string,
+  ) {
     this.graph = graph;
     this.nbd = nbd;
     this.node = node;

@@ -143,8 +143,17 @@ export class BlockNode {
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
     this.#checkOpen();
     const size = this.size();
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length <= 0 || offset >= size) {
-      throw new BlockError("EINVAL", `block status out of range: offset ${offset} length ${length} size ${size}`);
+    if (
+      !Number.isSafeInteger(offset) ||
+      !Number.isSafeInteger(length) ||
+      offset < 0 ||
+      length <= 0 ||
+      offset >= size
+    ) {
+      throw new BlockError(
+        "EINVAL",
+        `block status out of range: offset ${offset} length ${length} size ${size}`,
+      );
     }
     const clamped = Math.min(length, size - offset);
     const req = this.#begin("block-status", offset, clamped, null, NO_FLAGS, false);
@@ -208,7 +217,10 @@ export class BlockNode {
     if (offset + length > size) {
       // The NBD spec's choice: ENOSPC for writes past the end, EINVAL for everything else.
       const code = kind === "write" || kind === "zero" ? "ENOSPC" : "EINVAL";
-      throw new BlockError(code, `${kind} beyond end of disk: offset ${offset} length ${length} size ${size}`);
+      throw new BlockError(
+        code,
+        `${kind} beyond end of disk: offset ${offset} length ${length} size ${size}`,
+      );
     }
   }
 
@@ -246,7 +258,12 @@ export class BlockNode {
   async #waitForOverlaps(req: TrackedRequest): Promise<void> {
     for (const other of this.#inFlight) {
       if (other === req) return;
-      if (other.kind === "read" || other.kind === "block-status" || other.kind === "cache" || other.kind === "flush")
+      if (
+        other.kind === "read" ||
+        other.kind === "block-status" ||
+        other.kind === "cache" ||
+        other.kind === "flush"
+      )
         continue;
       if (!(other.serialising || req.serialising)) continue;
       if (rangesOverlap(other.offset, other.length, req.offset, req.length)) await other.whenEnded();

@@ -14,7 +14,13 @@ import * as fs from "node:fs";
 import { performance } from "node:perf_hooks";
 import { BlockError, fromLinuxErrno, toBlockError } from "../../core/errors.js";
 import { MiB } from "../../core/units.js";
-import { allData, type BlockDriver, type DriverCapabilities, type Extent, type ZeroFlags } from "../driver.js";
+import {
+  allData,
+  type BlockDriver,
+  type DriverCapabilities,
+  type Extent,
+  type ZeroFlags,
+} from "../driver.js";
 import { ENXIO, EOPNOTSUPP, native } from "./native.js";
 
 export const SYNC_IO_BYTES_MAX = 2 * MiB;

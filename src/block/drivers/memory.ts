@@ -9,7 +9,12 @@ export const MEMORY_CHUNK_BYTES = 64 * KiB;
 
 export class MemoryDriver implements BlockDriver {
   readonly driverName = "memory";
-  readonly capabilities: DriverCapabilities = { zeroes: "native", fua: "native", discard: true, blockStatus: true };
+  readonly capabilities: DriverCapabilities = {
+    zeroes: "native",
+    fua: "native",
+    discard: true,
+    blockStatus: true,
+  };
   readonly #size: number;
   readonly #chunks = new Map<number, Buffer>();
 

@@ -3,7 +3,12 @@ import { allData, type BlockDriver, type DriverCapabilities, type Extent } from 
 
 export class NullDriver implements BlockDriver {
   readonly driverName = "null";
-  readonly capabilities: DriverCapabilities = { zeroes: "native", fua: "native", discard: true, blockStatus: true };
+  readonly capabilities: DriverCapabilities = {
+    zeroes: "native",
+    fua: "native",
+    discard: true,
+    blockStatus: true,
+  };
   readonly #size: number;
 
   constructor(size: number) {

@@ -99,7 +99,8 @@ export function encodeExportNameReply(size: number, transmissionFlags: number, n
 }
 
 function readString(data: Buffer, offset: number, length: number, what: string): string {
-  if (length > C.NBD_STRING_BYTES_MAX) throw new ProtocolError(`${what} longer than ${C.NBD_STRING_BYTES_MAX} bytes`);
+  if (length > C.NBD_STRING_BYTES_MAX)
+    throw new ProtocolError(`${what} longer than ${C.NBD_STRING_BYTES_MAX} bytes`);
   if (offset + length > data.length) throw new ProtocolError(`${what} runs past the option data`);
   const s = data.toString("utf8", offset, offset + length);
   if (s.includes("\0")) throw new ProtocolError(`${what} contains NUL`);
@@ -113,7 +114,8 @@ export function decodeExportRequest(data: Buffer): { name: string; infos: number
   if (nameLength > data.length - 6) throw new ProtocolError("export name length exceeds option data");
   const name = readString(data, 4, nameLength, "export name");
   const count = data.readUInt16BE(4 + nameLength);
-  if (data.length !== 6 + nameLength + 2 * count) throw new ProtocolError("info request count does not match option length");
+  if (data.length !== 6 + nameLength + 2 * count)
+    throw new ProtocolError("info request count does not match option length");
   const infos: number[] = [];
   for (let i = 0; i < count; i++) infos.push(data.readUInt16BE(6 + nameLength + 2 * i));
   return { name, infos };
@@ -129,7 +131,8 @@ export function decodeMetaContextRequest(data: Buffer): { exportName: string; qu
   const count = data.readUInt32BE(pos);
   pos += 4;
   // Each query needs at least its 4-byte length: bound the count by the data before looping.
-  if (count > (data.length - pos) / 4) throw new ProtocolError("meta context query count exceeds option data");
+  if (count > (data.length - pos) / 4)
+    throw new ProtocolError("meta context query count exceeds option data");
   const queries: string[] = [];
   for (let i = 0; i < count; i++) {
     if (pos + 4 > data.length) throw new ProtocolError("meta context query runs past the option data");
@@ -223,7 +226,13 @@ export function decodeRequest(b: Buffer, at: number): RequestHeader {
   };
 }
 
-export function writeSimpleReply(b: Buffer, at: number, error: number, cookieHi: number, cookieLo: number): void {
+export function writeSimpleReply(
+  b: Buffer,
+  at: number,
+  error: number,
+  cookieHi: number,
+  cookieLo: number,
+): void {
   b.writeUInt32BE(C.NBD_SIMPLE_REPLY_MAGIC, at);
   b.writeUInt32BE(error, at + 4);
   b.writeUInt32BE(cookieHi, at + 8);
@@ -270,7 +279,13 @@ export function writeOffsetDataPrefix(
   b.writeUInt32BE(offset % TWO_32, at + 24);
 }
 
-export function encodeHoleChunk(flags: number, cookieHi: number, cookieLo: number, offset: number, length: number): Buffer {
+export function encodeHoleChunk(
+  flags: number,
+  cookieHi: number,
+  cookieLo: number,
+  offset: number,
+  length: number,
+): Buffer {
   const b = Buffer.allocUnsafe(C.NBD_STRUCTURED_HEADER_BYTES + 12);
   writeStructuredHeader(b, 0, flags, C.NBD_REPLY_TYPE_OFFSET_HOLE, cookieHi, cookieLo, 12);
   b.writeUInt32BE(Math.floor(offset / TWO_32), 20);
@@ -289,7 +304,15 @@ export function encodeNoneChunk(cookieHi: number, cookieLo: number): Buffer {
 export function encodeErrorChunk(error: number, message: string, cookieHi: number, cookieLo: number): Buffer {
   const m = Buffer.from(message, "utf8").subarray(0, 1024);
   const b = Buffer.allocUnsafe(C.NBD_STRUCTURED_HEADER_BYTES + 6 + m.length);
-  writeStructuredHeader(b, 0, C.NBD_REPLY_FLAG_DONE, C.NBD_REPLY_TYPE_ERROR, cookieHi, cookieLo, 6 + m.length);
+  writeStructuredHeader(
+    b,
+    0,
+    C.NBD_REPLY_FLAG_DONE,
+    C.NBD_REPLY_TYPE_ERROR,
+    cookieHi,
+    cookieLo,
+    6 + m.length,
+  );
   b.writeUInt32BE(error, 20);
   b.writeUInt16BE(m.length, 24);
   m.copy(b, 26);

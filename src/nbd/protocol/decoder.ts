@@ -17,7 +17,12 @@ export type ServerMessage =
   /** An option whose length is past the limit; the stream cannot be resynchronised after it. */
   | { readonly type: "option-too-big"; readonly option: number; readonly length: number }
   /** payload: the write data; null for other commands and for skipped oversize payloads. */
-  | { readonly type: "request"; readonly header: RequestHeader; readonly payload: Buffer[] | null; readonly oversize: boolean };
+  | {
+      readonly type: "request";
+      readonly header: RequestHeader;
+      readonly payload: Buffer[] | null;
+      readonly oversize: boolean;
+    };
 
 export interface DecoderLimits {
   readonly optionBytesMax: number;

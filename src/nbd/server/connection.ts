@@ -84,7 +84,13 @@ export class NbdConnection {
   #idleWaiters: Array<() => void> = [];
   readonly #onClosed: (c: NbdConnection) => void;
 
-  constructor(id: number, socket: Socket, directory: ExportDirectory, log: Logger, onClosed: (c: NbdConnection) => void) {
+  constructor(
+    id: number,
+    socket: Socket,
+    directory: ExportDirectory,
+    log: Logger,
+    onClosed: (c: NbdConnection) => void,
+  ) {
     this.id = id;
     this.#socket = socket;
     this.#directory = directory;
@@ -98,8 +104,6 @@ export class NbdConnection {
       },
       (m) => this.#onMessage(m),
     );
-    socket.setNoDelay?.(true);
-    socket.on("data", (chunk: Buffer) => this.#onData(chunk));
     socket.on("error", (err) => this.#log.debug({ err: err.message }, "socket error"));
     socket.on("close", () => this.#finish());
     socket.on("end", () => this.#closeAfterInFlight());
@@ -125,7 +129,8 @@ export class NbdConnection {
 
   // ---- input -----------------------------------------------------------------------------------------
 
-  #onData(chunk: Buffer): void {
+  /** Feeds bytes read from the socket (the server decides how the socket is read). */
+  onData(chunk: Buffer): void {
     try {
       this.#decoder.push(chunk);
     } catch (err) {
@@ -186,7 +191,8 @@ export class NbdConnection {
           this.#decoder.stop();
           return this.#closeAfterInFlight();
         case C.NBD_OPT_LIST:
-          if (data.length !== 0) return this.#optionError(option, C.NBD_REP_ERR_INVALID, "LIST takes no data");
+          if (data.length !== 0)
+            return this.#optionError(option, C.NBD_REP_ERR_INVALID, "LIST takes no data");
           for (const e of this.#directory.listExports()) {
             this.#optionReply(option, C.NBD_REP_SERVER, encodeServerEntry(e.name, e.description));
           }
@@ -195,8 +201,10 @@ export class NbdConnection {
         case C.NBD_OPT_GO:
           return this.#optInfoGo(option, data);
         case C.NBD_OPT_STRUCTURED_REPLY:
-          if (data.length !== 0) return this.#optionError(option, C.NBD_REP_ERR_INVALID, "STRUCTURED_REPLY takes no data");
-          if (this.#structured) return this.#optionError(option, C.NBD_REP_ERR_INVALID, "structured replies already on");
+          if (data.length !== 0)
+            return this.#optionError(option, C.NBD_REP_ERR_INVALID, "STRUCTURED_REPLY takes no data");
+          if (this.#structured)
+            return this.#optionError(option, C.NBD_REP_ERR_INVALID, "structured replies already on");
           this.#structured = true;
           return this.#optionReply(option, C.NBD_REP_ACK);
         case C.NBD_OPT_LIST_META_CONTEXT:
@@ -241,14 +249,19 @@ export class NbdConnection {
     const e = this.#directory.findExport(name);
     if (!e) return this.#optionError(option, C.NBD_REP_ERR_UNKNOWN, `no export named "${name}"`);
     this.#optionReply(option, C.NBD_REP_INFO, encodeInfoExport(e.node.size(), this.#transmissionFlags(e)));
-    if (infos.includes(C.NBD_INFO_NAME)) this.#optionReply(option, C.NBD_REP_INFO, encodeInfoString(C.NBD_INFO_NAME, e.name));
+    if (infos.includes(C.NBD_INFO_NAME))
+      this.#optionReply(option, C.NBD_REP_INFO, encodeInfoString(C.NBD_INFO_NAME, e.name));
     if (infos.includes(C.NBD_INFO_DESCRIPTION) && e.description) {
       this.#optionReply(option, C.NBD_REP_INFO, encodeInfoString(C.NBD_INFO_DESCRIPTION, e.description));
     }
     this.#optionReply(
       option,
       C.NBD_REP_INFO,
-      encodeInfoBlockSize(1, L.BLOCK_SIZE_PREFERRED, Math.min(L.REQUEST_BYTES_MAX, Math.max(e.node.size(), 1))),
+      encodeInfoBlockSize(
+        1,
+        L.BLOCK_SIZE_PREFERRED,
+        Math.min(L.REQUEST_BYTES_MAX, Math.max(e.node.size(), 1)),
+      ),
     );
     this.#optionReply(option, C.NBD_REP_ACK);
     if (option === C.NBD_OPT_GO) this.#enterTransmission(e);
@@ -268,7 +281,12 @@ export class NbdConnection {
     for (const q of queries) {
       if (q === C.BASE_ALLOCATION || (!isSet && q === "base:")) base = true;
     }
-    if (base) this.#optionReply(option, C.NBD_REP_META_CONTEXT, encodeMetaContext(BASE_ALLOCATION_ID, C.BASE_ALLOCATION));
+    if (base)
+      this.#optionReply(
+        option,
+        C.NBD_REP_META_CONTEXT,
+        encodeMetaContext(BASE_ALLOCATION_ID, C.BASE_ALLOCATION),
+      );
     if (isSet) {
       this.#metaExport = exportName;
       this.#baseAllocation = base;
@@ -298,16 +316,23 @@ export class NbdConnection {
     if ((h.flags & ~allowed) !== 0 || (h.flags & C.NBD_CMD_FLAG_DF && !this.#structured)) {
       return this.#replyError(h, "EINVAL", `flags ${h.flags} not valid for ${C.COMMAND_NAMES[h.type]}`);
     }
-    if (oversize) return this.#replyError(h, "EINVAL", `write of ${h.length} bytes exceeds ${L.REQUEST_BYTES_MAX}`);
-    const isWrite = h.type === C.NBD_CMD_WRITE || h.type === C.NBD_CMD_TRIM || h.type === C.NBD_CMD_WRITE_ZEROES;
+    if (oversize)
+      return this.#replyError(h, "EINVAL", `write of ${h.length} bytes exceeds ${L.REQUEST_BYTES_MAX}`);
+    const isWrite =
+      h.type === C.NBD_CMD_WRITE || h.type === C.NBD_CMD_TRIM || h.type === C.NBD_CMD_WRITE_ZEROES;
     if (isWrite && e.readOnly) return this.#replyError(h, "EPERM", "export is read-only");
     if (h.type === C.NBD_CMD_FLUSH) {
-      if (h.offset !== 0 || h.length !== 0) return this.#replyError(h, "EINVAL", "FLUSH needs offset and length 0");
+      if (h.offset !== 0 || h.length !== 0)
+        return this.#replyError(h, "EINVAL", "FLUSH needs offset and length 0");
     } else if (h.length === 0) {
       return this.#replyError(h, "EINVAL", "zero-length request");
     }
     if (h.type === C.NBD_CMD_READ && h.length > L.REQUEST_BYTES_MAX) {
-      return this.#replyError(h, this.#structured ? "EOVERFLOW" : "EINVAL", `read of ${h.length} bytes exceeds ${L.REQUEST_BYTES_MAX}`);
+      return this.#replyError(
+        h,
+        this.#structured ? "EOVERFLOW" : "EINVAL",
+        `read of ${h.length} bytes exceeds ${L.REQUEST_BYTES_MAX}`,
+      );
     }
     if (h.type === C.NBD_CMD_BLOCK_STATUS && !this.#baseAllocation) {
       return this.#replyError(h, "EINVAL", "no meta context was negotiated");
@@ -360,7 +385,10 @@ export class NbdConnection {
     } catch (err) {
       const be = toBlockError(err);
       if (be.code !== "ENOTSUP" && be.code !== "EINVAL" && be.code !== "ENOSPC") {
-        this.#log.warn({ command: C.COMMAND_NAMES[h.type], offset: h.offset, length: h.length, err: be.message }, "request failed");
+        this.#log.warn(
+          { command: C.COMMAND_NAMES[h.type], offset: h.offset, length: h.length, err: be.message },
+          "request failed",
+        );
       }
       this.#replyError(h, be.code, be.message);
     }
@@ -373,7 +401,11 @@ export class NbdConnection {
       writeSimpleReply(buf, 0, 0, h.cookieHi, h.cookieLo);
       return this.#send(buf);
     }
-    if (h.length >= L.SPARSE_READ_BYTES_MIN && (h.flags & C.NBD_CMD_FLAG_DF) === 0 && node.driver.capabilities.blockStatus) {
+    if (
+      h.length >= L.SPARSE_READ_BYTES_MIN &&
+      (h.flags & C.NBD_CMD_FLAG_DF) === 0 &&
+      node.driver.capabilities.blockStatus
+    ) {
       const extents = await node.blockStatus(h.offset, h.length);
       if (extents.some((x) => x.zero)) return this.#sparseRead(node, h, extents);
     }
@@ -417,12 +449,15 @@ export class NbdConnection {
     for (const x of extents) {
       const flags = (x.hole ? C.NBD_STATE_HOLE : 0) | (x.zero ? C.NBD_STATE_ZERO : 0);
       const last = descriptors[descriptors.length - 1];
-      if (last && last.flags === flags) descriptors[descriptors.length - 1] = { length: last.length + x.length, flags };
+      if (last && last.flags === flags)
+        descriptors[descriptors.length - 1] = { length: last.length + x.length, flags };
       else descriptors.push({ length: x.length, flags });
     }
     const oneOnly = (h.flags & C.NBD_CMD_FLAG_REQ_ONE) !== 0;
     const out = descriptors.slice(0, oneOnly ? 1 : L.BLOCK_STATUS_DESCRIPTORS_MAX);
-    this.#send(encodeBlockStatusChunk(C.NBD_REPLY_FLAG_DONE, h.cookieHi, h.cookieLo, BASE_ALLOCATION_ID, out));
+    this.#send(
+      encodeBlockStatusChunk(C.NBD_REPLY_FLAG_DONE, h.cookieHi, h.cookieLo, BASE_ALLOCATION_ID, out),
+    );
   }
 
   #replyError(h: RequestHeader, code: BlockError["code"], message: string): void {
@@ -465,6 +500,13 @@ export class NbdConnection {
   #send(buf: Buffer): void {
     const s = this.#socket;
     if (this.#closed || s.destroyed || !s.writable) return;
+    if (buf.length >= L.REPLY_DIRECT_BYTES_MIN) {
+      // Large replies go at once (after what is corked, keeping order) so the socket drains while
+      // the next request reads the disk.
+      if (this.#corked) this.#uncork();
+      s.write(buf);
+      return;
+    }
     if (!this.#corked) {
       this.#corked = true;
       s.cork();

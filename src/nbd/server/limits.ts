@@ -23,3 +23,5 @@ export const IN_FLIGHT_BYTES_MAX = 128 * MiB;
 export const SPARSE_READ_BYTES_MIN = 64 * KiB;
 /** Block status answers carry at most this many descriptors. */
 export const BLOCK_STATUS_DESCRIPTORS_MAX = 1024;
+/** Replies at least this big are written at once instead of waiting for the end of the loop turn. */
+export const REPLY_DIRECT_BYTES_MIN = 128 * KiB;

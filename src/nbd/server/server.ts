@@ -7,8 +7,11 @@ import * as net from "node:net";
 import type { Logger } from "../../core/log.js";
 import { NbdConnection, type ExportDirectory, type NbdExport } from "./connection.js";
 import { CONNECTIONS_MAX } from "./limits.js";
+import { startReading } from "./socket-reader.js";
 
-export type ListenAddress = { readonly type: "unix"; readonly path: string } | { readonly type: "inet"; readonly host: string; readonly port: number };
+export type ListenAddress =
+  | { readonly type: "unix"; readonly path: string }
+  | { readonly type: "inet"; readonly host: string; readonly port: number };
 
 export class NbdServer implements ExportDirectory {
   readonly #exports = new Map<string, NbdExport>();
@@ -45,9 +48,9 @@ export class NbdServer implements ExportDirectory {
 
   /** Starts listening; resolves with the bound address (the real port when 0 was asked). */
   async listen(address: ListenAddress): Promise<ListenAddress> {
-    const server = net.createServer({ allowHalfOpen: true, noDelay: true }, (socket) => this.#accept(socket));
-    server.maxConnections = CONNECTIONS_MAX;
-    server.on("drop", () => this.#log.warn({ max: CONNECTIONS_MAX }, "connection refused: too many connections"));
+    const server = net.createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: true }, (socket) =>
+      this.#accept(socket),
+    );
     if (address.type === "unix") removeStaleSocket(address.path);
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
@@ -64,15 +67,22 @@ export class NbdServer implements ExportDirectory {
     return { type: "inet", host: address.host, port: bound.port };
   }
 
-  #accept(socket: net.Socket): void {
+  #accept(accepted: net.Socket): void {
+    if (this.#connections.size >= CONNECTIONS_MAX) {
+      this.#log.warn({ max: CONNECTIONS_MAX }, "connection refused: too many connections");
+      accepted.destroy();
+      return;
+    }
     const id = this.#nextConnectionId++;
     const log = this.#log.child({ conn: id });
     log.debug({}, "connected");
-    const c = new NbdConnection(id, socket, this, log, (closed) => {
+    let connection: NbdConnection | null = null;
+    const socket = startReading(accepted, (chunk) => connection!.onData(chunk));
+    connection = new NbdConnection(id, socket, this, log, (closed) => {
       this.#connections.delete(closed);
       log.debug({}, "disconnected");
     });
-    this.#connections.add(c);
+    this.#connections.add(connection);
   }
 
   /** Stops accepting, lets every connection finish its in-flight requests, then closes them. */

@@ -1,6 +1,6 @@
-/** Half-open byte ranges [offset, offset + length). */
+/** Half-open byte ranges [offset, offset + length). An empty range overlaps nothing. */
 export function rangesOverlap(aOffset: number, aLength: number, bOffset: number, bLength: number): boolean {
-  return aOffset < bOffset + bLength && bOffset < aOffset + aLength;
+  return aLength > 0 && bLength > 0 && aOffset < bOffset + bLength && bOffset < aOffset + aLength;
 }
 
 /** Total bytes in a list of buffers (an I/O vector). */

@@ -8,9 +8,9 @@ const SUFFIX: Readonly<Record<string, number>> = { "": 1, K: KiB, M: MiB, G: GiB
 
 /** Parses "1G", "64M", "4k", "4096" into bytes; throws on anything else. */
 export function parseSize(text: string): number {
-  const m = /^(\d+)([kKmMgGtT]?)(i?B)?$/.exec(text.trim());
+  const m = /^(\d+)(?:([kKmMgGtT])(?:i?B)?|B)?$/.exec(text.trim());
   if (!m) throw new Error(`not a size: "${text}" (use bytes or a K/M/G/T suffix)`);
-  const bytes = Number(m[1]) * SUFFIX[m[2].toUpperCase()];
+  const bytes = Number(m[1]) * SUFFIX[(m[2] ?? "").toUpperCase()];
   if (!Number.isSafeInteger(bytes)) throw new Error(`size too large: "${text}"`);
   return bytes;
 }

@@ -277,6 +277,8 @@ export class BlockNode {
     data: readonly Buffer[] | null,
     flags: ZeroFlags,
   ): Promise<void> {
+    // An empty write, zero or discard changes nothing: succeed without bothering driver or hooks.
+    if (length === 0 && kind !== "flush") return;
     const hooks = this.#hooks;
     const req = this.#begin(kind, offset, length, data, flags, kind !== "flush" && this.#serialiseWrites);
     try {

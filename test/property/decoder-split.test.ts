@@ -83,7 +83,10 @@ interface Req {
 }
 
 function req(type: number, offset: number, length: number, cookie: number, flags = 0, payload?: Buffer): Req {
-  return { header: { flags, type, cookieHi: cookie >>> 8, cookieLo: (cookie * 2654435761) >>> 0, offset, length }, payload };
+  return {
+    header: { flags, type, cookieHi: cookie >>> 8, cookieLo: (cookie * 2654435761) >>> 0, offset, length },
+    payload,
+  };
 }
 
 /** A realistic client stream: flags, options (one with data), GO, then requests of every kind, then DISC. */
@@ -147,7 +150,15 @@ describe("ServerDecoder framing is independent of how the input is split", () =>
   });
 
   test("byte by byte", () => {
-    assert.deepEqual(decode(splitAt(stream, Array.from({ length: stream.length }, (_, i) => i))), expected);
+    assert.deepEqual(
+      decode(
+        splitAt(
+          stream,
+          Array.from({ length: stream.length }, (_, i) => i),
+        ),
+      ),
+      expected,
+    );
   });
 
   test("property: random chunkings", () => {
@@ -253,7 +264,14 @@ describe("ServerDecoder limits and errors", () => {
     const exact = LIMITS.payloadBytesMax;
     const oversized = req(C.NBD_CMD_WRITE, 0, big, 1, 0, pattern(big, 1));
     const atLimit = req(C.NBD_CMD_WRITE, 512, exact, 2, 0, pattern(exact, 2));
-    const maxSkip = req(C.NBD_CMD_WRITE, 0, LIMITS.payloadSkipBytesMax, 3, 0, pattern(LIMITS.payloadSkipBytesMax, 3));
+    const maxSkip = req(
+      C.NBD_CMD_WRITE,
+      0,
+      LIMITS.payloadSkipBytesMax,
+      3,
+      0,
+      pattern(LIMITS.payloadSkipBytesMax, 3),
+    );
     const read = req(C.NBD_CMD_READ, 4096, 512, 4);
     const stream = Buffer.concat([
       transmissionPrefix,
@@ -300,7 +318,10 @@ describe("ServerDecoder limits and errors", () => {
     assert.equal(seen.length, 3);
     assert.throws(() => decoder.push(bad), ProtocolError);
     for (let cut = 0; cut <= bad.length; cut++) {
-      assert.throws(() => decode(splitAt(Buffer.concat([transmissionPrefix, bad]), [transmissionPrefix.length + cut])), ProtocolError);
+      assert.throws(
+        () => decode(splitAt(Buffer.concat([transmissionPrefix, bad]), [transmissionPrefix.length + cut])),
+        ProtocolError,
+      );
     }
   });
 
@@ -330,7 +351,10 @@ describe("ServerDecoder limits and errors", () => {
     assert.equal(messages.length, 3, "nothing after option-too-big");
 
     // An option of exactly optionBytesMax is fine.
-    const ok = decode([encodeClientFlags(1), encodeOption(C.NBD_OPT_INFO, Buffer.alloc(LIMITS.optionBytesMax, 1))]);
+    const ok = decode([
+      encodeClientFlags(1),
+      encodeOption(C.NBD_OPT_INFO, Buffer.alloc(LIMITS.optionBytesMax, 1)),
+    ]);
     assert.equal(ok.length, 2);
     assert.equal(ok[1].type, "option");
   });
@@ -341,7 +365,9 @@ describe("ServerDecoder limits and errors", () => {
       messages.push(m);
       if (m.type === "option") decoder.stop();
     });
-    decoder.push(Buffer.concat([encodeClientFlags(1), encodeOption(C.NBD_OPT_ABORT), encodeOption(C.NBD_OPT_LIST)]));
+    decoder.push(
+      Buffer.concat([encodeClientFlags(1), encodeOption(C.NBD_OPT_ABORT), encodeOption(C.NBD_OPT_LIST)]),
+    );
     assert.deepEqual(
       messages.map((m) => m.type),
       ["client-flags", "option"],

@@ -25,7 +25,11 @@ const requestHeader: fc.Arbitrary<RequestHeader> = fc.record({
   type: u16,
   cookieHi: u32,
   cookieLo: u32,
-  offset: fc.oneof(fc.maxSafeNat(), fc.integer({ min: 2 ** 32 - 4, max: 2 ** 32 + 4 }), fc.nat({ max: 2 ** 32 })),
+  offset: fc.oneof(
+    fc.maxSafeNat(),
+    fc.integer({ min: 2 ** 32 - 4, max: 2 ** 32 + 4 }),
+    fc.nat({ max: 2 ** 32 }),
+  ),
   length: u32,
 });
 
@@ -201,6 +205,9 @@ describe("meta context requests", () => {
     for (const [what, data] of cases) {
       assert.throws(() => decodeMetaContextRequest(data), ProtocolError, what);
     }
+    // A huge count is refused up front, before any query is parsed.
+    assert.throws(() => decodeMetaContextRequest(patched(nameEnd, 0x7fffffff)), /query count exceeds/);
+    assert.throws(() => decodeMetaContextRequest(patched(nameEnd, 0xffffffff)), /query count exceeds/);
   });
 
   test("property: any truncation or extension of a valid request is rejected", () => {

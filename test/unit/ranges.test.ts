@@ -2,7 +2,13 @@ import { test, describe } from "node:test";
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import { iovLength, rangesOverlap } from "../../src/core/ranges.js";
-import { BlockError, NBD_ERRNO, toBlockError, fromLinuxErrno, type BlockErrorCode } from "../../src/core/errors.js";
+import {
+  BlockError,
+  NBD_ERRNO,
+  toBlockError,
+  fromLinuxErrno,
+  type BlockErrorCode,
+} from "../../src/core/errors.js";
 
 describe("rangesOverlap", () => {
   test("examples of half-open ranges", () => {

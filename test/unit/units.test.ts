@@ -26,7 +26,21 @@ describe("parseSize", () => {
   });
 
   test("rejects what is not a size", () => {
-    for (const bad of ["", " ", "abc", "-1", "1.5G", "1P", "1 G", "G", "0x10", "1e3", "1GG", "1Gi", "12,000"]) {
+    for (const bad of [
+      "",
+      " ",
+      "abc",
+      "-1",
+      "1.5G",
+      "1P",
+      "1 G",
+      "G",
+      "0x10",
+      "1e3",
+      "1GG",
+      "1Gi",
+      "12,000",
+    ]) {
       assert.throws(() => parseSize(bad), /not a size/, `"${bad}" should be rejected`);
     }
   });

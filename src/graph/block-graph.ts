@@ -20,12 +20,19 @@ export class BlockGraph {
     return [...this.#nodes.values()];
   }
 
-  /** Flushes and closes every node (daemon shutdown). */
+  /** Flushes and closes every node (daemon shutdown); throws the first flush error after closing all. */
   async closeAll(): Promise<void> {
+    let firstError: unknown;
     for (const node of this.#nodes.values()) {
-      if (!node.readOnly) await node.flush().catch(() => undefined);
+      try {
+        if (!node.readOnly) await node.flush();
+      } catch (err) {
+        firstError ??= err;
+      }
       await node.close();
     }
     this.#nodes.clear();
+    // A failed final flush means data may not be durable: the daemon must not exit 0.
+    if (firstError !== undefined) throw firstError;
   }
 }

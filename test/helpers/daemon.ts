@@ -3,7 +3,7 @@
  * temp directory, and waits for its "ready at" line. Interop and fault tests drive it with real clients.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync, openSync, closeSync, ftruncateSync } from "node:fs";
+import { closeSync, ftruncateSync, mkdtempSync, openSync, readSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -91,9 +91,18 @@ export async function startDaemon(opts: StartOptions = {}): Promise<RunningDaemo
       };
       const check = (): void => {
         if (test()) finish();
-        else if (!isAlive()) finish(new Error(`drivetap exited (${proc.exitCode ?? proc.signalCode}) before ${what}\nstdout: ${out}\nstderr: ${err}`));
+        else if (!isAlive())
+          finish(
+            new Error(
+              `drivetap exited (${proc.exitCode ?? proc.signalCode}) before ${what}\nstdout: ${out}\nstderr: ${err}`,
+            ),
+          );
       };
-      const timer = setTimeout(() => finish(new Error(`drivetap: no ${what} within ${timeoutMs} ms\nstdout: ${out}\nstderr: ${err}`)), timeoutMs);
+      const timer = setTimeout(
+        () =>
+          finish(new Error(`drivetap: no ${what} within ${timeoutMs} ms\nstdout: ${out}\nstderr: ${err}`)),
+        timeoutMs,
+      );
       listeners.add(check);
       spawnError.catch((e: Error) => finish(e));
       check();
@@ -108,7 +117,11 @@ export async function startDaemon(opts: StartOptions = {}): Promise<RunningDaemo
   };
 
   try {
-    await waitFor("ready line", () => /^drivetap: ready at \S+$/m.test(out), opts.readyTimeoutMs ?? READY_TIMEOUT_MS);
+    await waitFor(
+      "ready line",
+      () => /^drivetap: ready at \S+$/m.test(out),
+      opts.readyTimeoutMs ?? READY_TIMEOUT_MS,
+    );
   } catch (e) {
     await cleanup();
     throw e;
@@ -119,7 +132,13 @@ export async function startDaemon(opts: StartOptions = {}): Promise<RunningDaemo
     if (isAlive()) proc.kill(signal);
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`drivetap did not exit within ${STOP_TIMEOUT_MS} ms of ${signal}\nstderr: ${err}`)), STOP_TIMEOUT_MS);
+      timer = setTimeout(
+        () =>
+          reject(
+            new Error(`drivetap did not exit within ${STOP_TIMEOUT_MS} ms of ${signal}\nstderr: ${err}`),
+          ),
+        STOP_TIMEOUT_MS,
+      );
     });
     try {
       return await Promise.race([exited, timeout]);
@@ -138,7 +157,11 @@ export async function startDaemon(opts: StartOptions = {}): Promise<RunningDaemo
     stderr: () => err,
     alive: isAlive,
     waitForStderr: (match, timeoutMs = 15_000) =>
-      waitFor(`log matching ${String(match)}`, () => (match instanceof RegExp ? match.test(err) : match(err)), timeoutMs),
+      waitFor(
+        `log matching ${String(match)}`,
+        () => (match instanceof RegExp ? match.test(err) : match(err)),
+        timeoutMs,
+      ),
     cleanup,
   };
 }
@@ -160,13 +183,14 @@ export async function serveTempImage(
   opts: { args?: readonly string[]; content?: Buffer } = {},
 ): Promise<ServedImage> {
   const dir = mkdtempSync(join(tmpdir(), "drivetap-img-"));
-  let daemon: RunningDaemon | undefined;
+  const started: RunningDaemon[] = [];
   t.after(async () => {
-    if (daemon) await stopQuietly(daemon);
+    for (const d of started) await stopQuietly(d);
     rmSync(dir, { recursive: true, force: true });
   });
   const image = makeImage(join(dir, "disk.img"), sizeBytes, opts.content);
-  daemon = await startDaemon({ image, args: opts.args });
+  const daemon = await startDaemon({ image, args: opts.args });
+  started.push(daemon);
   return { daemon, dir, image };
 }
 
@@ -195,4 +219,21 @@ export function makeImage(path: string, sizeBytes: number, content?: Buffer): st
 /** Builds an nbd+unix URI for another export name on the same socket. */
 export function unixUri(socket: string, exportName = ""): string {
   return `nbd+unix:///${encodeURIComponent(exportName)}?socket=${socket}`;
+}
+
+/** Reads bytes straight from an image file, bypassing the daemon. */
+export function readImage(path: string, offset: number, length: number): Buffer {
+  const fd = openSync(path, "r");
+  try {
+    const out = Buffer.alloc(length);
+    let done = 0;
+    while (done < length) {
+      const n = readSync(fd, out, done, length - done, offset + done);
+      if (n === 0) break;
+      done += n;
+    }
+    return out;
+  } finally {
+    closeSync(fd);
+  }
 }

@@ -238,7 +238,10 @@ export class RawNbd {
       assert.equal(r.option, C.NBD_OPT_GO, "reply to GO");
       replies.push(r);
       if (r.type & C.NBD_REP_FLAG_ERROR) {
-        throw Object.assign(new Error(`GO refused: type ${(r.type >>> 0).toString(16)} ${r.data.toString()}`), { reply: r });
+        throw Object.assign(
+          new Error(`GO refused: type ${(r.type >>> 0).toString(16)} ${r.data.toString()}`),
+          { reply: r },
+        );
       }
       if (r.type === C.NBD_REP_INFO && r.data.readUInt16BE(0) === C.NBD_INFO_EXPORT) {
         size = Number(r.data.readBigUInt64BE(2));
@@ -289,7 +292,13 @@ export class RawNbd {
 
   /** Writes and waits for the (simple) reply; returns its error number. */
   async write(offset: number, data: Buffer, flags = 0): Promise<number> {
-    const cookie = this.sendRequest({ type: C.NBD_CMD_WRITE, flags, offset, length: data.length, payload: data });
+    const cookie = this.sendRequest({
+      type: C.NBD_CMD_WRITE,
+      flags,
+      offset,
+      length: data.length,
+      payload: data,
+    });
     const r = await this.readSimpleReply();
     assert.equal(r.cookie, cookie, "reply cookie");
     return r.error;

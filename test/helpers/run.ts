@@ -43,7 +43,11 @@ export interface Running {
 }
 
 export function start(cmd: string, args: readonly string[], opts: RunOptions = {}): Running {
-  const spawnOpts: SpawnOptions = { cwd: opts.cwd, env: opts.env ?? process.env, stdio: ["pipe", "pipe", "pipe"] };
+  const spawnOpts: SpawnOptions = {
+    cwd: opts.cwd,
+    env: opts.env ?? process.env,
+    stdio: ["pipe", "pipe", "pipe"],
+  };
   const proc = spawn(cmd, args as string[], spawnOpts);
   let out = "";
   let err = "";
@@ -61,7 +65,11 @@ export function start(cmd: string, args: readonly string[], opts: RunOptions = {
   const result = new Promise<RunResult>((resolve, reject) => {
     const timer = setTimeout(() => {
       proc.kill("SIGKILL");
-      reject(new Error(`${cmd} ${args.join(" ")} did not finish in ${timeoutMs} ms\nstdout: ${out}\nstderr: ${err}`));
+      reject(
+        new Error(
+          `${cmd} ${args.join(" ")} did not finish in ${timeoutMs} ms\nstdout: ${out}\nstderr: ${err}`,
+        ),
+      );
     }, timeoutMs);
     proc.on("error", (e: NodeJS.ErrnoException) => {
       clearTimeout(timer);
@@ -84,11 +92,18 @@ export function start(cmd: string, args: readonly string[], opts: RunOptions = {
         const line = out.split("\n").find((l) => re.test(l));
         if (line !== undefined) finish(() => resolve(line));
         else if (proc.exitCode !== null || proc.signalCode !== null) {
-          finish(() => reject(new Error(`${cmd} exited before printing ${re}\nstdout: ${out}\nstderr: ${err}`)));
+          finish(() =>
+            reject(new Error(`${cmd} exited before printing ${re}\nstdout: ${out}\nstderr: ${err}`)),
+          );
         }
       };
       const timer = setTimeout(
-        () => finish(() => reject(new Error(`${cmd} did not print ${re} within ${waitMs} ms\nstdout: ${out}\nstderr: ${err}`))),
+        () =>
+          finish(() =>
+            reject(
+              new Error(`${cmd} did not print ${re} within ${waitMs} ms\nstdout: ${out}\nstderr: ${err}`),
+            ),
+          ),
         waitMs,
       );
       const finish = (f: () => void): void => {
@@ -114,7 +129,9 @@ export function run(cmd: string, args: readonly string[], opts: RunOptions = {})
 export async function runOk(cmd: string, args: readonly string[], opts: RunOptions = {}): Promise<RunResult> {
   const r = await run(cmd, args, opts);
   if (r.code !== 0) {
-    throw new Error(`${cmd} ${args.join(" ")} exited ${r.code ?? r.signal}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`);
+    throw new Error(
+      `${cmd} ${args.join(" ")} exited ${r.code ?? r.signal}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`,
+    );
   }
   return r;
 }

@@ -123,7 +123,7 @@ export class NbdConnection {
   async shutdown(): Promise<void> {
     this.#beginClose("server shutting down");
     await this.#whenIdle();
-    // end() uncorks and flushes the last replies; then the socket goes even if the client lingers.
+    // end() flushes the last replies; then the socket goes even if the client lingers.
     this.#socket.end(() => this.#socket.destroy());
   }
 
@@ -179,8 +179,7 @@ export class NbdConnection {
   #onOption(option: number, data: Buffer): void {
     if (++this.#optionCount > L.OPTIONS_PER_CONNECTION_MAX) {
       this.#log.warn({}, "too many options; closing");
-      this.#decoder.stop();
-      return this.#destroy();
+      return this.#closeAfterInFlight();
     }
     try {
       switch (option) {
@@ -473,21 +472,27 @@ export class NbdConnection {
   #requestDone(bytes: number): void {
     this.#inFlightRequests--;
     this.#inFlightBytes -= bytes;
-    if (
-      this.#readingPaused &&
-      this.#inFlightRequests < L.IN_FLIGHT_REQUESTS_MAX / 2 &&
-      this.#inFlightBytes < L.IN_FLIGHT_BYTES_MAX / 2 &&
-      !this.#closing
-    ) {
-      this.#readingPaused = false;
-      this.#socket.resume();
-    }
+    this.#maybeResumeReading();
     if (this.#inFlightRequests === 0 && this.#idleWaiters.length > 0) {
       const waiters = this.#idleWaiters;
       this.#idleWaiters = [];
       for (const w of waiters) w();
     }
   }
+
+  /** Reading resumes once requests, their bytes and the unsent replies are well below their bounds. */
+  readonly #maybeResumeReading = (): void => {
+    if (
+      this.#readingPaused &&
+      !this.#closing &&
+      this.#inFlightRequests < L.IN_FLIGHT_REQUESTS_MAX / 2 &&
+      this.#inFlightBytes < L.IN_FLIGHT_BYTES_MAX / 2 &&
+      this.#socket.writableLength < L.REPLY_BACKLOG_BYTES_MAX / 2
+    ) {
+      this.#readingPaused = false;
+      this.#socket.resume();
+    }
+  };
 
   #pauseReading(): void {
     if (this.#readingPaused) return;
@@ -505,6 +510,7 @@ export class NbdConnection {
       // the next request reads the disk.
       if (this.#corked) this.#uncork();
       s.write(buf);
+      this.#checkBacklog();
       return;
     }
     if (!this.#corked) {
@@ -518,28 +524,47 @@ export class NbdConnection {
   readonly #uncork = (): void => {
     this.#corked = false;
     if (!this.#socket.destroyed) this.#socket.uncork();
+    this.#checkBacklog();
   };
+
+  /** A client that does not read its replies stops being read from until the replies drain. */
+  #checkBacklog(): void {
+    if (this.#socket.writableLength < L.REPLY_BACKLOG_BYTES_MAX || this.#closing) return;
+    this.#pauseReading();
+    this.#socket.once("drain", this.#maybeResumeReading);
+  }
 
   #whenIdle(): Promise<void> {
     if (this.#inFlightRequests === 0) return Promise.resolve();
     return new Promise((resolve) => this.#idleWaiters.push(resolve));
   }
 
+  /**
+   * Stops taking requests. The socket keeps being read (the stopped decoder drops the bytes) so the
+   * client's EOF is seen and the connection slot is released; a client that never closes is cut off
+   * CLOSE_LINGER_MS after our side has ended.
+   */
   #beginClose(why: string): void {
     if (this.#closing) return;
     this.#closing = true;
     this.#log.debug({ why }, "closing");
     this.#decoder.stop();
-    this.#socket.pause();
+    if (this.#readingPaused) {
+      this.#readingPaused = false;
+      this.#socket.resume();
+    }
+  }
+
+  #endSocket(): void {
+    if (this.#corked) this.#uncork();
+    this.#socket.end();
+    setTimeout(() => this.#socket.destroy(), L.CLOSE_LINGER_MS).unref();
   }
 
   /** DISC, ABORT and fatal protocol errors: finish what is in flight, flush replies, close. */
   #closeAfterInFlight(): void {
     this.#beginClose("closing after in-flight requests");
-    void this.#whenIdle().then(() => {
-      if (this.#corked) this.#uncork();
-      this.#socket.end();
-    });
+    void this.#whenIdle().then(() => this.#endSocket());
   }
 
   #destroy(): void {

@@ -25,3 +25,7 @@ export const SPARSE_READ_BYTES_MIN = 64 * KiB;
 export const BLOCK_STATUS_DESCRIPTORS_MAX = 1024;
 /** Replies at least this big are written at once instead of waiting for the end of the loop turn. */
 export const REPLY_DIRECT_BYTES_MIN = 128 * KiB;
+/** Unsent reply bytes past which the connection stops reading requests (a client not reading). */
+export const REPLY_BACKLOG_BYTES_MAX = 64 * MiB;
+/** After our side of a connection has ended, the client has this long to close its side. */
+export const CLOSE_LINGER_MS = 5_000;

@@ -13,7 +13,7 @@
 import * as fs from "node:fs";
 import { performance } from "node:perf_hooks";
 import { BlockError, fromLinuxErrno, toBlockError } from "../../core/errors.js";
-import { MiB } from "../../core/units.js";
+import { KiB } from "../../core/units.js";
 import {
   allData,
   type BlockDriver,
@@ -23,7 +23,7 @@ import {
 } from "../driver.js";
 import { ENXIO, EOPNOTSUPP, native } from "./native.js";
 
-export const SYNC_IO_BYTES_MAX = 2 * MiB;
+export const SYNC_IO_BYTES_MAX = 128 * KiB;
 export const SYNC_IO_SLOW_MS = 4;
 export const ASYNC_BACKOFF_MS = 500;
 /** Block status stops after this many extents; the caller asks again for the rest. */

@@ -4,8 +4,9 @@
  * switches the phase after a successful NBD_OPT_GO / NBD_OPT_EXPORT_NAME (enterTransmission), and
  * messages are delivered synchronously so the switch applies to the very next byte.
  *
- * Write payloads are handed on as sub-arrays of the received chunks, without copying; the chunks are
- * fresh buffers per socket read, so nothing else ever writes to them.
+ * Write payloads are handed on as sub-arrays of the received chunks, without copying. A ChunkTracker
+ * learns which chunks and payload pieces are held, so the reader reuses a buffer only when nothing
+ * refers to it (nbd/server/socket-reader.ts).
  */
 import { ProtocolError } from "../../core/errors.js";
 import * as C from "./constants.js";
@@ -32,6 +33,17 @@ export interface DecoderLimits {
   readonly payloadSkipBytesMax: number;
 }
 
+/**
+ * Told when the decoder starts and stops holding a received chunk, and when it hands a piece of one on
+ * as a write payload (the receiver releases those pieces when done). Lets the reader recycle buffers.
+ */
+export interface ChunkTracker {
+  retain(b: Buffer): void;
+  release(b: Buffer): void;
+}
+
+const NO_TRACKER: ChunkTracker = { retain: () => {}, release: () => {} };
+
 type Phase = "client-flags" | "options" | "transmission" | "stopped";
 
 export class ServerDecoder {
@@ -46,9 +58,16 @@ export class ServerDecoder {
   #pending: RequestHeader | null = null;
   #skipping = 0;
 
-  constructor(limits: DecoderLimits, onMessage: (m: ServerMessage) => void) {
+  readonly #tracker: ChunkTracker;
+
+  constructor(
+    limits: DecoderLimits,
+    onMessage: (m: ServerMessage) => void,
+    tracker: ChunkTracker = NO_TRACKER,
+  ) {
     this.#limits = limits;
     this.#onMessage = onMessage;
+    this.#tracker = tracker;
   }
 
   get phase(): Phase {
@@ -66,6 +85,7 @@ export class ServerDecoder {
   /** No more messages after this one (abort, fatal error, disconnect). */
   stop(): void {
     this.#phase = "stopped";
+    for (let i = this.#head; i < this.#chunks.length; i++) this.#tracker.release(this.#chunks[i]);
     this.#chunks = [];
     this.#head = 0;
     this.#headOffset = 0;
@@ -75,6 +95,7 @@ export class ServerDecoder {
   /** Feeds received bytes. Throws ProtocolError for input that cannot be framed (close the connection). */
   push(chunk: Buffer): void {
     if (this.#phase === "stopped" || chunk.length === 0) return;
+    this.#tracker.retain(chunk);
     this.#chunks.push(chunk);
     this.#buffered += chunk.length;
     this.#drain();
@@ -181,7 +202,9 @@ export class ServerDecoder {
     while (left > 0) {
       const c = this.#chunks[this.#head];
       const k = Math.min(c.length - this.#headOffset, left);
-      out.push(c.subarray(this.#headOffset, this.#headOffset + k));
+      const piece = c.subarray(this.#headOffset, this.#headOffset + k);
+      this.#tracker.retain(piece);
+      out.push(piece);
       this.#skip(k);
       left -= k;
     }
@@ -196,6 +219,7 @@ export class ServerDecoder {
       this.#headOffset += k;
       n -= k;
       if (this.#headOffset === c.length) {
+        this.#tracker.release(c);
         this.#head++;
         this.#headOffset = 0;
       }

@@ -33,6 +33,8 @@ import {
 } from "../protocol/codec.js";
 import { ServerDecoder, type ServerMessage } from "../protocol/decoder.js";
 import * as L from "./limits.js";
+import { giveReplyBuffer, takeReplyBuffer } from "./reply-pool.js";
+import { slabTracker } from "./socket-reader.js";
 
 export interface NbdExport {
   readonly name: string;
@@ -103,6 +105,7 @@ export class NbdConnection {
         payloadSkipBytesMax: L.REQUEST_SKIP_BYTES_MAX,
       },
       (m) => this.#onMessage(m),
+      slabTracker,
     );
     socket.on("error", (err) => this.#log.debug({ err: err.message }, "socket error"));
     socket.on("close", () => this.#finish());
@@ -310,31 +313,10 @@ export class NbdConnection {
       this.#decoder.stop();
       return this.#closeAfterInFlight();
     }
-    const allowed = ALLOWED_FLAGS[h.type];
-    if (allowed === undefined) return this.#replyError(h, "EINVAL", `unknown command ${h.type}`);
-    if ((h.flags & ~allowed) !== 0 || (h.flags & C.NBD_CMD_FLAG_DF && !this.#structured)) {
-      return this.#replyError(h, "EINVAL", `flags ${h.flags} not valid for ${C.COMMAND_NAMES[h.type]}`);
-    }
-    if (oversize)
-      return this.#replyError(h, "EINVAL", `write of ${h.length} bytes exceeds ${L.REQUEST_BYTES_MAX}`);
-    const isWrite =
-      h.type === C.NBD_CMD_WRITE || h.type === C.NBD_CMD_TRIM || h.type === C.NBD_CMD_WRITE_ZEROES;
-    if (isWrite && e.readOnly) return this.#replyError(h, "EPERM", "export is read-only");
-    if (h.type === C.NBD_CMD_FLUSH) {
-      if (h.offset !== 0 || h.length !== 0)
-        return this.#replyError(h, "EINVAL", "FLUSH needs offset and length 0");
-    } else if (h.length === 0) {
-      return this.#replyError(h, "EINVAL", "zero-length request");
-    }
-    if (h.type === C.NBD_CMD_READ && h.length > L.REQUEST_BYTES_MAX) {
-      return this.#replyError(
-        h,
-        this.#structured ? "EOVERFLOW" : "EINVAL",
-        `read of ${h.length} bytes exceeds ${L.REQUEST_BYTES_MAX}`,
-      );
-    }
-    if (h.type === C.NBD_CMD_BLOCK_STATUS && !this.#baseAllocation) {
-      return this.#replyError(h, "EINVAL", "no meta context was negotiated");
+    const refusal = this.#refusal(e, h, oversize);
+    if (refusal) {
+      if (payload) for (const piece of payload) slabTracker.release(piece);
+      return this.#replyError(h, refusal[0], refusal[1]);
     }
     const bytes = h.type === C.NBD_CMD_READ || h.type === C.NBD_CMD_WRITE ? h.length : 0;
     this.#inFlightRequests++;
@@ -343,14 +325,41 @@ export class NbdConnection {
       this.#pauseReading();
     }
     this.#run(e.node, h, payload).then(
-      () => this.#requestDone(bytes),
+      () => this.#requestDone(bytes, payload),
       (err) => {
         // Only a bug gets here: #run answers operating errors itself.
         this.#log.error({ err: String(err) }, "request handler failed");
-        this.#requestDone(bytes);
+        this.#requestDone(bytes, payload);
         this.#destroy();
       },
     );
+  }
+
+  /** Why a request is refused before it reaches the node, or null if it is valid. */
+  #refusal(e: NbdExport, h: RequestHeader, oversize: boolean): [BlockError["code"], string] | null {
+    const allowed = ALLOWED_FLAGS[h.type];
+    if (allowed === undefined) return ["EINVAL", `unknown command ${h.type}`];
+    if ((h.flags & ~allowed) !== 0 || (h.flags & C.NBD_CMD_FLAG_DF && !this.#structured)) {
+      return ["EINVAL", `flags ${h.flags} not valid for ${C.COMMAND_NAMES[h.type]}`];
+    }
+    if (oversize) return ["EINVAL", `write of ${h.length} bytes exceeds ${L.REQUEST_BYTES_MAX}`];
+    const isWrite =
+      h.type === C.NBD_CMD_WRITE || h.type === C.NBD_CMD_TRIM || h.type === C.NBD_CMD_WRITE_ZEROES;
+    if (isWrite && e.readOnly) return ["EPERM", "export is read-only"];
+    if (h.type === C.NBD_CMD_FLUSH) {
+      if (h.offset !== 0 || h.length !== 0) return ["EINVAL", "FLUSH needs offset and length 0"];
+    } else if (h.length === 0) {
+      return ["EINVAL", "zero-length request"];
+    }
+    if (h.type === C.NBD_CMD_READ && h.length > L.REQUEST_BYTES_MAX) {
+      return [
+        this.#structured ? "EOVERFLOW" : "EINVAL",
+        `read of ${h.length} bytes exceeds ${L.REQUEST_BYTES_MAX}`,
+      ];
+    }
+    if (h.type === C.NBD_CMD_BLOCK_STATUS && !this.#baseAllocation)
+      return ["EINVAL", "no meta context was negotiated"];
+    return null;
   }
 
   async #run(node: BlockNode, h: RequestHeader, payload: Buffer[] | null): Promise<void> {
@@ -395,10 +404,15 @@ export class NbdConnection {
 
   async #read(node: BlockNode, h: RequestHeader): Promise<void> {
     if (!this.#structured) {
-      const buf = Buffer.allocUnsafe(C.NBD_SIMPLE_REPLY_BYTES + h.length);
-      await node.read(h.offset, buf.subarray(C.NBD_SIMPLE_REPLY_BYTES));
+      const buf = takeReplyBuffer(C.NBD_SIMPLE_REPLY_BYTES + h.length);
+      try {
+        await node.read(h.offset, buf.subarray(C.NBD_SIMPLE_REPLY_BYTES));
+      } catch (err) {
+        giveReplyBuffer(buf);
+        throw err;
+      }
       writeSimpleReply(buf, 0, 0, h.cookieHi, h.cookieLo);
-      return this.#send(buf);
+      return this.#send(buf, () => giveReplyBuffer(buf));
     }
     if (
       h.length >= L.SPARSE_READ_BYTES_MIN &&
@@ -408,10 +422,15 @@ export class NbdConnection {
       const extents = await node.blockStatus(h.offset, h.length);
       if (extents.some((x) => x.zero)) return this.#sparseRead(node, h, extents);
     }
-    const buf = Buffer.allocUnsafe(OFFSET_DATA_PREFIX_BYTES + h.length);
-    await node.read(h.offset, buf.subarray(OFFSET_DATA_PREFIX_BYTES));
+    const buf = takeReplyBuffer(OFFSET_DATA_PREFIX_BYTES + h.length);
+    try {
+      await node.read(h.offset, buf.subarray(OFFSET_DATA_PREFIX_BYTES));
+    } catch (err) {
+      giveReplyBuffer(buf);
+      throw err;
+    }
     writeOffsetDataPrefix(buf, 0, C.NBD_REPLY_FLAG_DONE, h.cookieHi, h.cookieLo, h.offset, h.length);
-    this.#send(buf);
+    this.#send(buf, () => giveReplyBuffer(buf));
   }
 
   /** A read answered chunk by chunk: holes as OFFSET_HOLE, data as OFFSET_DATA, DONE on the last. */
@@ -469,7 +488,9 @@ export class NbdConnection {
     }
   }
 
-  #requestDone(bytes: number): void {
+  #requestDone(bytes: number, payload: Buffer[] | null): void {
+    // The request has ended (after every hook): its payload buffers may be reused.
+    if (payload) for (const piece of payload) slabTracker.release(piece);
     this.#inFlightRequests--;
     this.#inFlightBytes -= bytes;
     this.#maybeResumeReading();
@@ -502,14 +523,18 @@ export class NbdConnection {
 
   // ---- output and life cycle -------------------------------------------------------------------------
 
-  #send(buf: Buffer): void {
+  /** Queues a reply. onWritten runs once the socket no longer needs buf (sent, or dropped). */
+  #send(buf: Buffer, onWritten?: (err?: Error | null) => void): void {
     const s = this.#socket;
-    if (this.#closed || s.destroyed || !s.writable) return;
+    if (this.#closed || s.destroyed || !s.writable) {
+      onWritten?.();
+      return;
+    }
     if (buf.length >= L.REPLY_DIRECT_BYTES_MIN) {
       // Large replies go at once (after what is corked, keeping order) so the socket drains while
       // the next request reads the disk.
       if (this.#corked) this.#uncork();
-      s.write(buf);
+      s.write(buf, onWritten);
       this.#checkBacklog();
       return;
     }
@@ -518,7 +543,7 @@ export class NbdConnection {
       s.cork();
       setImmediate(this.#uncork);
     }
-    s.write(buf);
+    s.write(buf, onWritten);
   }
 
   readonly #uncork = (): void => {

@@ -35,6 +35,7 @@ interface ServeOptions {
   description?: string;
   verbose?: boolean;
   asyncIo?: boolean;
+  qmp?: string;
 }
 
 async function serve(image: string | undefined, opts: ServeOptions): Promise<void> {
@@ -56,12 +57,14 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
       : { type: "inet", host: opts.bind, port: opts.port ?? DEFAULT_PORT },
     log,
     asyncIo: opts.asyncIo,
+    qmpPath: opts.qmp,
   };
   const daemon = await Daemon.start(config);
   log.debug({ native: FileDriver.nativeAvailable }, "file driver native addon");
   const what = image === undefined ? `built-in ${formatSize(opts.size)} sparse memory disk` : image;
   process.stdout.write(
     `drivetap: serving ${daemon.node.name} (${what}, ${daemon.node.size()} bytes${config.readOnly ? ", read-only" : ""})\n` +
+      (opts.qmp ? `drivetap: QMP at ${opts.qmp}\n` : "") +
       `drivetap: ready at ${daemon.uri}\n` +
       `drivetap: try: nbdinfo '${daemon.uri}'   (Ctrl-C stops; in-flight writes finish and are flushed)\n`,
   );
@@ -105,6 +108,7 @@ program
   .option("--read-only", "refuse writes")
   .option("--size <size>", "size of the built-in disk", sizeOption, parseSize(DEFAULT_SIZE))
   .option("--description <text>", "export description shown to clients")
+  .option("--qmp <path>", "serve QMP (QEMU's control protocol) on this unix socket (mode 0600)")
   .option("--async-io", "always use threadpool I/O in the file driver (for comparison)")
   .option("-v, --verbose", "debug logs on stderr")
   .action(async (image: string | undefined, opts: ServeOptions) => {

@@ -10,6 +10,12 @@ import type { Logger } from "../core/log.js";
 import { BlockGraph } from "../graph/block-graph.js";
 import { BlockNode } from "../io/block-node.js";
 import { NbdServer, type ListenAddress } from "../nbd/server/server.js";
+import { registerCommands } from "../qmp/commands/index.js";
+import { QmpServer } from "../qmp/server.js";
+
+export const DRIVETAP_VERSION = { major: 0, minor: 1, micro: 0, package: "drivetap 0.1.0" };
+/** Id of the export `drivetap serve` creates for its disk. */
+export const SERVE_EXPORT_ID = "export0";
 
 export interface ServeConfig {
   /** A raw image file; "null-co://" for the null driver; undefined for the built-in memory disk. */
@@ -24,6 +30,8 @@ export interface ServeConfig {
   readonly log: Logger;
   /** Force threadpool I/O in the file driver (benchmarks compare both). */
   readonly asyncIo?: boolean;
+  /** Unix socket path for the QMP control socket. */
+  readonly qmpPath?: string;
 }
 
 export const NULL_IMAGE = "null-co://";
@@ -45,6 +53,7 @@ export function nbdUri(address: ListenAddress, exportName: string): string {
 export class Daemon {
   readonly graph: BlockGraph;
   readonly nbd: NbdServer;
+  readonly qmp: QmpServer | null;
   readonly node: BlockNode;
   readonly address: ListenAddress;
   readonly uri: string;
@@ -53,12 +62,14 @@ export class Daemon {
   private constructor(
     graph: BlockGraph,
     nbd: NbdServer,
+    qmp: QmpServer | null,
     node: BlockNode,
     address: ListenAddress,
     uri: string,
   ) {
     this.graph = graph;
     this.nbd = nbd;
+    this.qmp = qmp;
     this.node = node;
     this.address = address;
     this.uri = uri;
@@ -67,30 +78,43 @@ export class Daemon {
   static async start(config: ServeConfig): Promise<Daemon> {
     const driver = openDriver(config);
     const node = new BlockNode(config.nodeName, driver, { readOnly: config.readOnly });
-    const graph = new BlockGraph();
-    graph.addNode(node);
+    const graph = new BlockGraph(config.log.child({ part: "graph" }));
+    const filename = config.image === undefined || config.image === NULL_IMAGE ? undefined : config.image;
+    graph.addNode(node, { driver: driver.driverName === "null" ? "null-co" : driver.driverName, filename });
     const nbd = new NbdServer(config.log.child({ part: "nbd" }));
-    nbd.addExport({
+    graph.attachNbdServer(nbd);
+    graph.addExport({
+      id: SERVE_EXPORT_ID,
+      nodeName: node.name,
       name: config.exportName,
       description: config.description ?? `drivetap ${driver.driverName} disk`,
-      node,
-      readOnly: config.readOnly,
+      writable: !config.readOnly,
     });
+    let qmp: QmpServer | null = null;
     try {
       const address = await nbd.listen(config.listen);
+      if (config.qmpPath) {
+        qmp = new QmpServer({ log: config.log.child({ part: "qmp" }), version: DRIVETAP_VERSION });
+        registerCommands(qmp, graph);
+        const server = qmp;
+        graph.events.on((event, data) => server.emitEvent(event, data));
+        await qmp.listen(config.qmpPath);
+      }
       config.log.info({ node: node.name, driver: driver.driverName, size: driver.size() }, "serving");
-      return new Daemon(graph, nbd, node, address, nbdUri(address, config.exportName));
+      return new Daemon(graph, nbd, qmp, node, address, nbdUri(address, config.exportName));
     } catch (err) {
+      await nbd.close();
       await graph.closeAll();
       throw err;
     }
   }
 
-  /** Finishes in-flight requests, flushes, closes. Safe to call twice. */
+  /** Ends jobs, finishes in-flight requests, flushes, closes. Safe to call twice. */
   close(): Promise<void> {
     this.#closing ??= (async () => {
       await this.nbd.close();
       await this.graph.closeAll();
+      await this.qmp?.close();
     })();
     return this.#closing;
   }

@@ -1,35 +1,189 @@
 /**
- * The registry of block nodes that the daemon serves and that commands act on, by node name.
- * Later issues add exports and jobs here; QMP commands act on this graph, never on the daemon.
+ * The graph: the registry of block nodes, NBD exports and jobs that commands act on. It knows who
+ * uses a node (an export, a job, a parent node), so a node in use cannot be deleted or taken twice.
+ * QMP commands act on this graph, never on the daemon.
  */
+import { EventBus } from "../core/events.js";
+import { silentLogger, type Logger } from "../core/log.js";
 import type { BlockNode } from "../io/block-node.js";
+import type { Job } from "../jobs/job.js";
+import type { NbdServer } from "../nbd/server/server.js";
+
+export interface NodeInfo {
+  /** Driver name as given to blockdev-add ("file", "raw", "memory", "null-co", ...). */
+  readonly driver: string;
+  readonly filename?: string;
+  /** Name of a child node this one is layered on. */
+  readonly child?: string;
+}
+
+interface NodeEntry {
+  readonly node: BlockNode;
+  readonly info: NodeInfo;
+  /** user id -> why ("export e0", "block job backup0", "child of raw0") */
+  readonly users: Map<string, string>;
+  /** Internal nodes (a drive-backup target) are hidden from query-block. */
+  readonly internal: boolean;
+}
+
+export interface ExportRecord {
+  readonly id: string;
+  readonly nodeName: string;
+  readonly name: string;
+  readonly writable: boolean;
+  readonly description: string;
+}
 
 export class BlockGraph {
-  readonly #nodes = new Map<string, BlockNode>();
+  readonly events = new EventBus();
+  readonly log: Logger;
+  readonly #nodes = new Map<string, NodeEntry>();
+  readonly #exports = new Map<string, ExportRecord>();
+  readonly #jobs = new Map<string, Job>();
+  #nbd: NbdServer | null = null;
 
-  addNode(node: BlockNode): void {
-    if (this.#nodes.has(node.name)) throw new Error(`duplicate node name "${node.name}"`);
-    this.#nodes.set(node.name, node);
+  constructor(log: Logger = silentLogger) {
+    this.log = log;
+  }
+
+  // ---- nodes ---------------------------------------------------------------------------------------
+
+  addNode(node: BlockNode, info: NodeInfo = { driver: node.driver.driverName }, internal = false): void {
+    if (this.#nodes.has(node.name)) throw new Error(`Duplicate nodes with node-name='${node.name}'`);
+    this.#nodes.set(node.name, { node, info, users: new Map(), internal });
   }
 
   getNode(name: string): BlockNode | undefined {
-    return this.#nodes.get(name);
+    return this.#nodes.get(name)?.node;
+  }
+
+  nodeInfo(name: string): NodeInfo | undefined {
+    return this.#nodes.get(name)?.info;
+  }
+
+  isInternal(name: string): boolean {
+    return this.#nodes.get(name)?.internal ?? false;
   }
 
   nodes(): BlockNode[] {
-    return [...this.#nodes.values()];
+    return [...this.#nodes.values()].map((e) => e.node);
   }
 
-  /** Flushes and closes every node (daemon shutdown); throws the first flush error after closing all. */
+  /** Records that `user` uses the node; refuses when `exclusive` and anyone else does. */
+  claim(nodeName: string, user: string, why: string, exclusive = false): void {
+    const e = this.#nodes.get(nodeName);
+    if (!e) throw new Error(`Cannot find node-name='${nodeName}'`);
+    if (exclusive && e.users.size > 0) {
+      throw new Error(`Node '${nodeName}' is busy: ${[...e.users.values()].join(", ")}`);
+    }
+    e.users.set(user, why);
+  }
+
+  release(nodeName: string, user: string): void {
+    this.#nodes.get(nodeName)?.users.delete(user);
+  }
+
+  usersOf(nodeName: string): string[] {
+    return [...(this.#nodes.get(nodeName)?.users.values() ?? [])];
+  }
+
+  /** Removes a node nobody uses and closes it. */
+  async removeNode(name: string): Promise<void> {
+    const e = this.#nodes.get(name);
+    if (!e) throw new Error(`Failed to find node with node-name='${name}'`);
+    if (e.users.size > 0) throw new Error(`Node '${name}' is busy: ${[...e.users.values()].join(", ")}`);
+    this.#nodes.delete(name);
+    if (e.info.child) this.release(e.info.child, `node:${name}`);
+    await e.node.close();
+  }
+
+  // ---- exports -------------------------------------------------------------------------------------
+
+  attachNbdServer(server: NbdServer): void {
+    this.#nbd = server;
+  }
+
+  get nbdServer(): NbdServer | null {
+    return this.#nbd;
+  }
+
+  addExport(record: ExportRecord): void {
+    if (!this.#nbd) throw new Error("NBD server not running");
+    if (this.#exports.has(record.id)) throw new Error(`Block export id '${record.id}' is already in use`);
+    const node = this.getNode(record.nodeName);
+    if (!node) throw new Error(`Cannot find node-name='${record.nodeName}'`);
+    if (this.#nbd.findExport(record.name))
+      throw new Error(`NBD server already has export named '${record.name}'`);
+    this.#nbd.addExport({
+      name: record.name,
+      description: record.description,
+      node,
+      readOnly: !record.writable,
+    });
+    this.claim(record.nodeName, `export:${record.id}`, `export ${record.id}`);
+    this.#exports.set(record.id, record);
+  }
+
+  removeExport(id: string): void {
+    const r = this.#exports.get(id);
+    if (!r) throw new Error(`Export '${id}' is not found`);
+    this.#nbd?.removeExport(r.name);
+    this.release(r.nodeName, `export:${id}`);
+    this.#exports.delete(id);
+  }
+
+  exports(): ExportRecord[] {
+    return [...this.#exports.values()];
+  }
+
+  // ---- jobs ----------------------------------------------------------------------------------------
+
+  addJob(job: Job): void {
+    if (this.#jobs.has(job.id)) throw new Error(`Job ID '${job.id}' already in use`);
+    this.#jobs.set(job.id, job);
+  }
+
+  hasJob(id: string): boolean {
+    return this.#jobs.has(id);
+  }
+
+  getJob(id: string): Job | undefined {
+    return this.#jobs.get(id);
+  }
+
+  removeJob(job: Job): void {
+    if (this.#jobs.get(job.id) === job) this.#jobs.delete(job.id);
+  }
+
+  jobs(): Job[] {
+    return [...this.#jobs.values()];
+  }
+
+  // ---- shutdown ------------------------------------------------------------------------------------
+
+  /**
+   * Ends every job (a plain cancel: stream targets are brought in sync and flushed), then flushes
+   * and closes every node; throws the first flush error after closing all.
+   */
   async closeAll(): Promise<void> {
-    let firstError: unknown;
-    for (const node of this.#nodes.values()) {
+    for (const job of this.#jobs.values()) {
       try {
-        if (!node.readOnly) await node.flush();
+        job.cancel(false);
+      } catch {
+        // Already ending.
+      }
+    }
+    await Promise.all([...this.#jobs.values()].map((j) => j.concluded));
+    let firstError: unknown;
+    // Parents first, so a child is closed after the nodes layered on it.
+    const entries = [...this.#nodes.values()].reverse();
+    for (const e of entries) {
+      try {
+        if (!e.node.readOnly) await e.node.flush();
       } catch (err) {
         firstError ??= err;
       }
-      await node.close();
+      await e.node.close();
     }
     this.#nodes.clear();
     // A failed final flush means data may not be durable: the daemon must not exit 0.

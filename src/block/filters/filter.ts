@@ -1,0 +1,45 @@
+/**
+ * The pass-through filter: wraps the next driver and forwards every call. A filter overrides only
+ * what it changes (see error-inject.ts).
+ */
+import type { BlockDriver, DriverCapabilities, Extent, WriteFlags, ZeroFlags } from "../driver.js";
+
+export class FilterDriver implements BlockDriver {
+  readonly driverName: string;
+  readonly next: BlockDriver;
+  /** False when `next` belongs to another node (a child given by node name): close leaves it open. */
+  readonly ownsNext: boolean;
+
+  constructor(driverName: string, next: BlockDriver, ownsNext = true) {
+    this.driverName = driverName;
+    this.next = next;
+    this.ownsNext = ownsNext;
+  }
+  get capabilities(): DriverCapabilities {
+    return this.next.capabilities;
+  }
+  size(): number {
+    return this.next.size();
+  }
+  pread(offset: number, into: Buffer): Promise<void> {
+    return this.next.pread(offset, into);
+  }
+  pwrite(offset: number, data: readonly Buffer[], flags: WriteFlags): Promise<void> {
+    return this.next.pwrite(offset, data, flags);
+  }
+  pwriteZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    return this.next.pwriteZeroes(offset, length, flags);
+  }
+  pdiscard(offset: number, length: number): Promise<void> {
+    return this.next.pdiscard(offset, length);
+  }
+  flush(): Promise<void> {
+    return this.next.flush();
+  }
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return this.next.blockStatus(offset, length);
+  }
+  close(): Promise<void> {
+    return this.ownsNext ? this.next.close() : Promise.resolve();
+  }
+}

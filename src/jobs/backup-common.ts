@@ -1,0 +1,45 @@
+/** What every backup mode shares: the source and target nodes, policies, and the end of the job. */
+import type { BlockNode } from "../io/block-node.js";
+import { Job, type ErrorAction, type JobOptions } from "./job.js";
+
+export type SyncMode = "full" | "top" | "none" | "stream";
+
+/** Background copies and repairs move this much at a time. */
+export const BACKUP_CLUSTER_BYTES = 64 * 1024;
+
+export interface BackupOptions extends JobOptions {
+  readonly source: BlockNode;
+  readonly target: BlockNode;
+  readonly sync: SyncMode;
+  readonly onSourceError?: ErrorAction;
+  readonly onTargetError?: ErrorAction;
+  /** Called once at the end (after the target was flushed): releases the target in the graph. */
+  readonly release?: () => void | Promise<void>;
+}
+
+export abstract class BackupJobBase extends Job {
+  readonly source: BlockNode;
+  readonly target: BlockNode;
+  readonly sync: SyncMode;
+  readonly onSourceError: ErrorAction;
+  readonly onTargetError: ErrorAction;
+  readonly #release?: () => void | Promise<void>;
+
+  constructor(options: BackupOptions) {
+    super({ ...options, type: "backup" });
+    this.source = options.source;
+    this.target = options.target;
+    this.sync = options.sync;
+    this.onSourceError = options.onSourceError ?? "report";
+    this.onTargetError = options.onTargetError ?? "report";
+    this.#release = options.release;
+  }
+
+  protected override async onFinalize(success: boolean): Promise<void> {
+    try {
+      if (success) await this.target.flush();
+    } finally {
+      await this.#release?.();
+    }
+  }
+}

@@ -1,0 +1,191 @@
+/**
+ * Backup sync=full, top and none: a point-in-time copy of the source as it was when the job started,
+ * made with copy-before-write (CBW).
+ *
+ * - full: a background loop copies every cluster; holes are written as zeroes.
+ * - top: like full, but clusters the source reports as unallocated (holes) are skipped; the target
+ *   keeps whatever it has there (zeros for a target drive-backup creates).
+ * - none: no background copy. Before a cluster of the source is first changed after the start (write,
+ *   write-zeroes or discard), its old contents are copied to the target. So the target ends holding,
+ *   for every cluster overwritten since the start, the data it had at the start, and nothing else.
+ *   Together with the source it gives the point-in-time image; on its own it is the set of old blocks.
+ *   The job runs until cancelled.
+ *
+ * CBW: a before-write hook copies each not-yet-copied cluster of the request's range before the
+ * request reaches the source driver. A cluster being copied (by the hook or the background loop) is
+ * locked: others wait for that copy. Requests already in flight when the job starts are waited for
+ * before any copy, so the snapshot is the state after them.
+ *
+ * Errors: a failed CBW copy breaks the snapshot, so the job fails (the guest's write still succeeds).
+ * Background copy errors follow on-source-error / on-target-error: report fails the job, stop pauses
+ * it and retries the cluster on resume, ignore retries later.
+ */
+import { toBlockError } from "../core/errors.js";
+import { DirtyBitmap } from "../io/dirty-bitmap.js";
+import type { TrackedRequest, WriteHook } from "../io/tracked-request.js";
+import { BACKUP_CLUSTER_BYTES, BackupJobBase, type BackupOptions } from "./backup-common.js";
+
+export const BACKGROUND_RETRY_MS = 1000;
+
+export class CbwBackupJob extends BackupJobBase {
+  /** Set bit: the cluster needs no more copying (copied, or skipped by sync=top). */
+  readonly done: DirtyBitmap;
+  readonly #inProgress = new Map<number, Promise<void>>();
+  #startBarrier: Promise<unknown> = Promise.resolve();
+  #broken: Error | null = null;
+  #kick: (() => void) | null = null;
+
+  constructor(options: BackupOptions) {
+    super(options);
+    this.done = new DirtyBitmap(this.source.size(), BACKUP_CLUSTER_BYTES);
+  }
+
+  readonly #hook: WriteHook = {
+    name: `backup-cbw:${this.id}`,
+    before: (req) => this.#beforeWrite(req),
+  };
+
+  #wake(): void {
+    const k = this.#kick;
+    this.#kick = null;
+    k?.();
+  }
+  protected override onCancel(): void {
+    this.#wake();
+  }
+
+  async #beforeWrite(req: TrackedRequest): Promise<void> {
+    if (req.kind === "flush" || this.#broken) return;
+    await this.#startBarrier;
+    const [first, end] = this.done.clustersOf(req.offset, req.length);
+    try {
+      for (let c = first; c < end; c++) await this.#copyCluster(c, false);
+    } catch (err) {
+      // The old data is lost for this snapshot: fail the job, never the guest's write.
+      this.#broken ??= toBlockError(err);
+      this.reportIoError("write", "report", this.#broken);
+      this.#wake();
+    }
+  }
+
+  /** Copies one cluster unless done; concurrent callers share the copy in progress. */
+  async #copyCluster(c: number, background: boolean): Promise<void> {
+    for (;;) {
+      if (this.done.get(c)) return;
+      const running = this.#inProgress.get(c);
+      if (!running) break;
+      await running.catch(() => undefined);
+    }
+    const copy = (async () => {
+      const [offset, length] = this.done.rangeOf(c);
+      let zero = false;
+      if (background) {
+        const extents = await this.source.blockStatus(offset, length);
+        zero = extents.every((x) => x.zero) && extents.reduce((n, x) => n + x.length, 0) >= length;
+      }
+      if (zero) {
+        await this.target.writeZeroes(offset, length, { mayTrim: true });
+      } else {
+        const buf = Buffer.allocUnsafe(length);
+        await this.source.read(offset, buf);
+        await this.target.write(offset, [buf]);
+      }
+      this.done.set(c);
+      this.progressCurrent += length;
+      if (this.sync === "none") this.progressTotal = this.progressCurrent;
+    })();
+    this.#inProgress.set(c, copy);
+    try {
+      await copy;
+    } finally {
+      this.#inProgress.delete(c);
+    }
+  }
+
+  protected async run(): Promise<void> {
+    const earlier = [...this.source.inFlight()].filter((r) => r.kind !== "read" && r.kind !== "block-status");
+    const detach = this.source.addWriteHook(this.#hook);
+    this.#startBarrier = Promise.all(earlier.map((r) => r.whenEnded()));
+    try {
+      await this.#startBarrier;
+      if (this.sync === "top") await this.#skipUnallocated();
+      this.progressTotal = this.sync === "none" ? 0 : this.done.sizeBytes - this.done.dirtyBytes;
+      if (this.sync === "none") await this.#waitForCancel();
+      else await this.#backgroundCopy();
+      if (this.#broken) throw this.#broken;
+    } finally {
+      detach();
+      await Promise.all([...this.#inProgress.values()].map((p) => p.catch(() => undefined)));
+    }
+    if (this.sync === "none" && this.cancelled && !this.forceCancelled) await this.target.flush();
+  }
+
+  async #skipUnallocated(): Promise<void> {
+    const size = this.source.size();
+    let pos = 0;
+    while (pos < size) {
+      const extents = await this.source.blockStatus(pos, size - pos);
+      for (const x of extents) {
+        if (x.hole) {
+          // Only whole clusters inside the hole can be skipped.
+          const first = Math.ceil(x.offset / this.done.granularity);
+          const end = Math.floor(Math.min(x.offset + x.length, size) / this.done.granularity);
+          for (let c = first; c < end; c++) this.done.set(c);
+          if (x.offset + x.length >= size && size % this.done.granularity !== 0)
+            this.done.set(this.done.clusterCount - 1);
+        }
+        pos = x.offset + x.length;
+      }
+    }
+  }
+
+  #waitForCancel(): Promise<void> {
+    return new Promise((resolve) => {
+      const check = (): void => {
+        if (this.cancelled || this.#broken) resolve();
+        else this.#kick = check;
+      };
+      check();
+    });
+  }
+
+  async #backgroundCopy(): Promise<void> {
+    let c = 0;
+    while (c < this.done.clusterCount) {
+      if (await this.pausePoint()) return;
+      if (this.#broken) return;
+      if (this.done.get(c)) {
+        c++;
+        continue;
+      }
+      const [, length] = this.done.rangeOf(c);
+      if (!(await this.rate.take(length))) continue;
+      try {
+        await this.#copyCluster(c, true);
+        c++;
+      } catch (err) {
+        const e = toBlockError(err);
+        // Which side failed: a read error mentions the source only if the source read threw.
+        const sourceSide = await this.#sourceReadable(c);
+        const action = this.reportIoError(
+          sourceSide ? "write" : "read",
+          sourceSide ? this.onTargetError : this.onSourceError,
+          e,
+        );
+        if (action === "report") throw e;
+        if (action === "ignore") await new Promise((r) => setTimeout(r, BACKGROUND_RETRY_MS));
+        // "stop" paused the job: pausePoint() waits for resume, then the cluster is retried.
+      }
+    }
+  }
+
+  async #sourceReadable(c: number): Promise<boolean> {
+    const [offset, length] = this.done.rangeOf(c);
+    try {
+      await this.source.read(offset, Buffer.allocUnsafe(length));
+      return true;
+    } catch {
+      return false;
+    }
+  }
+}

@@ -1,0 +1,266 @@
+/**
+ * Backup sync=stream, the seed's mode: every write, write-zeroes and discard accepted after the job
+ * starts is applied to the target with the writer's own data; the source is never read for it.
+ *
+ * - Ordering: the hook is serialising, so an overlapping write waits until the earlier one has ended,
+ *   and a request ends only after its target write has finished (after()). Overlapping writes thus
+ *   land on the target in the order they land on the source.
+ * - Parallelism: the target write starts in before() and is awaited in after(), so source and target
+ *   writes run at the same time; the guest is answered after both.
+ * - Durability: guest flushes and FUA are forwarded to the target.
+ * - Divergence: if exactly one side fails, the range is marked in a dirty bitmap and repaired later by
+ *   copying from the source (the only time the source is read). While the job is paused (by the user
+ *   or by on-target-error=stop) writes are only marked; resume repairs them.
+ * - The guest's write never fails because of the target.
+ * - Cancel (not forced) repairs what is still dirty, waits for in-flight duplicates and flushes the
+ *   target, so afterwards target == source.
+ */
+import { BlockError, toBlockError } from "../core/errors.js";
+import { rangesOverlap } from "../core/ranges.js";
+import { MiB } from "../core/units.js";
+import { DirtyBitmap } from "../io/dirty-bitmap.js";
+import type { TrackedRequest, WriteHook } from "../io/tracked-request.js";
+import { BACKUP_CLUSTER_BYTES, BackupJobBase, type BackupOptions } from "./backup-common.js";
+
+/** One repair copies at most this much. */
+export const REPAIR_BYTES_MAX = 1 * MiB;
+/** After a failed repair under on-target-error=ignore, wait this long before trying again. */
+export const REPAIR_RETRY_MS = 1000;
+
+interface RepairLock {
+  readonly offset: number;
+  readonly length: number;
+  readonly done: Promise<void>;
+}
+
+export class StreamJob extends BackupJobBase {
+  readonly dirty: DirtyBitmap;
+  /** Target operations started in before(), awaited in after(). */
+  readonly #pending = new Map<TrackedRequest, Promise<Error | undefined>>();
+  /** Hooked requests between before() and the end of after(). */
+  readonly #hooked = new Set<TrackedRequest>();
+  #repair: RepairLock | null = null;
+  #fatal: Error | null = null;
+  #kick: (() => void) | null = null;
+  #retryAfterMs = 0;
+  #cursor = 0;
+
+  constructor(options: BackupOptions) {
+    super(options);
+    this.dirty = new DirtyBitmap(this.source.size(), BACKUP_CLUSTER_BYTES);
+  }
+
+  /** Bytes the target is known to miss. */
+  get dirtyBytes(): number {
+    return this.dirty.dirtyBytes;
+  }
+
+  #duplicating(): boolean {
+    return !this.paused && this.#fatal === null;
+  }
+
+  #updateProgress(): void {
+    this.progressTotal = this.progressCurrent + this.dirty.dirtyBytes;
+  }
+
+  #wake(): void {
+    const k = this.#kick;
+    this.#kick = null;
+    k?.();
+  }
+
+  protected override onCancel(): void {
+    this.#wake();
+  }
+  protected override onPause(): void {
+    this.#wake();
+  }
+  protected override onResume(): void {
+    this.#retryAfterMs = 0;
+    this.#wake();
+  }
+
+  // ---- the hook --------------------------------------------------------------------------------------
+
+  readonly #hook: WriteHook = {
+    name: `stream:${this.id}`,
+    serialise: true,
+    before: (req) => this.#before(req),
+    after: (req, err) => this.#after(req, err),
+  };
+
+  async #before(req: TrackedRequest): Promise<void> {
+    if (req.kind === "flush") {
+      if (this.#duplicating()) this.#pending.set(req, this.#targetOp(req));
+      return;
+    }
+    while (this.#repair && rangesOverlap(this.#repair.offset, this.#repair.length, req.offset, req.length)) {
+      await this.#repair.done;
+    }
+    this.#hooked.add(req);
+    if (!this.#duplicating()) {
+      this.dirty.setRange(req.offset, req.length);
+      this.#updateProgress();
+      return;
+    }
+    this.#pending.set(req, this.#targetOp(req));
+  }
+
+  async #targetOp(req: TrackedRequest): Promise<Error | undefined> {
+    try {
+      switch (req.kind) {
+        case "write":
+          await this.target.write(req.offset, req.data!, { fua: req.flags.fua });
+          break;
+        case "zero":
+          await this.target.writeZeroes(req.offset, req.length, {
+            fua: req.flags.fua,
+            mayTrim: req.flags.mayTrim,
+          });
+          break;
+        case "discard":
+          await this.target.discard(req.offset, req.length, { fua: req.flags.fua });
+          break;
+        case "flush":
+          await this.target.flush();
+          break;
+      }
+      return undefined;
+    } catch (err) {
+      return toBlockError(err);
+    }
+  }
+
+  async #after(req: TrackedRequest, sourceError: Error | undefined): Promise<void> {
+    const op = this.#pending.get(req);
+    this.#pending.delete(req);
+    try {
+      const targetError = op ? await op : undefined;
+      if (req.kind === "flush") {
+        if (targetError) this.#targetFailed(targetError);
+        return;
+      }
+      if (!op) return; // not duplicated: already marked dirty
+      if (sourceError || targetError) {
+        // One side (or both) may now differ from the other: repair from the source.
+        this.dirty.setRange(req.offset, req.length);
+        this.#updateProgress();
+        if (targetError) this.#targetFailed(targetError);
+        else this.#wake();
+        return;
+      }
+      this.progressCurrent += req.length;
+      this.#updateProgress();
+    } finally {
+      this.#hooked.delete(req);
+    }
+  }
+
+  #targetFailed(err: Error): void {
+    const action = this.reportIoError("write", this.onTargetError, err);
+    if (action === "report") this.#fatal = err;
+    else if (action === "ignore") this.#retryAfterMs = Date.now() + REPAIR_RETRY_MS;
+    this.#wake();
+  }
+
+  // ---- the body --------------------------------------------------------------------------------------
+
+  protected async run(): Promise<void> {
+    const detach = this.source.addWriteHook(this.#hook);
+    let forced = false;
+    try {
+      for (;;) {
+        if (this.#fatal) throw this.#fatal;
+        if (this.cancelled) {
+          forced = this.forceCancelled;
+          if (!forced) await this.#repairAll();
+          break;
+        }
+        if (this.paused) {
+          await this.#waitForKick();
+          continue;
+        }
+        if (this.dirty.count > 0 && Date.now() >= this.#retryAfterMs) {
+          await this.#repairOne();
+          continue;
+        }
+        await this.#waitForKick(this.dirty.count > 0 ? this.#retryAfterMs - Date.now() : undefined);
+      }
+    } finally {
+      detach();
+      // Requests that started before the detach still duplicate; wait for them.
+      await Promise.all([...this.#pending.values()]);
+    }
+    if (!forced) {
+      if (this.dirty.count > 0) {
+        throw new BlockError("EIO", `target still misses ${this.dirty.dirtyBytes} bytes after cancel`);
+      }
+      await this.target.flush();
+    }
+  }
+
+  #waitForKick(timeoutMs?: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = timeoutMs !== undefined ? setTimeout(() => this.#wake(), Math.max(timeoutMs, 1)) : null;
+      this.#kick = () => {
+        if (timer) clearTimeout(timer);
+        resolve();
+      };
+    });
+  }
+
+  /** On a non-forced cancel: repair everything dirty, trying each range once more. */
+  async #repairAll(): Promise<void> {
+    let attempts = this.dirty.count + 1;
+    while (this.dirty.count > 0 && attempts-- > 0 && !this.#fatal) {
+      if (!(await this.#repairOne())) break;
+    }
+  }
+
+  /** Copies the next dirty range from source to target. Returns false if a side failed. */
+  async #repairOne(): Promise<boolean> {
+    let first = this.dirty.nextSet(this.#cursor);
+    if (first < 0) first = this.dirty.nextSet(0);
+    if (first < 0) return true;
+    let end = first + 1;
+    const clustersMax = REPAIR_BYTES_MAX / this.dirty.granularity;
+    while (end - first < clustersMax && end < this.dirty.clusterCount && this.dirty.get(end)) end++;
+    this.#cursor = end;
+    const offset = first * this.dirty.granularity;
+    const length = Math.min(end * this.dirty.granularity, this.dirty.sizeBytes) - offset;
+
+    if (!(await this.rate.take(length))) return true; // woken: re-check state first
+    let unlock!: () => void;
+    this.#repair = { offset, length, done: new Promise<void>((r) => (unlock = r)) };
+    try {
+      // Wait for writes to the range already past their before(): the source must be settled.
+      for (const req of [...this.#hooked]) {
+        if (rangesOverlap(req.offset, req.length, offset, length)) await req.whenEnded();
+      }
+      this.dirty.clearRange(offset, length);
+      const buf = Buffer.allocUnsafe(length);
+      try {
+        await this.source.read(offset, buf);
+      } catch (err) {
+        this.dirty.setRange(offset, length);
+        const action = this.reportIoError("read", this.onSourceError, toBlockError(err));
+        if (action === "report") this.#fatal = toBlockError(err);
+        else this.#retryAfterMs = Date.now() + REPAIR_RETRY_MS;
+        return false;
+      }
+      try {
+        await this.target.write(offset, [buf]);
+      } catch (err) {
+        this.dirty.setRange(offset, length);
+        this.#targetFailed(toBlockError(err));
+        return false;
+      }
+      this.progressCurrent += length;
+      return true;
+    } finally {
+      this.#repair = null;
+      unlock();
+      this.#updateProgress();
+    }
+  }
+}

@@ -1,0 +1,136 @@
+/** Node commands: blockdev-add, blockdev-del, query-named-block-nodes, query-block, x-error-inject. */
+import { ErrorInjectDriver } from "../../block/filters/error-inject.js";
+import type { BlockGraph } from "../../graph/block-graph.js";
+import { addNodeFromOptions, NodeOptionError } from "../../graph/node-factory.js";
+import type { BlockNode } from "../../io/block-node.js";
+import { QmpError } from "../errors.js";
+import { defineCommand, type QmpCommandDef } from "../server.js";
+
+export function requireNode(graph: BlockGraph, name: string): BlockNode {
+  const node = graph.getNode(name);
+  if (!node) throw new QmpError("GenericError", `Cannot find device='${name}' nor node-name='${name}'`);
+  return node;
+}
+
+/** QEMU's BlockDeviceInfo, with what drivetap knows. */
+export function blockDeviceInfo(graph: BlockGraph, node: BlockNode): Record<string, unknown> {
+  const info = graph.nodeInfo(node.name);
+  const filename = info?.filename ?? `${info?.driver ?? node.driver.driverName}://`;
+  return {
+    "node-name": node.name,
+    drv: info?.driver ?? node.driver.driverName,
+    file: filename,
+    ro: node.readOnly,
+    encrypted: false,
+    detect_zeroes: "off",
+    backing_file_depth: 0,
+    write_threshold: 0,
+    bps: 0,
+    bps_rd: 0,
+    bps_wr: 0,
+    iops: 0,
+    iops_rd: 0,
+    iops_wr: 0,
+    cache: { "no-flush": false, direct: false, writeback: true },
+    image: {
+      filename,
+      format: info?.driver === "file" ? "file" : (info?.driver ?? "raw"),
+      "virtual-size": node.size(),
+    },
+    "x-users": graph.usersOf(node.name),
+    "x-stats": { ...node.stats },
+  };
+}
+
+const blockdevAddArgs = {
+  driver: { type: "enum", values: ["file", "raw", "memory", "null-co", "error-inject"] },
+  "node-name": { type: "str" },
+  filename: { type: "str", optional: true },
+  file: { type: "any", optional: true },
+  size: { type: "int", min: 0, optional: true },
+  "read-only": { type: "bool", optional: true },
+  "auto-read-only": { type: "bool", optional: true },
+  discard: { type: "enum", values: ["ignore", "unmap"], optional: true },
+  cache: { type: "any", optional: true },
+  "detect-zeroes": { type: "enum", values: ["off", "on", "unmap"], optional: true },
+  "read-zeroes": { type: "bool", optional: true },
+  "fail-reads": { type: "bool", optional: true },
+  "fail-writes": { type: "bool", optional: true },
+  "fail-flush": { type: "bool", optional: true },
+} as const;
+
+export function blockCommands(graph: BlockGraph): QmpCommandDef[] {
+  return [
+    defineCommand({
+      name: "blockdev-add",
+      args: blockdevAddArgs,
+      handler: (args) => {
+        try {
+          addNodeFromOptions(graph, args as Record<string, unknown>);
+        } catch (err) {
+          if (err instanceof NodeOptionError) throw new QmpError("GenericError", err.message);
+          throw err;
+        }
+        return {};
+      },
+    }),
+    defineCommand({
+      name: "blockdev-del",
+      args: { "node-name": { type: "str" } },
+      handler: async (args) => {
+        const name = args["node-name"];
+        if (!graph.getNode(name))
+          throw new QmpError("GenericError", `Failed to find node with node-name='${name}'`);
+        const users = graph.usersOf(name);
+        if (users.length > 0)
+          throw new QmpError("GenericError", `Node '${name}' is busy: ${users.join(", ")}`);
+        await graph.removeNode(name);
+        return {};
+      },
+    }),
+    defineCommand({
+      name: "query-named-block-nodes",
+      args: { flat: { type: "bool", optional: true } },
+      handler: () => graph.nodes().map((n) => blockDeviceInfo(graph, n)),
+    }),
+    defineCommand({
+      name: "query-block",
+      args: {},
+      handler: () =>
+        graph
+          .nodes()
+          .filter(
+            (n) => !graph.isInternal(n.name) && !graph.usersOf(n.name).some((u) => u.startsWith("child of")),
+          )
+          .map((n) => ({
+            device: n.name,
+            locked: false,
+            removable: false,
+            "io-status": "ok",
+            inserted: blockDeviceInfo(graph, n),
+          })),
+    }),
+    defineCommand({
+      name: "x-error-inject",
+      args: {
+        "node-name": { type: "str" },
+        "fail-reads": { type: "bool", optional: true },
+        "fail-writes": { type: "bool", optional: true },
+        "fail-flush": { type: "bool", optional: true },
+        errno: { type: "enum", values: ["EIO", "ENOSPC", "EPERM"], optional: true },
+      },
+      handler: (args) => {
+        const node = requireNode(graph, args["node-name"]);
+        const driver = node.driver;
+        if (!(driver instanceof ErrorInjectDriver)) {
+          throw new QmpError("GenericError", `Node '${node.name}' is not an error-inject node`);
+        }
+        if (args["fail-reads"] !== undefined) driver.settings.failReads = args["fail-reads"];
+        if (args["fail-writes"] !== undefined) driver.settings.failWrites = args["fail-writes"];
+        if (args["fail-flush"] !== undefined) driver.settings.failFlush = args["fail-flush"];
+        if (args.errno !== undefined) driver.settings.errno = args.errno;
+        return { injected: driver.injected };
+      },
+    }),
+  ];
+}

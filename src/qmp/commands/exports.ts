@@ -1,0 +1,67 @@
+/** NBD export commands: block-export-add, block-export-del, query-block-exports. */
+import type { BlockGraph } from "../../graph/block-graph.js";
+import { QmpError } from "../errors.js";
+import { defineCommand, type QmpCommandDef } from "../server.js";
+import { requireNode } from "./block.js";
+
+export function exportCommands(graph: BlockGraph): QmpCommandDef[] {
+  return [
+    defineCommand({
+      name: "block-export-add",
+      args: {
+        type: { type: "enum", values: ["nbd"] },
+        id: { type: "str" },
+        "node-name": { type: "str" },
+        name: { type: "str", optional: true },
+        description: { type: "str", optional: true },
+        writable: { type: "bool", optional: true },
+        writethrough: { type: "bool", optional: true },
+        "fixed-iothread": { type: "bool", optional: true },
+        iothread: { type: "str", optional: true },
+        bitmaps: { type: "array", items: { type: "str" }, optional: true },
+        "allocation-depth": { type: "bool", optional: true },
+      },
+      handler: (args) => {
+        const node = requireNode(graph, args["node-name"]);
+        if (!graph.nbdServer) throw new QmpError("GenericError", "NBD server not running");
+        if (args.bitmaps && args.bitmaps.length > 0) {
+          throw new QmpError("GenericError", "Dirty bitmaps in exports are not supported yet");
+        }
+        if (args.writable && node.readOnly) {
+          throw new QmpError("GenericError", `Node '${node.name}' is read-only, cannot export writable`);
+        }
+        try {
+          graph.addExport({
+            id: args.id,
+            nodeName: node.name,
+            name: args.name ?? node.name,
+            writable: args.writable ?? false,
+            description: args.description ?? "",
+          });
+        } catch (err) {
+          throw new QmpError("GenericError", (err as Error).message);
+        }
+        return {};
+      },
+    }),
+    defineCommand({
+      name: "block-export-del",
+      args: { id: { type: "str" }, mode: { type: "enum", values: ["safe", "hard"], optional: true } },
+      handler: (args) => {
+        if (!graph.exports().some((e) => e.id === args.id)) {
+          throw new QmpError("GenericError", `Export '${args.id}' is not found`);
+        }
+        graph.removeExport(args.id);
+        return {};
+      },
+    }),
+    defineCommand({
+      name: "query-block-exports",
+      args: {},
+      handler: () =>
+        graph
+          .exports()
+          .map((e) => ({ type: "nbd", id: e.id, "node-name": e.nodeName, "shutting-down": false })),
+    }),
+  ];
+}

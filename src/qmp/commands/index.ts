@@ -1,0 +1,18 @@
+/** Every QMP command drivetap offers, bound to a graph. */
+import type { BlockGraph } from "../../graph/block-graph.js";
+import type { QmpServer } from "../server.js";
+import { backupCommands } from "./backup.js";
+import { blockCommands } from "./block.js";
+import { exportCommands } from "./exports.js";
+import { jobCommands } from "./jobs.js";
+
+export function registerCommands(server: QmpServer, graph: BlockGraph): void {
+  for (const def of [
+    ...blockCommands(graph),
+    ...exportCommands(graph),
+    ...jobCommands(graph),
+    ...backupCommands(graph),
+  ]) {
+    server.register(def);
+  }
+}

@@ -2,7 +2,11 @@
  * `npm run bench`: fio (ioengine=nbd) against drivetap, qemu-nbd and nbdkit on the same raw image,
  * interleaved round by round so that machine noise hits all servers alike. Prints medians and ratios,
  * and drivetap's peak RSS. Environment: BENCH_ROUNDS (default 3), BENCH_RUNTIME_S (default 5),
- * BENCH_SIZE (default 1G), BENCH_DIR (default a temp dir), BENCH_SERVERS (comma list to restrict).
+ * BENCH_SIZE (default 1G), BENCH_DIR (default a temp dir), BENCH_SERVERS (comma list to restrict),
+ * BENCH_PARTS (comma list of "servers", "stream"; default both).
+ *
+ * The "stream" part measures the cost of a backup sync=stream job: the same fio workloads through
+ * drivetap's export with no job and with a stream job to a local raw file, interleaved.
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import * as fs from "node:fs";
@@ -10,6 +14,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseSize } from "../src/core/units.js";
+import { QmpClient } from "../src/qmp/client.js";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 const CLI = path.join(ROOT, "dist/src/cli/main.js");
@@ -110,6 +115,67 @@ function median(xs: number[]): number {
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 }
 
+const STREAM_WORKLOADS = WORKLOADS.filter(
+  (w) => w.name === "seq write 1M QD8" || w.name === "rand write 4k QD32",
+);
+
+async function benchStream(dir: string, image: string): Promise<void> {
+  const results = new Map<string, number[]>();
+  for (let round = 1; round <= ROUNDS; round++) {
+    for (const w of STREAM_WORKLOADS) {
+      for (const variant of ["no job", "stream job"] as const) {
+        const socket = path.join(dir, "stream.sock");
+        const qmpPath = path.join(dir, "stream-qmp.sock");
+        const target = path.join(dir, "stream-target.img");
+        fs.rmSync(socket, { force: true });
+        const proc = spawn(process.execPath, [CLI, "serve", image, "--socket", socket, "--qmp", qmpPath], {
+          stdio: "ignore",
+        });
+        let qmp: QmpClient | null = null;
+        try {
+          await waitForSocket(socket, proc);
+          await waitForSocket(qmpPath, proc);
+          qmp = await QmpClient.connect(qmpPath);
+          if (variant === "stream job") {
+            await qmp.execute("drive-backup", { "job-id": "bench", device: "disk0", sync: "stream", target });
+          }
+          const value = runFio(`nbd+unix:///?socket=${socket}`, w);
+          if (variant === "stream job") {
+            const jobs = (await qmp.execute("query-block-jobs")) as Array<Record<string, unknown>>;
+            if (jobs.length !== 1 || jobs[0].status !== "running")
+              throw new Error("stream job did not keep running");
+            await qmp.execute("block-job-cancel", { device: "bench" });
+            await qmp.waitForEvent(
+              (e) => e.event === "BLOCK_JOB_CANCELLED" || e.event === "BLOCK_JOB_COMPLETED",
+              120_000,
+            );
+          }
+          const key = `${variant}/${w.name}`;
+          results.set(key, [...(results.get(key) ?? []), value]);
+          process.stderr.write(
+            `round ${round} ${w.name.padEnd(20)} ${variant.padEnd(10)} ${value.toFixed(0)} ${w.unit}\n`,
+          );
+        } finally {
+          qmp?.close();
+          proc.kill("SIGTERM");
+          await new Promise((r) => (proc.exitCode !== null ? r(null) : proc.once("exit", r)));
+          fs.rmSync(target, { force: true });
+        }
+      }
+    }
+  }
+  console.log(
+    `\nbackup sync=stream to a local raw file, through drivetap's export, median of ${ROUNDS} rounds`,
+  );
+  console.log("| workload | no job | stream job | ratio |");
+  console.log("|---|---|---|---|");
+  for (const w of STREAM_WORKLOADS) {
+    const a = median(results.get(`no job/${w.name}`) ?? [NaN]);
+    const b = median(results.get(`stream job/${w.name}`) ?? [NaN]);
+    console.log(`| ${w.name} (${w.unit}) | ${a.toFixed(0)} | ${b.toFixed(0)} | ${(b / a).toFixed(2)}x |`);
+  }
+}
+
 async function main(): Promise<void> {
   for (const tool of ["fio", "qemu-nbd", "nbdkit"]) need(tool);
   const only = process.env.BENCH_SERVERS?.split(",");
@@ -120,6 +186,13 @@ async function main(): Promise<void> {
   const fill = spawnSync("sh", ["-c", `head -c ${SIZE} /dev/urandom > '${image}'`]);
   if (fill.status !== 0) throw new Error("could not create the image");
 
+  const parts = (process.env.BENCH_PARTS ?? "servers,stream").split(",");
+  if (parts.includes("servers")) await benchServers(servers, dir, image);
+  if (parts.includes("stream")) await benchStream(dir, image);
+  if (!process.env.BENCH_DIR) fs.rmSync(dir, { recursive: true, force: true });
+}
+
+async function benchServers(servers: readonly Server[], dir: string, image: string): Promise<void> {
   const results = new Map<string, number[]>(); // `${server}/${workload}`
   let drivetapRss = 0;
   for (let round = 1; round <= ROUNDS; round++) {

@@ -1,4 +1,4 @@
-/* Linux calls Node's fs module lacks: fallocate (punch hole, zero range) and lseek SEEK_DATA/SEEK_HOLE.
+/* Linux calls Node's fs module lacks: fallocate (allocate, punch hole, zero range) and lseek SEEK_DATA/SEEK_HOLE.
  * Each function returns a non-negative result or -errno; the TypeScript side maps errno to BlockError. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -40,6 +40,10 @@ static napi_value zero_range(napi_env env, napi_callback_info info) {
   return do_fallocate(env, info, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE);
 }
 
+static napi_value allocate(napi_env env, napi_callback_info info) {
+  return do_fallocate(env, info, 0);
+}
+
 static napi_value do_seek(napi_env env, napi_callback_info info, int whence) {
   size_t argc = 2;
   napi_value argv[2];
@@ -57,6 +61,7 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_enumerable, NULL},
       {"zeroRange", NULL, zero_range, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"allocate", NULL, allocate, NULL, NULL, NULL, napi_enumerable, NULL},
       {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_enumerable, NULL},
       {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},
   };

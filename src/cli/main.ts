@@ -1,11 +1,15 @@
 #!/usr/bin/env node
-/** The drivetap command line. Each subcommand parses its options and hands a config to the daemon. */
+/**
+ * The drivetap command line. `serve` parses its options and hands a config to the daemon; `qmp`, `backup`
+ * and `jobs` (qmp-commands.ts) talk to a running daemon over its QMP socket.
+ */
 import { Command, InvalidArgumentError } from "commander";
 import pino from "pino";
 import { FileDriver } from "../block/drivers/file.js";
 import { formatSize, parseSize } from "../core/units.js";
 import { Daemon, NULL_IMAGE, type ServeConfig } from "../daemon/daemon.js";
 import type { Logger } from "../core/log.js";
+import { addQmpCommands, DEFAULT_QMP_SOCKET } from "./qmp-commands.js";
 
 const DEFAULT_SIZE = "1G";
 const DEFAULT_PORT = 10809;
@@ -108,7 +112,11 @@ program
   .option("--read-only", "refuse writes")
   .option("--size <size>", "size of the built-in disk", sizeOption, parseSize(DEFAULT_SIZE))
   .option("--description <text>", "export description shown to clients")
-  .option("--qmp <path>", "serve QMP (QEMU's control protocol) on this unix socket (mode 0600)")
+  .option(
+    "--qmp <path>",
+    "serve QMP (QEMU's control protocol) on this unix socket (mode 0600); off unless given. The qmp, " +
+      `backup and jobs commands look for it at $DRIVETAP_QMP, else ${DEFAULT_QMP_SOCKET}`,
+  )
   .option("--async-io", "always use threadpool I/O in the file driver (for comparison)")
   .option("-v, --verbose", "debug logs on stderr")
   .action(async (image: string | undefined, opts: ServeOptions) => {
@@ -119,5 +127,7 @@ program
       process.exit(1);
     }
   });
+
+addQmpCommands(program);
 
 await program.parseAsync(process.argv);

@@ -179,6 +179,15 @@ export class FileDriver implements BlockDriver {
     if (r < 0 && r !== -EOPNOTSUPP) throw fromLinuxErrno(-r, "fallocate(PUNCH_HOLE)");
   }
 
+  /**
+   * Reserves blocks for a range (fallocate), so later writes there cost what writes to an allocated
+   * file cost. Returns false when the platform or filesystem cannot (nothing changes then).
+   */
+  preallocate(offset: number, length: number): boolean {
+    if (!native || typeof native.allocate !== "function" || length <= 0) return false;
+    return native.allocate(this.#fd, offset, length) === 0;
+  }
+
   async flush(): Promise<void> {
     try {
       await fdatasyncAsync(this.#fd);

@@ -11,6 +11,8 @@ export interface NativeCalls {
   /** Each returns >= 0 on success or -errno. */
   punchHole(fd: number, offset: number, length: number): number;
   zeroRange(fd: number, offset: number, length: number): number;
+  /** fallocate mode 0: reserve blocks (they read as zeros). */
+  allocate(fd: number, offset: number, length: number): number;
   seekData(fd: number, offset: number): number;
   seekHole(fd: number, offset: number): number;
 }

@@ -103,6 +103,19 @@ function startJob(
   return job;
 }
 
+/** Preallocates in `target` every range the source has allocated. */
+async function mirrorAllocation(source: BlockNode, target: FileDriver): Promise<void> {
+  const size = source.size();
+  let pos = 0;
+  while (pos < size) {
+    const extents = await source.blockStatus(pos, size - pos);
+    for (const x of extents) {
+      if (!x.hole && !target.preallocate(x.offset, x.length)) return;
+      pos = x.offset + x.length;
+    }
+  }
+}
+
 export function backupCommands(graph: BlockGraph): QmpCommandDef[] {
   return [
     defineCommand({
@@ -171,6 +184,11 @@ export function backupCommands(graph: BlockGraph): QmpCommandDef[] {
               `Source and target image have different sizes (${size} and ${driver.size()})`,
             );
           }
+          // A target that will receive the source's data gets the source's allocation up front:
+          // writes into holes cost a block allocation each, and a stream job would pay it on every
+          // duplicated write (seq write 1M through a stream job: 0.5x with a sparse target, 1.0x
+          // with an allocated one). sync=none only receives old data of overwritten regions.
+          if (created && checked.sync !== "none") await mirrorAllocation(checked.source, driver);
           target = new BlockNode(`#backup-target-${checked.jobId}`, driver);
           graph.addNode(target, { driver: "file", filename }, true);
         } catch (err) {

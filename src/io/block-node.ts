@@ -283,7 +283,11 @@ export class BlockNode {
     const req = this.#begin(kind, offset, length, data, flags, kind !== "flush" && this.#serialiseWrites);
     try {
       if (this.#serialisingInFlight > 0 && kind !== "flush") await this.#waitForOverlaps(req);
-      for (const hook of hooks) if (hook.before) await hook.before(req);
+      for (const hook of hooks) {
+        // Await only what is a promise: a synchronous hook costs no extra microtask.
+        const pending = hook.before?.(req);
+        if (pending) await pending;
+      }
       let driverError: Error | undefined;
       try {
         await this.#callDriver(req);
@@ -294,7 +298,8 @@ export class BlockNode {
       for (const hook of hooks) {
         if (!hook.after) continue;
         try {
-          await hook.after(req, driverError);
+          const pending = hook.after(req, driverError);
+          if (pending) await pending;
         } catch (err) {
           hookError ??= err;
         }

@@ -89,13 +89,14 @@ export class StreamJob extends BackupJobBase {
     after: (req, err) => this.#after(req, err),
   };
 
-  async #before(req: TrackedRequest): Promise<void> {
+  /** Synchronous unless a repair holds the range (the common path allocates no extra promise). */
+  #before(req: TrackedRequest): Promise<void> | void {
     if (req.kind === "flush") {
       if (this.#duplicating()) this.#pending.set(req, this.#targetOp(req));
       return;
     }
-    while (this.#repair && rangesOverlap(this.#repair.offset, this.#repair.length, req.offset, req.length)) {
-      await this.#repair.done;
+    if (this.#repair && rangesOverlap(this.#repair.offset, this.#repair.length, req.offset, req.length)) {
+      return this.#repair.done.then(() => this.#before(req));
     }
     this.#hooked.add(req);
     if (!this.#duplicating()) {

@@ -37,13 +37,16 @@ export interface QmpCommandDef {
   handler(args: Record<string, unknown>, session: QmpSession): unknown | Promise<unknown>;
 }
 
-/** Declares a command whose handler gets its arguments typed from the schema. */
+/**
+ * Declares a command whose handler gets its arguments typed from the schema. The narrowing is sound
+ * because the server validates the arguments against `args` before it calls the handler.
+ */
 export function defineCommand<const S extends ArgsSpec>(def: {
   readonly name: string;
   readonly args: S;
   handler(args: InferArgs<S>, session: QmpSession): unknown | Promise<unknown>;
 }): QmpCommandDef {
-  return def as unknown as QmpCommandDef;
+  return def;
 }
 
 export interface QmpVersion {
@@ -188,6 +191,7 @@ export class QmpServer {
     client.log.debug({}, "QMP client connected");
     socket.on("data", (chunk: Buffer) => this.#onInput(client, client.splitter.push(chunk)));
     socket.on("end", () => {
+      client.log.debug({}, "QMP client ended its input");
       client.inputEnded = true;
       this.#onInput(client, client.splitter.end());
     });

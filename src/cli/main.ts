@@ -49,6 +49,23 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
   ) as unknown as Logger;
   if (opts.socket && opts.port !== undefined)
     throw new InvalidArgumentError("use --socket or --port, not both");
+  let daemonRef: Daemon | null = null;
+  let stopping = false;
+  const stop = (signal: string): void => {
+    if (stopping) {
+      process.stderr.write(`drivetap: second ${signal}, exiting without waiting\n`);
+      process.exit(1);
+    }
+    stopping = true;
+    log.info({ signal }, "stopping");
+    (daemonRef ? daemonRef.close() : Promise.resolve()).then(
+      () => process.exit(0),
+      (err) => {
+        process.stderr.write(`drivetap: error while stopping: ${(err as Error).message}\n`);
+        process.exit(1);
+      },
+    );
+  };
   const config: ServeConfig = {
     image,
     sizeBytes: opts.size,
@@ -62,8 +79,10 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
     log,
     asyncIo: opts.asyncIo,
     qmpPath: opts.qmp,
+    onQuit: () => stop("quit"),
   };
-  const daemon = await Daemon.start(config);
+  daemonRef = await Daemon.start(config);
+  const daemon = daemonRef;
   log.debug({ native: FileDriver.nativeAvailable }, "file driver native addon");
   const what = image === undefined ? `built-in ${formatSize(opts.size)} sparse memory disk` : image;
   process.stdout.write(
@@ -72,22 +91,6 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
       `drivetap: ready at ${daemon.uri}\n` +
       `drivetap: try: nbdinfo '${daemon.uri}'   (Ctrl-C stops; in-flight writes finish and are flushed)\n`,
   );
-  let stopping = false;
-  const stop = (signal: string): void => {
-    if (stopping) {
-      process.stderr.write(`drivetap: second ${signal}, exiting without waiting\n`);
-      process.exit(1);
-    }
-    stopping = true;
-    log.info({ signal }, "stopping");
-    daemon.close().then(
-      () => process.exit(0),
-      (err) => {
-        process.stderr.write(`drivetap: error while stopping: ${(err as Error).message}\n`);
-        process.exit(1);
-      },
-    );
-  };
   process.on("SIGINT", () => stop("SIGINT"));
   process.on("SIGTERM", () => stop("SIGTERM"));
 }

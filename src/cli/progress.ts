@@ -35,6 +35,7 @@ export interface ProgressSample {
 /** Non-TTY output: at most one line per this interval (plus the final one). */
 export const PLAIN_LINE_INTERVAL_MS = 1_000;
 const BAR_WIDTH_MAX = 30;
+const TEXT_ROOM = 48;
 
 export class ProgressReporter {
   readonly #out: NodeJS.WriteStream;
@@ -66,7 +67,8 @@ export class ProgressReporter {
     if (this.#tty) {
       const columns = this.#out.columns || 80;
       const head = `${this.#label} `;
-      const width = Math.min(BAR_WIDTH_MAX, columns - head.length - text.length - 4);
+      // Room for the longest usual text, so the bar keeps its width as the rate appears.
+      const width = Math.min(BAR_WIDTH_MAX, columns - head.length - Math.max(text.length, TEXT_ROOM) - 4);
       let line = head;
       if (width >= 10) {
         const filled = Math.round((percent(s.offset, s.len) * width) / 100);

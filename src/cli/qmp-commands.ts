@@ -177,7 +177,8 @@ async function backupAction(opts: BackupOptions): Promise<number> {
   const requestCancel = (): void => {
     if (cancelRequested) return;
     cancelRequested = true;
-    process.stderr.write(`\ndrivetap backup: cancelling job ${jobId}\n`);
+    // On a terminal, end the progress bar's line first.
+    process.stderr.write(`${process.stderr.isTTY ? "\n" : ""}drivetap backup: cancelling job ${jobId}\n`);
     client.execute("block-job-cancel", { device: jobId }).catch((err: Error) => {
       // Already ending: its end event still arrives.
       process.stderr.write(`drivetap backup: block-job-cancel: ${err.message}\n`);
@@ -206,11 +207,16 @@ async function backupAction(opts: BackupOptions): Promise<number> {
     return 0;
   }
   if (interrupted) requestCancel();
-  return await followJob(client, jobId, () => interrupted);
+  return await followJob(client, jobId, socketPath, () => interrupted);
 }
 
 /** Shows progress until the job's end event; returns the exit code. */
-async function followJob(client: QmpClient, jobId: string, interrupted: () => boolean): Promise<number> {
+async function followJob(
+  client: QmpClient,
+  jobId: string,
+  socketPath: string,
+  interrupted: () => boolean,
+): Promise<number> {
   const isEnd = isJobEnd(jobId);
   const ended = client.waitForEvent(isEnd, TIMER_MAX_MS);
   ended.catch(() => undefined);
@@ -218,34 +224,47 @@ async function followJob(client: QmpClient, jobId: string, interrupted: () => bo
   let errorEventsSeen = 0;
   let ignoredReported = false;
   let end: QmpEvent | undefined;
-  for (;;) {
-    // The end event precedes, on the socket, any reply that no longer lists the job.
-    end = client.events.find(isEnd);
-    if (end) break;
-    const jobs = (await client.execute("query-block-jobs")) as BlockJobInfo[];
-    end = client.events.find(isEnd);
-    if (end) break;
-    const info = jobs.find((j) => j.device === jobId);
-    if (!info) throw new CliFailure(`job ${jobId} disappeared without an end event`);
-    progress.update({ offset: info.offset, len: info.len, status: info.status, ioStatus: info["io-status"] });
-    const errors = client.events.filter((e) => e.event === "BLOCK_JOB_ERROR" && e.data.device === jobId);
-    for (const e of errors.slice(errorEventsSeen)) {
-      if (e.data.action === "stop") {
-        progress.finish();
-        process.stderr.write(
-          `drivetap backup: ${String(e.data.operation)} error; job ${jobId} is paused. ` +
-            `Resume with: drivetap qmp block-job-resume device=${jobId}\n`,
-        );
-      } else if (e.data.action === "ignore" && !ignoredReported) {
-        ignoredReported = true;
-        progress.finish();
-        process.stderr.write(`drivetap backup: ${String(e.data.operation)} error ignored; the job goes on\n`);
+  try {
+    for (;;) {
+      // The end event precedes, on the socket, any reply that no longer lists the job.
+      end = client.events.find(isEnd);
+      if (end) break;
+      const jobs = (await client.execute("query-block-jobs")) as BlockJobInfo[];
+      end = client.events.find(isEnd);
+      if (end) break;
+      const info = jobs.find((j) => j.device === jobId);
+      if (!info) throw new CliFailure(`job ${jobId} disappeared without an end event`);
+      progress.update({
+        offset: info.offset,
+        len: info.len,
+        status: info.status,
+        ioStatus: info["io-status"],
+      });
+      const errors = client.events.filter((e) => e.event === "BLOCK_JOB_ERROR" && e.data.device === jobId);
+      for (const e of errors.slice(errorEventsSeen)) {
+        if (e.data.action === "stop") {
+          progress.finish();
+          process.stderr.write(
+            `drivetap backup: ${String(e.data.operation)} error; job ${jobId} is paused. ` +
+              `Resume with: drivetap qmp${socketHint(socketPath)} block-job-resume device=${jobId}\n`,
+          );
+        } else if (e.data.action === "ignore" && !ignoredReported) {
+          ignoredReported = true;
+          progress.finish();
+          process.stderr.write(
+            `drivetap backup: ${String(e.data.operation)} error ignored; the job goes on\n`,
+          );
+        }
       }
+      errorEventsSeen = errors.length;
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([ended, new Promise((resolve) => (timer = setTimeout(resolve, PROGRESS_POLL_MS)))]);
+      clearTimeout(timer);
     }
-    errorEventsSeen = errors.length;
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([ended, new Promise((resolve) => (timer = setTimeout(resolve, PROGRESS_POLL_MS)))]);
-    clearTimeout(timer);
+  } catch (err) {
+    // The error message starts on a line of its own.
+    progress.finish();
+    throw err;
   }
   client.close();
   const offset = Number(end.data.offset);

@@ -11,7 +11,7 @@ import { BlockGraph } from "../graph/block-graph.js";
 import { BlockNode } from "../io/block-node.js";
 import { NbdServer, type ListenAddress } from "../nbd/server/server.js";
 import { registerCommands } from "../qmp/commands/index.js";
-import { QmpServer } from "../qmp/server.js";
+import { defineCommand, QmpServer } from "../qmp/server.js";
 
 export const DRIVETAP_VERSION = { major: 0, minor: 1, micro: 0, package: "drivetap 0.1.0" };
 /** Id of the export `drivetap serve` creates for its disk. */
@@ -32,6 +32,8 @@ export interface ServeConfig {
   readonly asyncIo?: boolean;
   /** Unix socket path for the QMP control socket. */
   readonly qmpPath?: string;
+  /** Called when a QMP client sends `quit` (the CLI stops the daemon as for SIGTERM). */
+  readonly onQuit?: () => void;
 }
 
 export const NULL_IMAGE = "null-co://";
@@ -96,6 +98,18 @@ export class Daemon {
       if (config.qmpPath) {
         qmp = new QmpServer({ log: config.log.child({ part: "qmp" }), version: DRIVETAP_VERSION });
         registerCommands(qmp, graph);
+        const onQuit = config.onQuit;
+        qmp.register(
+          defineCommand({
+            name: "quit",
+            args: {},
+            // Answer first, then stop as for SIGTERM (in-flight requests finish, jobs end, flush).
+            handler: () => {
+              if (onQuit) setImmediate(onQuit);
+              return {};
+            },
+          }),
+        );
         const server = qmp;
         graph.events.on((event, data) => server.emitEvent(event, data));
         await qmp.listen(config.qmpPath);

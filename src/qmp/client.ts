@@ -57,7 +57,14 @@ export class QmpClient {
   }
 
   #onLine(line: string): void {
-    const msg = JSON.parse(line) as Record<string, unknown>;
+    let msg: Record<string, unknown>;
+    try {
+      msg = JSON.parse(line) as Record<string, unknown>;
+    } catch {
+      // Not a QMP peer (or a broken one): drop the connection; pending calls fail with "closed".
+      this.#socket.destroy();
+      return;
+    }
     if (typeof msg.event === "string") {
       const e = msg as unknown as QmpEvent;
       this.events.push(e);

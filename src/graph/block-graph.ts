@@ -3,11 +3,15 @@
  * uses a node (an export, a job, a parent node), so a node in use cannot be deleted or taken twice.
  * QMP commands act on this graph, never on the daemon.
  */
+import * as path from "node:path";
 import { EventBus } from "../core/events.js";
 import { silentLogger, type Logger } from "../core/log.js";
 import type { BlockNode } from "../io/block-node.js";
 import type { Job } from "../jobs/job.js";
 import type { NbdServer } from "../nbd/server/server.js";
+
+/** A graph operation refused for a reason the user can fix (busy node, duplicate name). */
+export class GraphError extends Error {}
 
 export interface NodeInfo {
   /** Driver name as given to blockdev-add ("file", "raw", "memory", "null-co", ...). */
@@ -24,6 +28,8 @@ interface NodeEntry {
   readonly users: Map<string, string>;
   /** Internal nodes (a drive-backup target) are hidden from query-block. */
   readonly internal: boolean;
+  /** A user holding the node alone (a job's target): nobody else may claim it meanwhile. */
+  exclusive: string | null;
 }
 
 export interface ExportRecord {
@@ -50,7 +56,7 @@ export class BlockGraph {
 
   addNode(node: BlockNode, info: NodeInfo = { driver: node.driver.driverName }, internal = false): void {
     if (this.#nodes.has(node.name)) throw new Error(`Duplicate nodes with node-name='${node.name}'`);
-    this.#nodes.set(node.name, { node, info, users: new Map(), internal });
+    this.#nodes.set(node.name, { node, info, users: new Map(), internal, exclusive: null });
   }
 
   getNode(name: string): BlockNode | undefined {
@@ -72,15 +78,27 @@ export class BlockGraph {
   /** Records that `user` uses the node; refuses when `exclusive` and anyone else does. */
   claim(nodeName: string, user: string, why: string, exclusive = false): void {
     const e = this.#nodes.get(nodeName);
-    if (!e) throw new Error(`Cannot find node-name='${nodeName}'`);
-    if (exclusive && e.users.size > 0) {
-      throw new Error(`Node '${nodeName}' is busy: ${[...e.users.values()].join(", ")}`);
+    if (!e) throw new GraphError(`Cannot find node-name='${nodeName}'`);
+    if ((exclusive && e.users.size > 0) || (e.exclusive !== null && e.exclusive !== user)) {
+      throw new GraphError(`Node '${nodeName}' is busy: ${[...e.users.values()].join(", ")}`);
     }
     e.users.set(user, why);
+    if (exclusive) e.exclusive = user;
   }
 
   release(nodeName: string, user: string): void {
-    this.#nodes.get(nodeName)?.users.delete(user);
+    const e = this.#nodes.get(nodeName);
+    if (!e) return;
+    e.users.delete(user);
+    if (e.exclusive === user) e.exclusive = null;
+  }
+
+  /** Names of the nodes whose image is this file (resolved path). */
+  nodesUsingFile(filename: string): string[] {
+    const want = path.resolve(filename);
+    return [...this.#nodes.entries()]
+      .filter(([, e]) => e.info.filename !== undefined && path.resolve(e.info.filename) === want)
+      .map(([name]) => name);
   }
 
   usersOf(nodeName: string): string[] {
@@ -114,13 +132,13 @@ export class BlockGraph {
     if (!node) throw new Error(`Cannot find node-name='${record.nodeName}'`);
     if (this.#nbd.findExport(record.name))
       throw new Error(`NBD server already has export named '${record.name}'`);
+    this.claim(record.nodeName, `export:${record.id}`, `export ${record.id}`);
     this.#nbd.addExport({
       name: record.name,
       description: record.description,
       node,
       readOnly: !record.writable,
     });
-    this.claim(record.nodeName, `export:${record.id}`, `export ${record.id}`);
     this.#exports.set(record.id, record);
   }
 

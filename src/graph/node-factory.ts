@@ -69,7 +69,11 @@ function open(
       if (typeof child === "string") {
         const node = graph.getNode(child);
         if (!node) throw new NodeOptionError(`Cannot find device='' nor node-name='${child}'`);
-        graph.claim(child, `node:${parent}`, `child of ${parent}`, true);
+        try {
+          graph.claim(child, `node:${parent}`, `child of ${parent}`, true);
+        } catch (err) {
+          throw new NodeOptionError((err as Error).message);
+        }
         next = node.driver;
         owns = false;
         info = { driver, child, filename: graph.nodeInfo(child)?.filename };

@@ -100,6 +100,7 @@ export abstract class Job {
   #finished: Promise<void>;
   #resolveFinished!: () => void;
   readonly #onGone?: (job: Job) => void;
+  #finalizing = false;
   #errorEventsWindowStart = 0;
   #errorEventsInWindow = 0;
   suppressedErrorEvents = 0;
@@ -162,7 +163,12 @@ export abstract class Job {
   // ---- verbs ---------------------------------------------------------------------------------------
 
   #check(verb: JobVerb): void {
-    if (!VERBS[verb].includes(this.#status)) {
+    // While finalize runs (flush, release) the status is still pending/aborting, but the outcome is
+    // decided: a second finalize or a cancel must not start it again.
+    if (
+      !VERBS[verb].includes(this.#status) ||
+      (this.#finalizing && (verb === "finalize" || verb === "cancel"))
+    ) {
       throw new JobVerbError(
         `Job '${this.id}' in state '${this.#status}' cannot accept command verb '${verb}'`,
       );
@@ -181,7 +187,7 @@ export abstract class Job {
       // Cancelling a pending job aborts it at finalize.
       this.#cancelled = true;
       this.#force = true;
-      void this.#finalize();
+      this.#finalizeLogged();
       return;
     }
     this.#cancelled = true;
@@ -237,7 +243,11 @@ export abstract class Job {
 
   finalize(): void {
     this.#check("finalize");
-    void this.#finalize();
+    this.#finalizeLogged();
+  }
+
+  #finalizeLogged(): void {
+    this.#finalize().catch((err) => this.log.error({ err: String(err) }, "finalize failed"));
   }
 
   dismiss(): void {
@@ -350,6 +360,8 @@ export abstract class Job {
   }
 
   async #finalize(): Promise<void> {
+    if (this.#finalizing) return;
+    this.#finalizing = true;
     const success = !this.#cancelled && this.#error === undefined;
     if (!success && this.#status !== "aborting") this.#transition("aborting");
     try {

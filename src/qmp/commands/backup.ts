@@ -75,8 +75,13 @@ function startJob(
 ): Job {
   const { source, jobId, sync } = checked;
   const user = `job:${jobId}`;
-  graph.claim(target.name, user, `block job ${jobId} (backup target)`, true);
-  graph.claim(source.name, user, `block job ${jobId} (backup source)`);
+  try {
+    graph.claim(target.name, user, `block job ${jobId} (backup target)`, true);
+    graph.claim(source.name, user, `block job ${jobId} (backup source)`);
+  } catch (err) {
+    graph.release(target.name, user);
+    throw new QmpError("GenericError", (err as Error).message);
+  }
   const options: BackupOptions = {
     id: jobId,
     type: "backup",
@@ -159,9 +164,13 @@ export function backupCommands(graph: BlockGraph): QmpCommandDef[] {
         if (mode === "existing" && !existed) {
           throw new QmpError("GenericError", `Could not open '${filename}': No such file or directory`);
         }
-        const sourceInfo = graph.nodeInfo(checked.source.name);
-        if (sourceInfo?.filename && path.resolve(sourceInfo.filename) === filename) {
+        const usedBy = graph.nodesUsingFile(filename);
+        if (usedBy.includes(checked.source.name)) {
           throw new QmpError("GenericError", "Source and target cannot be the same");
+        }
+        if (usedBy.length > 0) {
+          // Recreating or writing a file another node has open would destroy its data.
+          throw new QmpError("GenericError", `'${filename}' is in use by node '${usedBy[0]}'`);
         }
         let created = false;
         if (mode === "absolute-paths") {
@@ -196,9 +205,16 @@ export function backupCommands(graph: BlockGraph): QmpCommandDef[] {
           if (err instanceof QmpError) throw err;
           throw new QmpError("GenericError", `Could not open '${filename}': ${(err as Error).message}`);
         }
-        startJob(graph, a, checked, target, async () => {
+        try {
+          startJob(graph, a, checked, target, async () => {
+            await graph.removeNode(target.name);
+          });
+        } catch (err) {
+          // Leave nothing behind: the internal node and a file we created.
           await graph.removeNode(target.name);
-        });
+          if (created && !existed) fs.rmSync(filename, { force: true });
+          throw err;
+        }
         return {};
       },
     }),

@@ -243,7 +243,6 @@ async function benchServers(servers: readonly Server[], dir: string, image: stri
   for (const r of rows) console.log(line(r));
   if (names.includes("drivetap"))
     console.log(`\ndrivetap peak RSS: ${(drivetapRss / 1048576).toFixed(0)} MiB`);
-  if (!process.env.BENCH_DIR) fs.rmSync(dir, { recursive: true, force: true });
 }
 
 await main();

@@ -35,6 +35,30 @@ export abstract class BackupJobBase extends Job {
     this.#release = options.release;
   }
 
+  #kick: (() => void) | null = null;
+
+  /** Wakes the job's body if it waits in waitForKick(). */
+  protected wake(): void {
+    const k = this.#kick;
+    this.#kick = null;
+    k?.();
+  }
+
+  /** Waits until wake() is called, or timeoutMs has passed. */
+  protected waitForKick(timeoutMs?: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = timeoutMs !== undefined ? setTimeout(() => this.wake(), Math.max(timeoutMs, 1)) : null;
+      this.#kick = () => {
+        if (timer) clearTimeout(timer);
+        resolve();
+      };
+    });
+  }
+
+  protected override onCancel(): void {
+    this.wake();
+  }
+
   protected override async onFinalize(success: boolean): Promise<void> {
     try {
       if (success) await this.target.flush();

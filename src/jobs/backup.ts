@@ -33,7 +33,6 @@ export class CbwBackupJob extends BackupJobBase {
   readonly #inProgress = new Map<number, Promise<void>>();
   #startBarrier: Promise<unknown> = Promise.resolve();
   #broken: Error | null = null;
-  #kick: (() => void) | null = null;
 
   constructor(options: BackupOptions) {
     super(options);
@@ -45,15 +44,6 @@ export class CbwBackupJob extends BackupJobBase {
     before: (req) => this.#beforeWrite(req),
   };
 
-  #wake(): void {
-    const k = this.#kick;
-    this.#kick = null;
-    k?.();
-  }
-  protected override onCancel(): void {
-    this.#wake();
-  }
-
   async #beforeWrite(req: TrackedRequest): Promise<void> {
     if (req.kind === "flush" || this.#broken) return;
     await this.#startBarrier;
@@ -64,7 +54,7 @@ export class CbwBackupJob extends BackupJobBase {
       // The old data is lost for this snapshot: fail the job, never the guest's write.
       this.#broken ??= toBlockError(err);
       this.reportIoError("write", "report", this.#broken);
-      this.#wake();
+      this.wake();
     }
   }
 
@@ -139,14 +129,8 @@ export class CbwBackupJob extends BackupJobBase {
     }
   }
 
-  #waitForCancel(): Promise<void> {
-    return new Promise((resolve) => {
-      const check = (): void => {
-        if (this.cancelled || this.#broken) resolve();
-        else this.#kick = check;
-      };
-      check();
-    });
+  async #waitForCancel(): Promise<void> {
+    while (!this.cancelled && !this.#broken) await this.waitForKick();
   }
 
   async #backgroundCopy(): Promise<void> {

@@ -41,7 +41,6 @@ export class StreamJob extends BackupJobBase {
   readonly #hooked = new Set<TrackedRequest>();
   #repair: RepairLock | null = null;
   #fatal: Error | null = null;
-  #kick: (() => void) | null = null;
   #retryAfterMs = 0;
   #cursor = 0;
 
@@ -63,21 +62,12 @@ export class StreamJob extends BackupJobBase {
     this.progressTotal = this.progressCurrent + this.dirty.dirtyBytes;
   }
 
-  #wake(): void {
-    const k = this.#kick;
-    this.#kick = null;
-    k?.();
-  }
-
-  protected override onCancel(): void {
-    this.#wake();
-  }
   protected override onPause(): void {
-    this.#wake();
+    this.wake();
   }
   protected override onResume(): void {
     this.#retryAfterMs = 0;
-    this.#wake();
+    this.wake();
   }
 
   // ---- the hook --------------------------------------------------------------------------------------
@@ -147,7 +137,7 @@ export class StreamJob extends BackupJobBase {
         this.dirty.setRange(req.offset, req.length);
         this.#updateProgress();
         if (targetError) this.#targetFailed(targetError);
-        else this.#wake();
+        else this.wake();
         return;
       }
       this.progressCurrent += req.length;
@@ -161,7 +151,7 @@ export class StreamJob extends BackupJobBase {
     const action = this.reportIoError("write", this.onTargetError, err);
     if (action === "report") this.#fatal = err;
     else if (action === "ignore") this.#retryAfterMs = Date.now() + REPAIR_RETRY_MS;
-    this.#wake();
+    this.wake();
   }
 
   // ---- the body --------------------------------------------------------------------------------------
@@ -178,14 +168,14 @@ export class StreamJob extends BackupJobBase {
           break;
         }
         if (this.paused) {
-          await this.#waitForKick();
+          await this.waitForKick();
           continue;
         }
         if (this.dirty.count > 0 && Date.now() >= this.#retryAfterMs) {
           await this.#repairOne();
           continue;
         }
-        await this.#waitForKick(this.dirty.count > 0 ? this.#retryAfterMs - Date.now() : undefined);
+        await this.waitForKick(this.dirty.count > 0 ? this.#retryAfterMs - Date.now() : undefined);
       }
     } finally {
       detach();
@@ -198,16 +188,6 @@ export class StreamJob extends BackupJobBase {
       }
       await this.target.flush();
     }
-  }
-
-  #waitForKick(timeoutMs?: number): Promise<void> {
-    return new Promise((resolve) => {
-      const timer = timeoutMs !== undefined ? setTimeout(() => this.#wake(), Math.max(timeoutMs, 1)) : null;
-      this.#kick = () => {
-        if (timer) clearTimeout(timer);
-        resolve();
-      };
-    });
   }
 
   /** On a non-forced cancel: repair everything dirty, trying each range once more. */

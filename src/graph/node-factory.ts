@@ -1,10 +1,11 @@
 /**
  * Opens block nodes from blockdev-add options (QEMU's shapes): file, raw over a file child (inline
- * options or a node name), memory, null-co, and the error-inject test filter.
+ * options or a node name), memory, null-co, journal, and the error-inject test filter.
  */
 import * as fs from "node:fs";
 import type { BlockDriver } from "../block/driver.js";
 import { FileDriver } from "../block/drivers/file.js";
+import { JournalDriver } from "../block/drivers/journal.js";
 import { MemoryDriver } from "../block/drivers/memory.js";
 import { NullDriver } from "../block/drivers/null.js";
 import { ErrorInjectDriver } from "../block/filters/error-inject.js";
@@ -55,6 +56,16 @@ function open(
       if (!fs.existsSync(filename))
         throw new NodeOptionError(`Could not open '${filename}': No such file or directory`);
       return { driver: FileDriver.open(filename, { readOnly }), info: { driver: "file", filename } };
+    }
+    case "journal": {
+      // A write-only stream target that records every write (block/drivers/journal.ts).
+      const filename = str(o, "filename", where);
+      const data = o.data === undefined ? undefined : o.data === true;
+      const sizeBytes = o.size === undefined ? undefined : size(o, where);
+      return {
+        driver: JournalDriver.open(filename, { data, size: sizeBytes }),
+        info: { driver: "journal", filename },
+      };
     }
     case "memory":
       return { driver: new MemoryDriver(size(o, where)), info: { driver: "memory" } };

@@ -43,7 +43,7 @@ export function blockDeviceInfo(graph: BlockGraph, node: BlockNode): Record<stri
 }
 
 const blockdevAddArgs = {
-  driver: { type: "enum", values: ["file", "raw", "memory", "null-co", "error-inject"] },
+  driver: { type: "enum", values: ["file", "raw", "memory", "null-co", "error-inject", "journal"] },
   "node-name": { type: "str" },
   filename: { type: "str", optional: true },
   file: { type: "any", optional: true },
@@ -57,6 +57,8 @@ const blockdevAddArgs = {
   "fail-reads": { type: "bool", optional: true },
   "fail-writes": { type: "bool", optional: true },
   "fail-flush": { type: "bool", optional: true },
+  /** journal: store each write's data (default) or only its SHA-256. */
+  data: { type: "bool", optional: true },
 } as const;
 
 export function blockCommands(graph: BlockGraph): QmpCommandDef[] {

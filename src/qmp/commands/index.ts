@@ -5,6 +5,7 @@ import { backupCommands } from "./backup.js";
 import { blockCommands } from "./block.js";
 import { exportCommands } from "./exports.js";
 import { jobCommands } from "./jobs.js";
+import { journalCommands } from "./journal.js";
 
 export function registerCommands(server: QmpServer, graph: BlockGraph): void {
   for (const def of [
@@ -12,6 +13,7 @@ export function registerCommands(server: QmpServer, graph: BlockGraph): void {
     ...exportCommands(graph),
     ...jobCommands(graph),
     ...backupCommands(graph),
+    ...journalCommands(graph),
   ]) {
     server.register(def);
   }

@@ -1,0 +1,369 @@
+/**
+ * The journal driver: a write-only block target that appends every write, write-zeroes, discard,
+ * flush and mark to a journal file (format in journal-format.ts) instead of changing an image. Used as
+ * a sync=stream backup target, it records the source's whole write history in order.
+ *
+ * - There is no image behind it: reads return zeros and block status reports one hole. Nothing in a
+ *   stream job reads its target, and replay (`drivetap journal replay`) rebuilds images offline.
+ * - Order: entries are appended in call order. Each call reserves its range of the file at once (one
+ *   fd, a tracked append position); the stream job already orders overlapping writes.
+ * - Small entries are written synchronously on the event loop, large ones on the threadpool, for the
+ *   reasons file.ts gives (SYNC_APPEND_BYTES_MAX mirrors its SYNC_IO_BYTES_MAX).
+ * - Durability rule: flush() appends a flush entry, waits for every append still in flight and then
+ *   fdatasyncs the journal; a write or zero with FUA does the same after its own entry. The stream job
+ *   forwards guest flushes and FUA, so the journal is durable whenever the source is.
+ * - Failure is never silent: the first failed append poisons the journal (the file may now have a
+ *   hole), and every later call throws the same BlockError, which the job reports.
+ * - Reopen: the header is checked, entries are scanned to the end of the valid prefix, a torn tail is
+ *   truncated, and seq numbering continues.
+ */
+import { createHash } from "node:crypto";
+import * as fs from "node:fs";
+import { performance } from "node:perf_hooks";
+import { BlockError, toBlockError } from "../../core/errors.js";
+import { KiB, MiB } from "../../core/units.js";
+import type { BlockDriver, DriverCapabilities, Extent, WriteFlags, ZeroFlags } from "../driver.js";
+import {
+  decodeEntryAt,
+  decodeFileHeader,
+  encodeEntryHeader,
+  encodeFileHeader,
+  FILE_HEADER_BYTES,
+  JournalFormatError,
+  MARK_NAME_BYTES_MAX,
+  type Entry,
+  type EntryFields,
+  type EntryKind,
+  type FileHeader,
+} from "./journal-format.js";
+
+export const SYNC_APPEND_BYTES_MAX = 128 * KiB;
+/** The scanner reads the journal in chunks of this size (an entry larger than it is read whole). */
+export const SCAN_CHUNK_BYTES = 4 * MiB;
+
+/** JournalScan.stopReason when onEntry asked to stop (nothing is wrong with the journal). */
+export const SCAN_STOPPED_BY_CALLER = "stopped by caller";
+
+export interface JournalOptions {
+  /** Store each write's data (replayable); false stores its SHA-256. Only used when creating. */
+  readonly data?: boolean;
+  /** Disk size; required to create a journal, must match the header when opening one. */
+  readonly size?: number;
+}
+
+// ---- reading ------------------------------------------------------------------------------------------
+
+export interface JournalScan {
+  readonly header: FileHeader;
+  /** End of the header and the complete, valid entries. */
+  readonly validBytes: number;
+  readonly fileBytes: number;
+  readonly entryCount: number;
+  /** The seq the next entry gets. */
+  readonly nextSeq: number;
+  readonly stopReason?: string;
+}
+
+function readFully(fd: number, into: Buffer, offset: number, position: number): number {
+  let done = 0;
+  while (offset + done < into.length) {
+    const n = fs.readSync(fd, into, offset + done, into.length - offset - done, position + done);
+    if (n === 0) break;
+    done += n;
+  }
+  return done;
+}
+
+/**
+ * Walks the journal open on `fd`, calling onEntry for each valid entry (its payload is a view that
+ * is only valid during the call). Stops at the first torn or corrupt entry.
+ */
+export function scanJournal(fd: number, onEntry?: (e: Entry) => boolean | void): JournalScan {
+  const fileBytes = fs.fstatSync(fd).size;
+  const hb = Buffer.alloc(FILE_HEADER_BYTES);
+  if (readFully(fd, hb, 0, 0) < FILE_HEADER_BYTES)
+    throw new JournalFormatError("not a journal: file too short");
+  const header = decodeFileHeader(hb);
+  let buf = Buffer.alloc(SCAN_CHUNK_BYTES);
+  let bufStart = FILE_HEADER_BYTES; // file position of buf[0]
+  let bufLen = 0;
+  let pos = FILE_HEADER_BYTES;
+  let count = 0;
+  let nextSeq = 0;
+  let stopReason: string | undefined;
+  for (;;) {
+    const within = pos - bufStart;
+    const view = buf.subarray(within, bufLen);
+    const r = decodeEntryAt(view, 0);
+    if (r.status === "ok") {
+      count++;
+      nextSeq = r.entry.seq + 1;
+      pos += r.bytes;
+      if (onEntry?.(r.entry) === false) {
+        stopReason = SCAN_STOPPED_BY_CALLER;
+        break;
+      }
+      continue;
+    }
+    if (r.status === "corrupt") {
+      stopReason = r.reason;
+      break;
+    }
+    // Short: read more, or stop at the end of the file (a torn tail, or simply the end).
+    if (pos + r.needBytes > fileBytes) {
+      if (pos < fileBytes) stopReason = "torn entry at the end";
+      break;
+    }
+    const want = Math.max(SCAN_CHUNK_BYTES, r.needBytes);
+    if (buf.length < want) buf = Buffer.alloc(want);
+    bufStart = pos;
+    bufLen = readFully(fd, buf, 0, pos);
+  }
+  return { header, validBytes: pos, fileBytes, entryCount: count, nextSeq, stopReason };
+}
+
+/** Opens a journal read-only and scans it (for the CLI). */
+export function scanJournalFile(path: string, onEntry?: (e: Entry) => boolean | void): JournalScan {
+  const fd = fs.openSync(path, "r");
+  try {
+    return scanJournal(fd, onEntry);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+// ---- the driver ---------------------------------------------------------------------------------------
+
+function writevAsync(fd: number, data: Buffer[], position: number): Promise<number> {
+  return new Promise((resolve, reject) =>
+    fs.writev(fd, data, position, (err, n) => (err ? reject(err) : resolve(n))),
+  );
+}
+
+function fdatasyncAsync(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+}
+
+function skipBytes(data: readonly Buffer[], skip: number): Buffer[] {
+  const out: Buffer[] = [];
+  for (const b of data) {
+    if (skip >= b.length) skip -= b.length;
+    else {
+      out.push(skip > 0 ? b.subarray(skip) : b);
+      skip = 0;
+    }
+  }
+  return out;
+}
+
+export class JournalDriver implements BlockDriver {
+  readonly driverName = "journal";
+  readonly capabilities: DriverCapabilities = {
+    zeroes: "native",
+    fua: "native",
+    discard: true,
+    blockStatus: true,
+  };
+  readonly path: string;
+  readonly header: FileHeader;
+  readonly #fd: number;
+  #appendAt: number;
+  #nextSeq: number;
+  /** Threadpool appends not yet finished; flush waits for them. */
+  readonly #inFlight = new Set<Promise<void>>();
+  #failed: BlockError | null = null;
+  #closed = false;
+
+  private constructor(path: string, fd: number, header: FileHeader, appendAt: number, nextSeq: number) {
+    this.path = path;
+    this.#fd = fd;
+    this.header = header;
+    this.#appendAt = appendAt;
+    this.#nextSeq = nextSeq;
+  }
+
+  /** Opens `path`, creating it (options.size required) if it does not exist. */
+  static open(path: string, options: JournalOptions = {}): JournalDriver {
+    let fd: number;
+    let created = false;
+    try {
+      try {
+        fd = fs.openSync(path, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o644);
+        created = true;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+        fd = fs.openSync(path, "r+");
+      }
+    } catch (err) {
+      throw toBlockError(err);
+    }
+    try {
+      if (created || fs.fstatSync(fd).size === 0) {
+        if (options.size === undefined)
+          throw new BlockError("EINVAL", `${path}: size is required to create a journal`);
+        const header = encodeFileHeader({
+          data: options.data ?? true,
+          diskBytes: options.size,
+          createdMs: Date.now(),
+        });
+        fs.writeSync(fd, header, 0, header.length, 0);
+        fs.fdatasyncSync(fd);
+        return new JournalDriver(path, fd, decodeFileHeader(header), FILE_HEADER_BYTES, 0);
+      }
+      const scan = scanJournal(fd);
+      if (options.size !== undefined && options.size !== scan.header.diskBytes) {
+        throw new BlockError(
+          "EINVAL",
+          `${path}: journal is for a disk of ${scan.header.diskBytes} bytes, not ${options.size}`,
+        );
+      }
+      if (options.data !== undefined && options.data !== scan.header.data) {
+        throw new BlockError("EINVAL", `${path}: journal was created with data=${scan.header.data}`);
+      }
+      if (scan.validBytes < scan.fileBytes) {
+        // A torn or corrupt tail: drop it, so new entries follow the valid prefix.
+        fs.ftruncateSync(fd, scan.validBytes);
+        fs.fdatasyncSync(fd);
+      }
+      return new JournalDriver(path, fd, scan.header, scan.validBytes, scan.nextSeq);
+    } catch (err) {
+      fs.closeSync(fd);
+      if (err instanceof JournalFormatError) throw new BlockError("EINVAL", `${path}: ${err.message}`);
+      throw toBlockError(err);
+    }
+  }
+
+  size(): number {
+    return this.header.diskBytes;
+  }
+
+  /** The seq the next entry gets. */
+  get nextSeq(): number {
+    return this.#nextSeq;
+  }
+
+  /** Bytes of journal written (header and entries), including appends still in flight. */
+  get journalBytes(): number {
+    return this.#appendAt;
+  }
+
+  /** The journal holds no image: reads return zeros. */
+  async pread(_offset: number, into: Buffer): Promise<void> {
+    into.fill(0);
+  }
+
+  async pwrite(offset: number, data: readonly Buffer[], flags: WriteFlags): Promise<void> {
+    let length = 0;
+    for (const b of data) length += b.length;
+    const payload = this.header.data
+      ? data
+      : [data.reduce((h, b) => h.update(b), createHash("sha256")).digest()];
+    await this.#append(
+      { kind: "write", offset, length, fua: flags.fua, payloadKind: this.header.data ? "data" : "hash" },
+      payload,
+    );
+    if (flags.fua) await this.#sync();
+  }
+
+  async pwriteZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    await this.#append({ kind: "zero", offset, length, fua: flags.fua, mayTrim: flags.mayTrim }, []);
+    if (flags.fua) await this.#sync();
+  }
+
+  async pdiscard(offset: number, length: number): Promise<void> {
+    await this.#append({ kind: "discard", offset, length }, []);
+  }
+
+  async flush(): Promise<void> {
+    await this.#append({ kind: "flush", offset: 0, length: 0 }, []);
+    await this.#sync();
+  }
+
+  /** Appends a named point; durable with the next flush. */
+  async mark(name: string): Promise<number> {
+    const payload = Buffer.from(name, "utf8");
+    if (payload.length === 0 || payload.length > MARK_NAME_BYTES_MAX)
+      throw new BlockError("EINVAL", `mark name must be 1 to ${MARK_NAME_BYTES_MAX} bytes`);
+    const seq = this.#nextSeq;
+    await this.#append({ kind: "mark", offset: 0, length: 0 }, [payload]);
+    return seq;
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return [{ offset, length, hole: true, zero: true }];
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    await Promise.allSettled([...this.#inFlight]);
+    fs.closeSync(this.#fd);
+  }
+
+  #check(): void {
+    if (this.#failed) throw this.#failed;
+    if (this.#closed) throw new BlockError("ESHUTDOWN", `${this.path}: journal is closed`);
+  }
+
+  #fail(err: unknown): BlockError {
+    const e = toBlockError(err);
+    const failed = new BlockError(e.code, `journal ${this.path}: ${e.message}`, { cause: err });
+    this.#failed ??= failed;
+    return failed;
+  }
+
+  /** Reserves the next seq and file range at once (so call order is file order), then writes. */
+  #append(
+    fields: Omit<EntryFields, "seq" | "wallUs" | "monoNs">,
+    payload: readonly Buffer[],
+  ): Promise<void> | void {
+    this.#check();
+    const entry: EntryFields = {
+      ...fields,
+      seq: this.#nextSeq,
+      // Date.now() has only millisecond resolution; entries often share a millisecond.
+      wallUs: Math.round((performance.timeOrigin + performance.now()) * 1000),
+      monoNs: process.hrtime.bigint(),
+    };
+    const iov = [encodeEntryHeader(entry, payload), ...payload];
+    let total = 0;
+    for (const b of iov) total += b.length;
+    const at = this.#appendAt;
+    this.#appendAt += total;
+    this.#nextSeq++;
+    if (total <= SYNC_APPEND_BYTES_MAX) {
+      try {
+        let done = fs.writevSync(this.#fd, iov, at);
+        while (done < total) done += fs.writevSync(this.#fd, skipBytes(iov, done), at + done);
+      } catch (err) {
+        throw this.#fail(err);
+      }
+      return;
+    }
+    const p = (async () => {
+      try {
+        let done = await writevAsync(this.#fd, iov, at);
+        while (done < total) done += await writevAsync(this.#fd, skipBytes(iov, done), at + done);
+      } catch (err) {
+        throw this.#fail(err);
+      }
+    })();
+    this.#inFlight.add(p);
+    const forget = (): void => void this.#inFlight.delete(p);
+    p.then(forget, forget);
+    return p;
+  }
+
+  /** Waits for every append in flight (a hole before the synced data would hide it), then fdatasync. */
+  async #sync(): Promise<void> {
+    if (this.#inFlight.size > 0) await Promise.all([...this.#inFlight]).catch(() => undefined);
+    this.#check();
+    try {
+      await fdatasyncAsync(this.#fd);
+    } catch (err) {
+      throw this.#fail(err);
+    }
+  }
+}
+
+export type { Entry, EntryKind };

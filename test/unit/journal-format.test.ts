@@ -1,0 +1,221 @@
+/**
+ * The journal format: entries round-trip; a journal cut at every byte of its last entry decodes to the
+ * complete prefix; a flipped byte anywhere in an entry stops decoding there; and the driver reopens a
+ * torn journal, truncates the tail and continues the numbering.
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { createHash, randomBytes } from "node:crypto";
+import { mkdtempSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import {
+  decodeEntries,
+  decodeFileHeader,
+  encodeEntry,
+  encodeFileHeader,
+  ENTRY_HEADER_BYTES,
+  FILE_HEADER_BYTES,
+  JournalFormatError,
+  type EntryFields,
+} from "../../src/block/drivers/journal-format.js";
+import { JournalDriver, scanJournalFile } from "../../src/block/drivers/journal.js";
+
+const DISK = 1 << 20;
+
+function sample(): { fields: EntryFields; payload: Buffer[] }[] {
+  const data = randomBytes(3000);
+  return [
+    {
+      fields: {
+        kind: "write",
+        seq: 0,
+        wallUs: 1_700_000_000_000_001,
+        monoNs: 5n,
+        offset: 4096,
+        length: 3000,
+        fua: true,
+        payloadKind: "data",
+      },
+      payload: [data.subarray(0, 1000), data.subarray(1000)],
+    },
+    {
+      fields: {
+        kind: "zero",
+        seq: 1,
+        wallUs: 1_700_000_000_000_002,
+        monoNs: 6n,
+        offset: 0,
+        length: 65536,
+        mayTrim: true,
+      },
+      payload: [],
+    },
+    {
+      fields: {
+        kind: "discard",
+        seq: 2,
+        wallUs: 1_700_000_000_000_003,
+        monoNs: 7n,
+        offset: 8192,
+        length: 512,
+      },
+      payload: [],
+    },
+    {
+      fields: { kind: "flush", seq: 3, wallUs: 1_700_000_000_000_004, monoNs: 8n, offset: 0, length: 0 },
+      payload: [],
+    },
+    {
+      fields: { kind: "mark", seq: 4, wallUs: 1_700_000_000_000_005, monoNs: 9n, offset: 0, length: 0 },
+      payload: [Buffer.from("m1 ☃")],
+    },
+    {
+      fields: {
+        kind: "write",
+        seq: 5,
+        wallUs: 1_700_000_000_000_006,
+        monoNs: 10n,
+        offset: 0,
+        length: 512,
+        payloadKind: "hash",
+      },
+      payload: [createHash("sha256").update(randomBytes(512)).digest()],
+    },
+  ];
+}
+
+function journalBytes(): { bytes: Buffer; ends: number[]; items: ReturnType<typeof sample> } {
+  const items = sample();
+  const parts = [encodeFileHeader({ data: true, diskBytes: DISK, createdMs: 1_700_000_000_000 })];
+  const ends: number[] = [];
+  let pos = FILE_HEADER_BYTES;
+  for (const it of items) {
+    const e = encodeEntry(it.fields, it.payload);
+    parts.push(e);
+    pos += e.length;
+    ends.push(pos);
+  }
+  return { bytes: Buffer.concat(parts), ends, items };
+}
+
+test("journal format: header and every entry kind round-trip", () => {
+  const { bytes, ends, items } = journalBytes();
+  const h = decodeFileHeader(bytes);
+  assert.deepEqual(h, { version: 1, data: true, diskBytes: DISK, createdMs: 1_700_000_000_000 });
+  const d = decodeEntries(bytes);
+  assert.equal(d.stopReason, undefined);
+  assert.equal(d.validBytes, bytes.length);
+  assert.equal(d.validBytes, ends[ends.length - 1]);
+  assert.equal(d.entries.length, items.length);
+  for (let i = 0; i < items.length; i++) {
+    const f = items[i].fields;
+    const e = d.entries[i];
+    assert.equal(e.kind, f.kind);
+    assert.equal(e.seq, f.seq);
+    assert.equal(e.wallUs, f.wallUs);
+    assert.equal(e.monoNs, f.monoNs);
+    assert.equal(e.offset, f.offset);
+    assert.equal(e.length, f.length);
+    assert.equal(e.fua, f.fua ?? false);
+    assert.equal(e.mayTrim, f.mayTrim ?? false);
+    assert.equal(e.payloadKind, f.payloadKind);
+    assert.ok(e.payload.equals(Buffer.concat(items[i].payload)), `entry ${i} payload`);
+  }
+  assert.equal(d.entries[4].name, "m1 ☃");
+});
+
+test("journal format: a cut at every byte of the last entry yields exactly the complete prefix", () => {
+  const { bytes, ends } = journalBytes();
+  const lastStart = ends[ends.length - 2];
+  for (let cut = lastStart; cut < bytes.length; cut++) {
+    const d = decodeEntries(bytes.subarray(0, cut));
+    assert.equal(d.entries.length, ends.length - 1, `cut at ${cut}`);
+    assert.equal(d.validBytes, lastStart, `cut at ${cut}`);
+    if (cut > lastStart) assert.equal(d.stopReason, "torn entry at the end", `cut at ${cut}`);
+  }
+  // Cuts anywhere else also give whole entries only.
+  for (let cut = FILE_HEADER_BYTES; cut < lastStart; cut++) {
+    const d = decodeEntries(bytes.subarray(0, cut));
+    assert.ok(ends.includes(d.validBytes) || d.validBytes === FILE_HEADER_BYTES, `cut at ${cut}`);
+    assert.ok(d.validBytes <= cut);
+  }
+});
+
+test("journal format: a flipped byte in an entry stops decoding at that entry", () => {
+  const { bytes, ends } = journalBytes();
+  const starts = [FILE_HEADER_BYTES, ...ends.slice(0, -1)];
+  for (let k = 0; k < starts.length; k++) {
+    for (let at = starts[k]; at < ends[k]; at += at - starts[k] < ENTRY_HEADER_BYTES ? 1 : 97) {
+      const bad = Buffer.from(bytes);
+      bad[at] ^= 0x40;
+      const d = decodeEntries(bad);
+      assert.equal(d.entries.length, k, `flip at ${at} (entry ${k})`);
+      assert.equal(d.validBytes, starts[k]);
+      assert.ok(d.stopReason, `flip at ${at} has a reason`);
+    }
+  }
+  const badHeader = Buffer.from(bytes);
+  badHeader[20] ^= 1;
+  assert.throws(() => decodeFileHeader(badHeader), JournalFormatError);
+  assert.throws(() => decodeFileHeader(Buffer.from("DTJRNL00".padEnd(64, "\0"))), /bad magic/);
+});
+
+test("journal driver: appends, reopens a torn journal, truncates the tail and continues seq", async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), "drivetap-journal-"));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const path = join(dir, "j");
+  assert.throws(() => JournalDriver.open(path), /size is required/);
+  rmSync(path, { force: true });
+  const j = JournalDriver.open(path, { size: DISK });
+  const big = randomBytes(300 * 1024); // above the synchronous bound: a threadpool append
+  await j.pwrite(0, [Buffer.from("hello")], {});
+  await j.pwrite(4096, [big], { fua: true });
+  await j.pwriteZeroes(8192, 4096, { mayTrim: true });
+  assert.equal(await j.mark("m"), 3);
+  await j.flush();
+  await j.close();
+  const full = statSync(path).size;
+  const entries: string[] = [];
+  const s = scanJournalFile(path, (e) => void entries.push(`${e.seq}:${e.kind}`));
+  assert.deepEqual(entries, ["0:write", "1:write", "2:zero", "3:mark", "4:flush"]);
+  assert.equal(s.validBytes, full);
+
+  truncateSync(path, full - 10); // tear the flush entry
+  const j2 = JournalDriver.open(path, { size: DISK });
+  assert.equal(j2.nextSeq, 4, "numbering continues after the complete prefix");
+  assert.equal(statSync(path).size, full - ENTRY_HEADER_BYTES, "the torn tail was truncated");
+  await j2.pdiscard(0, 512);
+  await j2.close();
+  const kinds: string[] = [];
+  scanJournalFile(path, (e) => void kinds.push(`${e.seq}:${e.kind}`));
+  assert.deepEqual(kinds, ["0:write", "1:write", "2:zero", "3:mark", "4:discard"]);
+  assert.throws(() => JournalDriver.open(path, { size: DISK * 2 }), /disk of 1048576 bytes/);
+
+  writeFileSync(join(dir, "x"), Buffer.alloc(100, 1));
+  assert.throws(
+    () => JournalDriver.open(join(dir, "x")),
+    (e: Error & { code?: string }) => e.code === "EINVAL",
+  );
+});
+
+test("journal driver: data=false stores a SHA-256; a full disk and a closed journal fail loudly", async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), "drivetap-journal-"));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const path = join(dir, "h");
+  const j = JournalDriver.open(path, { size: DISK, data: false });
+  const data = randomBytes(4096);
+  await j.pwrite(0, [data.subarray(0, 100), data.subarray(100)], {});
+  await j.close();
+  const seen: Buffer[] = [];
+  const s = scanJournalFile(path, (e) => void seen.push(Buffer.from(e.payload)));
+  assert.equal(s.header.data, false);
+  assert.deepEqual(seen, [createHash("sha256").update(data).digest()]);
+  // /dev/full exists and is empty: creating the header there fails with ENOSPC, not silently.
+  assert.throws(
+    () => JournalDriver.open("/dev/full", { size: DISK }),
+    (e: Error & { code?: string }) => e.code === "ENOSPC",
+  );
+  // Writing after close fails loudly rather than dropping the entry.
+  await assert.rejects(j.pwrite(0, [data], {}), (e: Error & { code?: string }) => e.code === "ESHUTDOWN");
+});

@@ -20,6 +20,10 @@ import {
 } from "../block/drivers/journal.js";
 import { JournalFormatError } from "../block/drivers/journal-format.js";
 import { native } from "../block/drivers/native.js";
+import { addJournalExportCommand } from "./journal-export.js";
+import { addJournalReportCommand } from "./journal-report.js";
+import { addJournalStatCommand } from "./journal-stat.js";
+import { addCrashcheckCommand } from "./journal-crashcheck.js";
 
 class JournalCliError extends Error {}
 
@@ -229,4 +233,8 @@ export function addJournalCommands(program: Command): void {
     .action((path: string, image: string, opts: { until?: string }) =>
       runJournal(() => replay(path, image, opts)),
     );
+  addJournalStatCommand(journal);
+  addJournalExportCommand(journal);
+  addJournalReportCommand(journal);
+  addCrashcheckCommand(journal);
 }

@@ -9,6 +9,7 @@ import { FileDriver } from "../block/drivers/file.js";
 import { formatSize, parseSize } from "../core/units.js";
 import { Daemon, NULL_IMAGE, type ServeConfig } from "../daemon/daemon.js";
 import type { Logger } from "../core/log.js";
+import { addTapCommand } from "./tap.js";
 import { addJournalCommands } from "./journal-commands.js";
 import { addQmpCommands, DEFAULT_QMP_SOCKET } from "./qmp-commands.js";
 
@@ -134,5 +135,6 @@ program
 
 addQmpCommands(program);
 addJournalCommands(program);
+addTapCommand(program);
 
 await program.parseAsync(process.argv);

@@ -6,6 +6,7 @@ import { blockCommands } from "./block.js";
 import { exportCommands } from "./exports.js";
 import { jobCommands } from "./jobs.js";
 import { journalCommands } from "./journal.js";
+import { tapCommands } from "./tap.js";
 
 export function registerCommands(server: QmpServer, graph: BlockGraph): void {
   for (const def of [
@@ -14,6 +15,7 @@ export function registerCommands(server: QmpServer, graph: BlockGraph): void {
     ...jobCommands(graph),
     ...backupCommands(graph),
     ...journalCommands(graph),
+    ...tapCommands(graph),
   ]) {
     server.register(def);
   }

@@ -3,10 +3,11 @@
  * interleaved round by round so that machine noise hits all servers alike. Prints medians and ratios,
  * and drivetap's peak RSS. Environment: BENCH_ROUNDS (default 3), BENCH_RUNTIME_S (default 5),
  * BENCH_SIZE (default 1G), BENCH_DIR (default a temp dir), BENCH_SERVERS (comma list to restrict),
- * BENCH_PARTS (comma list of "servers", "stream"; default both).
+ * BENCH_PARTS (comma list of "servers", "stream", "journal"; default all).
  *
  * The "stream" part measures the cost of a backup sync=stream job: the same fio workloads through
- * drivetap's export with no job and with a stream job to a local raw file, interleaved.
+ * drivetap's export with no job and with a stream job to a local raw file, interleaved. The "journal"
+ * part does the same with a journal node (issue 5) as the stream target.
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import * as fs from "node:fs";
@@ -119,7 +120,9 @@ const STREAM_WORKLOADS = WORKLOADS.filter(
   (w) => w.name === "seq write 1M QD8" || w.name === "rand write 4k QD32",
 );
 
-async function benchStream(dir: string, image: string): Promise<void> {
+type StreamTarget = "file" | "journal";
+
+async function benchStream(dir: string, image: string, targetKind: StreamTarget): Promise<void> {
   const results = new Map<string, number[]>();
   for (let round = 1; round <= ROUNDS; round++) {
     for (const w of STREAM_WORKLOADS) {
@@ -136,8 +139,22 @@ async function benchStream(dir: string, image: string): Promise<void> {
           await waitForSocket(socket, proc);
           await waitForSocket(qmpPath, proc);
           qmp = await QmpClient.connect(qmpPath);
-          if (variant === "stream job") {
+          if (variant === "stream job" && targetKind === "file") {
             await qmp.execute("drive-backup", { "job-id": "bench", device: "disk0", sync: "stream", target });
+          } else if (variant === "stream job") {
+            await qmp.execute("blockdev-add", {
+              driver: "journal",
+              "node-name": "journal0",
+              filename: target,
+              data: true,
+              size: fs.statSync(image).size,
+            });
+            await qmp.execute("blockdev-backup", {
+              "job-id": "bench",
+              device: "disk0",
+              sync: "stream",
+              target: "journal0",
+            });
           }
           const value = runFio(`nbd+unix:///?socket=${socket}`, w);
           if (variant === "stream job") {
@@ -186,9 +203,10 @@ async function main(): Promise<void> {
   const fill = spawnSync("sh", ["-c", `head -c ${SIZE} /dev/urandom > '${image}'`]);
   if (fill.status !== 0) throw new Error("could not create the image");
 
-  const parts = (process.env.BENCH_PARTS ?? "servers,stream").split(",");
+  const parts = (process.env.BENCH_PARTS ?? "servers,stream,journal").split(",");
   if (parts.includes("servers")) await benchServers(servers, dir, image);
-  if (parts.includes("stream")) await benchStream(dir, image);
+  if (parts.includes("stream")) await benchStream(dir, image, "file");
+  if (parts.includes("journal")) await benchStream(dir, image, "journal");
   if (!process.env.BENCH_DIR) fs.rmSync(dir, { recursive: true, force: true });
 }
 

@@ -12,20 +12,20 @@
  */
 import * as fs from "node:fs";
 import { Command } from "commander";
+import { type Entry, type JournalScan } from "../block/drivers/journal.js";
 import {
-  SCAN_STOPPED_BY_CALLER,
-  scanJournalFile,
-  type Entry,
-  type JournalScan,
-} from "../block/drivers/journal.js";
-import { JournalFormatError } from "../block/drivers/journal-format.js";
-import { native } from "../block/drivers/native.js";
+  isoTime,
+  JournalCliError,
+  runJournalAction,
+  scanOrFail,
+  warnTail,
+  writeAll,
+  zeroRange,
+} from "./journal-common.js";
 import { addJournalExportCommand } from "./journal-export.js";
 import { addJournalReportCommand } from "./journal-report.js";
 import { addJournalStatCommand } from "./journal-stat.js";
 import { addCrashcheckCommand } from "./journal-crashcheck.js";
-
-class JournalCliError extends Error {}
 
 type Until =
   | { readonly type: "mark"; readonly name: string }
@@ -46,13 +46,6 @@ export function parseUntil(text: string): Until {
   return { type: "time", wallUs: ms * 1000 };
 }
 
-function isoTime(wallUs: number): string {
-  const ms = Math.floor(wallUs / 1000);
-  const us = String(wallUs % 1000).padStart(3, "0");
-  // Keep the microseconds: entries often share a millisecond.
-  return new Date(ms).toISOString().replace("Z", `${us}Z`);
-}
-
 /** One `show --json` line. */
 export function entryJson(e: Entry): Record<string, unknown> {
   const out: Record<string, unknown> = {
@@ -69,23 +62,6 @@ export function entryJson(e: Entry): Record<string, unknown> {
   return out;
 }
 
-function scan(path: string, onEntry: (e: Entry) => boolean | void): JournalScan {
-  try {
-    return scanJournalFile(path, onEntry);
-  } catch (err) {
-    if (err instanceof JournalFormatError) throw new JournalCliError(`${path}: ${err.message}`);
-    throw err;
-  }
-}
-
-function warnTail(path: string, s: JournalScan): void {
-  if (s.validBytes < s.fileBytes && s.stopReason !== SCAN_STOPPED_BY_CALLER) {
-    process.stderr.write(
-      `drivetap journal: ${path}: ignoring ${s.fileBytes - s.validBytes} bytes after entry ${s.nextSeq - 1} (${s.stopReason})\n`,
-    );
-  }
-}
-
 function show(path: string, opts: { json?: boolean }): void {
   const lines: string[] = [];
   const out = (line: string): void => {
@@ -93,7 +69,7 @@ function show(path: string, opts: { json?: boolean }): void {
     if (lines.length >= 1024) process.stdout.write(lines.splice(0).join(""));
   };
   if (!opts.json) out(`${"seq".padStart(8)}  ${"time".padEnd(27)}  ${"kind".padEnd(7)}  offset+length\n`);
-  const s = scan(path, (e) => {
+  const s = scanOrFail(path, (e) => {
     if (opts.json) {
       out(JSON.stringify(entryJson(e)) + "\n");
       return;
@@ -117,7 +93,7 @@ function show(path: string, opts: { json?: boolean }): void {
 function lastSeqFor(path: string, until: Until): { lastSeq: number | null; scan: JournalScan } {
   let lastSeq: number | null = null;
   let found = false;
-  const s = scan(path, (e) => {
+  const s = scanOrFail(path, (e) => {
     switch (until.type) {
       case "mark":
         if (e.kind === "mark" && e.name === until.name) {
@@ -147,7 +123,7 @@ function replay(path: string, image: string, opts: { until?: string }): void {
   const until = opts.until !== undefined ? parseUntil(opts.until) : null;
   // Check everything before touching the image: a bad --until must leave it as it was.
   const first = until ? lastSeqFor(path, until) : null;
-  const header = first?.scan.header ?? scan(path, () => false).header;
+  const header = first?.scan.header ?? scanOrFail(path, () => false).header;
   if (!header.data) {
     throw new JournalCliError(
       `${path} was recorded with data=false (hashes only): it cannot be replayed, only shown`,
@@ -165,7 +141,7 @@ function replay(path: string, image: string, opts: { until?: string }): void {
   const fd = fs.openSync(image, "r+");
   let applied = 0;
   try {
-    const s = scan(path, (e) => {
+    const s = scanOrFail(path, (e) => {
       if (lastSeq === null || e.seq > lastSeq) return false;
       if (e.kind === "mark" && until?.type === "mark" && e.seq === lastSeq) return false;
       if (e.kind === "write") writeAll(fd, e.payload, e.offset);
@@ -185,30 +161,6 @@ function replay(path: string, image: string, opts: { until?: string }): void {
   );
 }
 
-function writeAll(fd: number, data: Buffer, offset: number): void {
-  let done = 0;
-  while (done < data.length) done += fs.writeSync(fd, data, done, data.length - done, offset + done);
-}
-
-const ZERO_CHUNK = Buffer.alloc(1024 * 1024);
-
-/** Punches a hole (reads as zeros) where the filesystem can, else writes zeros. */
-function zeroRange(fd: number, offset: number, length: number): void {
-  if (native && native.punchHole(fd, offset, length) >= 0) return;
-  for (let pos = offset; pos < offset + length; pos += ZERO_CHUNK.length) {
-    writeAll(fd, ZERO_CHUNK.subarray(0, Math.min(ZERO_CHUNK.length, offset + length - pos)), pos);
-  }
-}
-
-async function runJournal(action: () => void): Promise<void> {
-  try {
-    await action();
-  } catch (err) {
-    process.stderr.write(`drivetap journal: ${(err as Error).message}\n`);
-    process.exitCode = 1;
-  }
-}
-
 export function addJournalCommands(program: Command): void {
   const journal = program
     .command("journal")
@@ -218,7 +170,7 @@ export function addJournalCommands(program: Command): void {
     .description("List a journal's entries (the valid prefix; a torn tail is reported on stderr)")
     .argument("<journal>", "journal file")
     .option("--json", "one JSON object per line: seq, time, kind, offset, length, fua (and name for marks)")
-    .action((path: string, opts: { json?: boolean }) => runJournal(() => show(path, opts)));
+    .action((path: string, opts: { json?: boolean }) => runJournalAction(() => show(path, opts)));
   journal
     .command("replay")
     .description(
@@ -231,7 +183,7 @@ export function addJournalCommands(program: Command): void {
       "stop after mark:NAME (entries before the mark), seq:N (through seq N) or time:ISO8601 (entries at or before it)",
     )
     .action((path: string, image: string, opts: { until?: string }) =>
-      runJournal(() => replay(path, image, opts)),
+      runJournalAction(() => replay(path, image, opts)),
     );
   addJournalStatCommand(journal);
   addJournalExportCommand(journal);

@@ -17,7 +17,7 @@ import { join } from "node:path";
 import type { Command } from "commander";
 import { scanJournalFile, SCAN_STOPPED_BY_CALLER, type Entry } from "../block/drivers/journal.js";
 import { JournalFormatError } from "../block/drivers/journal-format.js";
-import { isoTime, writeAll, zeroRange } from "./journal-apply.js";
+import { isoTime, writeAll, zeroRange } from "./journal-common.js";
 
 /** One checker run may take this long before it counts as failed. */
 export const CHECKER_TIMEOUT_MS = 10 * 60_000;

@@ -33,7 +33,7 @@
 import * as fs from "node:fs";
 import { Option, type Command } from "commander";
 import type { Entry } from "../block/drivers/journal.js";
-import { JournalCliError, runJournalAction, scanOrFail, warnTail } from "./journal-stat.js";
+import { JournalCliError, runJournalAction, scanOrFail, warnTail } from "./journal-common.js";
 
 export const DM_LOG_WRITES_MAGIC = 0x6a736677736872n;
 export const DM_LOG_WRITES_VERSION = 1n;

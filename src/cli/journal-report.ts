@@ -14,7 +14,8 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import type { Command } from "commander";
-import { analyzeJournal, runJournalAction, scanOrFail, type JournalStat } from "./journal-stat.js";
+import { runJournalAction, scanOrFail } from "./journal-common.js";
+import { analyzeJournal, type JournalStat } from "./journal-stat.js";
 
 export const HEATMAP_TIME_BINS = 240;
 export const HEATMAP_OFFSET_BINS = 128;

@@ -3,19 +3,11 @@
  * kind, bytes written, zeroed and discarded, a power-of-two size histogram, the hottest regions, the
  * time span and the marks. `journal report` draws the same numbers, so the analysis lives here as a
  * pure function of the entries (analyzeJournal), apart from the command that prints it.
- *
- * Also the small pieces the stat, export and report commands share: reading a journal with format
- * errors turned into CLI errors, the torn-tail warning and the action wrapper.
  */
 import type { Command } from "commander";
-import {
-  SCAN_STOPPED_BY_CALLER,
-  scanJournalFile,
-  type Entry,
-  type JournalScan,
-} from "../block/drivers/journal.js";
-import { JournalFormatError, type EntryKind } from "../block/drivers/journal-format.js";
+import type { EntryKind } from "../block/drivers/journal-format.js";
 import { formatSize, MiB } from "../core/units.js";
+import { isoTime, runJournalAction, scanOrFail } from "./journal-common.js";
 
 /** Hot regions are counted per aligned region of this size. */
 export const HOT_REGION_BYTES = MiB;
@@ -23,43 +15,6 @@ export const HOT_REGIONS_MAX = 10;
 /** stat lists at most this many marks (the count is always exact). */
 export const MARKS_LISTED_MAX = 1000;
 
-/** A journal the command cannot use; its message is printed as is. */
-export class JournalCliError extends Error {}
-
-export function scanOrFail(path: string, onEntry: (e: Entry) => boolean | void): JournalScan {
-  try {
-    return scanJournalFile(path, onEntry);
-  } catch (err) {
-    if (err instanceof JournalFormatError) throw new JournalCliError(`${path}: ${err.message}`);
-    throw err;
-  }
-}
-
-/** Says on stderr that a torn or corrupt tail was left out (the same words as show and replay). */
-export function warnTail(path: string, s: JournalScan): void {
-  if (s.validBytes < s.fileBytes && s.stopReason !== SCAN_STOPPED_BY_CALLER) {
-    process.stderr.write(
-      `drivetap journal: ${path}: ignoring ${s.fileBytes - s.validBytes} bytes after entry ${s.nextSeq - 1} (${s.stopReason})\n`,
-    );
-  }
-}
-
-export async function runJournalAction(action: () => void | Promise<void>): Promise<void> {
-  try {
-    await action();
-  } catch (err) {
-    process.stderr.write(`drivetap journal: ${(err as Error).message}\n`);
-    process.exitCode = 1;
-  }
-}
-
-/** ISO 8601 with microseconds: entries often share a millisecond. */
-export function isoTimeUs(wallUs: number): string {
-  const us = String(wallUs % 1000).padStart(3, "0");
-  return new Date(Math.floor(wallUs / 1000)).toISOString().replace("Z", `${us}Z`);
-}
-
-/** floor(log2(n)) for a positive safe integer (Math.clz32 covers only 32 bits). */
 export function log2Floor(n: number): number {
   if (n < 2 ** 32) return 31 - Math.clz32(n);
   return 32 + log2Floor(Math.floor(n / 2 ** 32));
@@ -131,7 +86,7 @@ export function analyzeJournal(path: string): JournalStat {
     if (e.kind === "mark") {
       markCount++;
       if (marks.length < MARKS_LISTED_MAX)
-        marks.push({ seq: e.seq, name: e.name ?? "", time: isoTimeUs(e.wallUs), wallUs: e.wallUs });
+        marks.push({ seq: e.seq, name: e.name ?? "", time: isoTime(e.wallUs), wallUs: e.wallUs });
       return;
     }
     if (e.kind === "flush") return;
@@ -176,8 +131,8 @@ export function analyzeJournal(path: string): JournalStat {
       entries === 0
         ? null
         : {
-            first: isoTimeUs(minUs),
-            last: isoTimeUs(maxUs),
+            first: isoTime(minUs),
+            last: isoTime(maxUs),
             firstUs: minUs,
             lastUs: maxUs,
             spanMs: (maxUs - minUs) / 1000,

@@ -19,7 +19,8 @@ import {
   LOG_FUA_FLAG,
   LOG_MARK_FLAG,
 } from "../../src/cli/journal-export.js";
-import { analyzeJournal, HOT_REGION_BYTES, JournalCliError, log2Floor } from "../../src/cli/journal-stat.js";
+import { JournalCliError } from "../../src/cli/journal-common.js";
+import { analyzeJournal, HOT_REGION_BYTES, log2Floor } from "../../src/cli/journal-stat.js";
 import { applyDmLog, decodeDmLog } from "../helpers/dm-log-writes.js";
 
 const MiB = 1024 * 1024;

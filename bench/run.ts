@@ -181,9 +181,8 @@ async function benchStream(dir: string, image: string, targetKind: StreamTarget)
       }
     }
   }
-  console.log(
-    `\nbackup sync=stream to a local raw file, through drivetap's export, median of ${ROUNDS} rounds`,
-  );
+  const what = targetKind === "file" ? "a local raw file" : "a journal node (data: true)";
+  console.log(`\nbackup sync=stream to ${what}, through drivetap's export, median of ${ROUNDS} rounds`);
   console.log("| workload | no job | stream job | ratio |");
   console.log("|---|---|---|---|");
   for (const w of STREAM_WORKLOADS) {

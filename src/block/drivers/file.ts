@@ -21,6 +21,7 @@ import {
   type Extent,
   type ZeroFlags,
 } from "../driver.js";
+import { fdatasyncAsync, readAsync, remainingIov, writevAsync } from "./fs-async.js";
 import { ENXIO, EOPNOTSUPP, native } from "./native.js";
 
 export const SYNC_IO_BYTES_MAX = 128 * KiB;
@@ -33,35 +34,6 @@ export interface FileDriverOptions {
   readonly readOnly?: boolean;
   /** Force threadpool I/O for every request (for comparison in benchmarks). */
   readonly asyncOnly?: boolean;
-}
-
-function readAsync(fd: number, into: Buffer, offset: number, position: number): Promise<number> {
-  return new Promise((resolve, reject) =>
-    fs.read(fd, into, offset, into.length - offset, position, (err, n) => (err ? reject(err) : resolve(n))),
-  );
-}
-
-function writevAsync(fd: number, data: readonly Buffer[], position: number): Promise<number> {
-  return new Promise((resolve, reject) =>
-    fs.writev(fd, data as Buffer[], position, (err, n) => (err ? reject(err) : resolve(n))),
-  );
-}
-
-function fdatasyncAsync(fd: number): Promise<void> {
-  return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
-}
-
-/** The buffers left after skipping `skip` bytes of `data` (for short writes). */
-function remainingIov(data: readonly Buffer[], skip: number): Buffer[] {
-  const out: Buffer[] = [];
-  for (const b of data) {
-    if (skip >= b.length) skip -= b.length;
-    else {
-      out.push(skip > 0 ? b.subarray(skip) : b);
-      skip = 0;
-    }
-  }
-  return out;
 }
 
 export class FileDriver implements BlockDriver {

@@ -36,6 +36,7 @@ import {
   type EntryKind,
   type FileHeader,
 } from "./journal-format.js";
+import { fdatasyncAsync, remainingIov, writevAsync } from "./fs-async.js";
 
 export const SYNC_APPEND_BYTES_MAX = 128 * KiB;
 /** The scanner reads the journal in chunks of this size (an entry larger than it is read whole). */
@@ -133,28 +134,6 @@ export function scanJournalFile(path: string, onEntry?: (e: Entry) => boolean | 
 }
 
 // ---- the driver ---------------------------------------------------------------------------------------
-
-function writevAsync(fd: number, data: Buffer[], position: number): Promise<number> {
-  return new Promise((resolve, reject) =>
-    fs.writev(fd, data, position, (err, n) => (err ? reject(err) : resolve(n))),
-  );
-}
-
-function fdatasyncAsync(fd: number): Promise<void> {
-  return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
-}
-
-function skipBytes(data: readonly Buffer[], skip: number): Buffer[] {
-  const out: Buffer[] = [];
-  for (const b of data) {
-    if (skip >= b.length) skip -= b.length;
-    else {
-      out.push(skip > 0 ? b.subarray(skip) : b);
-      skip = 0;
-    }
-  }
-  return out;
-}
 
 export class JournalDriver implements BlockDriver {
   readonly driverName = "journal";
@@ -334,7 +313,7 @@ export class JournalDriver implements BlockDriver {
     if (total <= SYNC_APPEND_BYTES_MAX) {
       try {
         let done = fs.writevSync(this.#fd, iov, at);
-        while (done < total) done += fs.writevSync(this.#fd, skipBytes(iov, done), at + done);
+        while (done < total) done += fs.writevSync(this.#fd, remainingIov(iov, done), at + done);
       } catch (err) {
         throw this.#fail(err);
       }
@@ -343,7 +322,7 @@ export class JournalDriver implements BlockDriver {
     const p = (async () => {
       try {
         let done = await writevAsync(this.#fd, iov, at);
-        while (done < total) done += await writevAsync(this.#fd, skipBytes(iov, done), at + done);
+        while (done < total) done += await writevAsync(this.#fd, remainingIov(iov, done), at + done);
       } catch (err) {
         throw this.#fail(err);
       }

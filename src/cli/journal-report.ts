@@ -162,6 +162,14 @@ function renderReport(): void {
     ctx.fillRect(0, 0, c.width, c.height);
     return ctx;
   };
+
+  /** A canvas and its plot area (the canvas less the axis margins). */
+  const plotArea = (id: string, top: number, bottom: number) => {
+    const ctx = canvas(id);
+    const W = ctx.canvas.width;
+    const H = ctx.canvas.height;
+    return { ctx, W, H, pw: W - left - right, ph: H - top - bottom };
+  };
   // One plot area for the heatmap and the timeline, so their time axes line up.
   const left = 70;
   const right = 110;
@@ -195,13 +203,9 @@ function renderReport(): void {
 
   // ---- heatmap
   {
-    const ctx = canvas("heatmap");
-    const W = ctx.canvas.width;
-    const H = ctx.canvas.height;
     const top = 10;
     const bottom = 44;
-    const pw = W - left - right;
-    const ph = H - top - bottom;
+    const { ctx, H, pw, ph } = plotArea("heatmap", top, bottom);
     ctx.fillStyle = "#f2f2f2";
     ctx.fillRect(left, top, pw, ph);
     let max = 0;
@@ -316,13 +320,9 @@ function renderReport(): void {
 
   // ---- size histogram: stacked bars per power-of-two bucket
   {
-    const ctx = canvas("histogram");
-    const W = ctx.canvas.width;
-    const H = ctx.canvas.height;
     const top = 12;
     const bottom = 44;
-    const pw = W - left - right;
-    const ph = H - top - bottom;
+    const { ctx, H, pw, ph } = plotArea("histogram", top, bottom);
     const h = st.sizeHistogram;
     const kinds: ["write" | "zero" | "discard", string][] = [
       ["write", "#2a6fb0"],

@@ -3,7 +3,7 @@
  * `x-error-inject`). For testing error policies; not for production data paths.
  */
 import { BlockError, type BlockErrorCode } from "../../core/errors.js";
-import type { BlockDriver, Extent, WriteFlags, ZeroFlags } from "../driver.js";
+import type { BlockDriver, WriteFlags, ZeroFlags } from "../driver.js";
 import { FilterDriver } from "./filter.js";
 
 export interface ErrorInjectSettings {
@@ -47,8 +47,5 @@ export class ErrorInjectDriver extends FilterDriver {
   override flush(): Promise<void> {
     if (this.settings.failFlush) this.#fail("flush");
     return super.flush();
-  }
-  override blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return super.blockStatus(offset, length);
   }
 }

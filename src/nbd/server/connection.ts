@@ -7,7 +7,7 @@
 import type { Socket } from "node:net";
 import { BlockError, NBD_ERRNO, ProtocolError, toBlockError } from "../../core/errors.js";
 import type { Logger } from "../../core/log.js";
-import type { Extent } from "../../block/driver.js";
+import type { Extent, WriteFlags } from "../../block/driver.js";
 import type { BlockNode } from "../../io/block-node.js";
 import * as C from "../protocol/constants.js";
 import {
@@ -50,6 +50,14 @@ export interface ExportDirectory {
 }
 
 const BASE_ALLOCATION_ID = 1;
+
+// Shared, frozen flag objects: the write path allocates none per request.
+const FUA: WriteFlags = Object.freeze({ fua: true });
+const NO_FUA: WriteFlags = Object.freeze({ fua: false });
+
+function writeFlags(nbdFlags: number): WriteFlags {
+  return (nbdFlags & C.NBD_CMD_FLAG_FUA) !== 0 ? FUA : NO_FUA;
+}
 const KNOWN_CLIENT_FLAGS = C.NBD_FLAG_C_FIXED_NEWSTYLE | C.NBD_FLAG_C_NO_ZEROES;
 
 const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
@@ -368,13 +376,13 @@ export class NbdConnection {
         case C.NBD_CMD_READ:
           return await this.#read(node, h);
         case C.NBD_CMD_WRITE:
-          await node.write(h.offset, payload!, { fua: (h.flags & C.NBD_CMD_FLAG_FUA) !== 0 });
+          await node.write(h.offset, payload!, writeFlags(h.flags));
           break;
         case C.NBD_CMD_FLUSH:
           await node.flush();
           break;
         case C.NBD_CMD_TRIM:
-          await node.discard(h.offset, h.length, { fua: (h.flags & C.NBD_CMD_FLAG_FUA) !== 0 });
+          await node.discard(h.offset, h.length, writeFlags(h.flags));
           break;
         case C.NBD_CMD_WRITE_ZEROES:
           await node.writeZeroes(h.offset, h.length, {

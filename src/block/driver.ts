@@ -37,10 +37,22 @@ export interface Extent {
   readonly zero: boolean;
 }
 
+/**
+ * The link of a driver that reaches its storage over a network (the NBD client). Jobs watch it: while
+ * it is down they record what the target misses, and when it comes back they resync.
+ */
+export interface RemoteLink {
+  readonly connected: boolean;
+  /** Calls `listener` on every change; returns the function that stops it. */
+  watch(listener: (connected: boolean) => void): () => void;
+}
+
 export interface BlockDriver {
   /** A short name: "file", "memory", "null". */
   readonly driverName: string;
   readonly capabilities: DriverCapabilities;
+  /** Present on drivers whose storage is remote. */
+  readonly link?: RemoteLink;
   /** Size in bytes; fixed for the life of the open driver. */
   size(): number;
   /** Fills `into` with the bytes at offset. The caller has checked bounds. */

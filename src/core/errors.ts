@@ -4,7 +4,16 @@
  */
 
 export type BlockErrorCode =
-  "EPERM" | "EIO" | "ENOMEM" | "EINVAL" | "ENOSPC" | "EOVERFLOW" | "ENOTSUP" | "ESHUTDOWN";
+  | "EPERM"
+  | "EIO"
+  | "ENOMEM"
+  | "EINVAL"
+  | "ENOSPC"
+  | "EOVERFLOW"
+  | "ENOTSUP"
+  | "ESHUTDOWN"
+  /** A remote device (an NBD target) is unreachable now; jobs treat it as an outage, not a failure. */
+  | "ENOTCONN";
 
 /** An error the block layer reports to its caller: bad request, failing disk, shutdown. */
 export class BlockError extends Error {
@@ -34,7 +43,15 @@ export const NBD_ERRNO: Readonly<Record<BlockErrorCode, number>> = {
   EOVERFLOW: 75,
   ENOTSUP: 95,
   ESHUTDOWN: 108,
+  // Not in the NBD list: a client of ours only sees it as EIO.
+  ENOTCONN: 5,
 };
+
+/** NBD error numbers on the wire back to codes (what our NBD client receives). */
+export function fromNbdErrno(errno: number): BlockErrorCode {
+  for (const [code, n] of Object.entries(NBD_ERRNO)) if (n === errno) return code as BlockErrorCode;
+  return "EIO";
+}
 
 const SYSTEM_CODES: Readonly<Record<string, BlockErrorCode>> = {
   EPERM: "EPERM",
@@ -50,6 +67,7 @@ const SYSTEM_CODES: Readonly<Record<string, BlockErrorCode>> = {
   ENOTSUP: "ENOTSUP",
   EOPNOTSUPP: "ENOTSUP",
   ESHUTDOWN: "ESHUTDOWN",
+  ENOTCONN: "ENOTCONN",
 };
 
 /** Turns anything thrown below the block layer into a BlockError (unknown system errors become EIO). */

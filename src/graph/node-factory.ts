@@ -8,6 +8,8 @@ import { FileDriver } from "../block/drivers/file.js";
 import { JournalDriver } from "../block/drivers/journal.js";
 import { MemoryDriver } from "../block/drivers/memory.js";
 import { NullDriver } from "../block/drivers/null.js";
+import type { ServerAddress } from "../nbd/client/connection.js";
+import { NbdDriver } from "../nbd/client/nbd-driver.js";
 import { ErrorInjectDriver } from "../block/filters/error-inject.js";
 import { FilterDriver } from "../block/filters/filter.js";
 import { GiB } from "../core/units.js";
@@ -108,14 +110,70 @@ function open(
   }
 }
 
+/** Seconds from a QMP option, as milliseconds. */
+function seconds(o: BlockdevOptions, key: string, fallbackS: number): number {
+  const v = o[key];
+  if (v === undefined) return fallbackS * 1000;
+  if (typeof v !== "number" || !Number.isFinite(v) || v < 0 || v > 86400) {
+    throw new NodeOptionError(`Parameter '${key}' expects a number of seconds from 0 to 86400`);
+  }
+  return Math.round(v * 1000);
+}
+
+/** The nbd driver's `server` option (QEMU's SocketAddress: unix or inet). */
+function serverAddress(o: BlockdevOptions): ServerAddress {
+  const s = o.server as Record<string, unknown> | undefined;
+  if (!s || typeof s !== "object") throw new NodeOptionError("Parameter 'server' is missing");
+  if (s.type === "unix") {
+    if (typeof s.path !== "string") throw new NodeOptionError("Parameter 'server.path' is missing");
+    return { type: "unix", path: s.path };
+  }
+  if (s.type === "inet") {
+    if (typeof s.host !== "string") throw new NodeOptionError("Parameter 'server.host' is missing");
+    const port = Number(s.port ?? 10809);
+    if (!Number.isInteger(port) || port < 1 || port > 65535) {
+      throw new NodeOptionError(`Parameter 'server.port' expects a port number, not '${String(s.port)}'`);
+    }
+    return { type: "inet", host: s.host, port };
+  }
+  throw new NodeOptionError("Parameter 'server.type' should be 'unix' or 'inet'");
+}
+
+/** The remote driver: connects before the node exists, so blockdev-add fails if the server is down. */
+async function openNbd(graph: BlockGraph, o: BlockdevOptions): Promise<Opened> {
+  const server = serverAddress(o);
+  const exportName = o.export === undefined ? "" : o.export;
+  if (typeof exportName !== "string") throw new NodeOptionError("Parameter 'export' expects a string");
+  try {
+    const driver = await NbdDriver.open({
+      server,
+      exportName,
+      reconnectDelayMs: seconds(o, "reconnect-delay", 0),
+      requestTimeoutMs: seconds(o, "x-request-timeout", 5),
+      openTimeoutMs: seconds(o, "open-timeout", 10),
+      log: graph.log,
+    });
+    const where = server.type === "unix" ? `unix:${server.path}` : `${server.host}:${server.port}`;
+    return { driver, info: { driver: "nbd", filename: `nbd+${where}/${exportName}` } };
+  } catch (err) {
+    throw new NodeOptionError(`Failed to connect to the NBD server: ${(err as Error).message}`);
+  }
+}
+
 /** blockdev-add: opens the node and registers it in the graph. */
-export function addNodeFromOptions(graph: BlockGraph, o: BlockdevOptions): BlockNode {
+export async function addNodeFromOptions(graph: BlockGraph, o: BlockdevOptions): Promise<BlockNode> {
   const name = o["node-name"];
   if (typeof name !== "string") throw new NodeOptionError("Parameter 'node-name' is missing");
   if (!NODE_NAME_PATTERN.test(name)) throw new NodeOptionError(`Invalid node-name: '${name}'`);
   if (graph.getNode(name)) throw new NodeOptionError(`Duplicate nodes with node-name='${name}'`);
-  const readOnly = o["read-only"] === true;
-  const { driver, info } = open(graph, o, readOnly, "", name);
+  let readOnly = o["read-only"] === true;
+  const { driver, info } = o.driver === "nbd" ? await openNbd(graph, o) : open(graph, o, readOnly, "", name);
+  if (driver instanceof NbdDriver && driver.readOnly) readOnly = true;
+  // The connect was awaited: the name may have been taken meanwhile.
+  if (graph.getNode(name)) {
+    await driver.close();
+    throw new NodeOptionError(`Duplicate nodes with node-name='${name}'`);
+  }
   const node = new BlockNode(name, driver, { readOnly });
   graph.addNode(node, info);
   return node;

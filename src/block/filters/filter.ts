@@ -2,7 +2,14 @@
  * The pass-through filter: wraps the next driver and forwards every call. A filter overrides only
  * what it changes (see error-inject.ts).
  */
-import type { BlockDriver, DriverCapabilities, Extent, WriteFlags, ZeroFlags } from "../driver.js";
+import type {
+  BlockDriver,
+  DriverCapabilities,
+  Extent,
+  RemoteLink,
+  WriteFlags,
+  ZeroFlags,
+} from "../driver.js";
 
 export class FilterDriver implements BlockDriver {
   readonly driverName: string;
@@ -17,6 +24,9 @@ export class FilterDriver implements BlockDriver {
   }
   get capabilities(): DriverCapabilities {
     return this.next.capabilities;
+  }
+  get link(): RemoteLink | undefined {
+    return this.next.link;
   }
   size(): number {
     return this.next.size();

@@ -37,13 +37,14 @@ export function blockDeviceInfo(graph: BlockGraph, node: BlockNode): Record<stri
       format: info?.driver === "file" ? "file" : (info?.driver ?? "raw"),
       "virtual-size": node.size(),
     },
+    ...(node.driver.link ? { "x-connected": node.driver.link.connected } : {}),
     "x-users": graph.usersOf(node.name),
     "x-stats": { ...node.stats },
   };
 }
 
 const blockdevAddArgs = {
-  driver: { type: "enum", values: ["file", "raw", "memory", "null-co", "error-inject", "journal"] },
+  driver: { type: "enum", values: ["file", "raw", "memory", "null-co", "error-inject", "journal", "nbd"] },
   "node-name": { type: "str" },
   filename: { type: "str", optional: true },
   file: { type: "any", optional: true },
@@ -59,6 +60,14 @@ const blockdevAddArgs = {
   "fail-flush": { type: "bool", optional: true },
   /** journal: store each write's data (default) or only its SHA-256. */
   data: { type: "bool", optional: true },
+  /** nbd: QEMU's SocketAddress ({type: unix, path} or {type: inet, host, port}), export name. */
+  server: { type: "any", optional: true },
+  export: { type: "str", optional: true },
+  /** nbd: seconds a request waits for a lost connection to return (QEMU's name). */
+  "reconnect-delay": { type: "number", optional: true },
+  "open-timeout": { type: "number", optional: true },
+  /** nbd: seconds without a reply after which the link counts as dead (drivetap's). */
+  "x-request-timeout": { type: "number", optional: true },
 } as const;
 
 export function blockCommands(graph: BlockGraph): QmpCommandDef[] {
@@ -66,9 +75,9 @@ export function blockCommands(graph: BlockGraph): QmpCommandDef[] {
     defineCommand({
       name: "blockdev-add",
       args: blockdevAddArgs,
-      handler: (args) => {
+      handler: async (args) => {
         try {
-          addNodeFromOptions(graph, args as Record<string, unknown>);
+          await addNodeFromOptions(graph, args as Record<string, unknown>);
         } catch (err) {
           if (err instanceof NodeOptionError) throw new QmpError("GenericError", err.message);
           throw err;

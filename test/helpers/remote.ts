@@ -1,0 +1,106 @@
+/**
+ * Remote NBD targets for the client-driver and mirror tests: qemu-nbd over a raw image and nbdkit
+ * (memory plugin, optionally behind filters), each on a unix socket, with kill -9 and restart on the
+ * same socket. Readiness is awaited by connecting, never by sleeping.
+ */
+import * as net from "node:net";
+import { existsSync, rmSync } from "node:fs";
+import type { TestContext } from "node:test";
+import { pollUntil } from "./jobs.js";
+import { start, type Running } from "./run.js";
+
+export interface RemoteTarget {
+  readonly socket: string;
+  /** Restartable: the process now serving, if any. */
+  readonly running: Running | null;
+  /** kill -9; resolves when the process is gone. */
+  kill(): Promise<void>;
+  /** Starts it again on the same socket and waits until it accepts connections. */
+  restart(): Promise<void>;
+}
+
+function accepts(socket: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    if (!existsSync(socket)) return resolve(false);
+    const s = net.createConnection({ path: socket });
+    s.once("connect", () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once("error", () => resolve(false));
+  });
+}
+
+async function startTarget(
+  t: Pick<TestContext, "after">,
+  what: string,
+  socket: string,
+  cmd: string,
+  args: readonly string[],
+): Promise<RemoteTarget> {
+  let running: Running | null = null;
+  const launch = async (): Promise<void> => {
+    rmSync(socket, { force: true });
+    const r = start(cmd, args, { timeoutMs: 30 * 60_000 });
+    running = r;
+    let exited = false;
+    void r.result.then(
+      () => (exited = true),
+      () => (exited = true),
+    );
+    await pollUntil(
+      `${what} listening on ${socket}`,
+      async () => {
+        if (exited) throw new Error(`${what} exited: ${r.stderr()}`);
+        return accepts(socket);
+      },
+      15_000,
+    );
+  };
+  const kill = async (): Promise<void> => {
+    const r = running;
+    if (!r) return;
+    running = null;
+    r.proc.kill("SIGKILL");
+    await r.result.catch(() => undefined);
+  };
+  t.after(kill);
+  await launch();
+  return {
+    socket,
+    get running() {
+      return running;
+    },
+    kill,
+    restart: launch,
+  };
+}
+
+/** qemu-nbd serving a raw image, writeback cache, up to 8 clients, staying up between clients. */
+export function startQemuNbd(
+  t: Pick<TestContext, "after">,
+  image: string,
+  socket: string,
+): Promise<RemoteTarget> {
+  return startTarget(t, "qemu-nbd", socket, "qemu-nbd", [
+    "-f",
+    "raw",
+    "-k",
+    socket,
+    "-t",
+    "-e",
+    "8",
+    "--cache=writeback",
+    "--discard=unmap",
+    image,
+  ]);
+}
+
+/** nbdkit in the foreground on a unix socket; `plugin` and its arguments, filters as --filter=NAME. */
+export function startNbdkit(
+  t: Pick<TestContext, "after">,
+  socket: string,
+  args: readonly string[],
+): Promise<RemoteTarget> {
+  return startTarget(t, "nbdkit", socket, "nbdkit", ["-f", "-U", socket, ...args]);
+}

@@ -3,42 +3,36 @@
  * interleaved round by round so that machine noise hits all servers alike. Prints medians and ratios,
  * and drivetap's peak RSS. Environment: BENCH_ROUNDS (default 3), BENCH_RUNTIME_S (default 5),
  * BENCH_SIZE (default 1G), BENCH_DIR (default a temp dir), BENCH_SERVERS (comma list to restrict),
- * BENCH_PARTS (comma list of "servers", "stream", "journal"; default all).
+ * BENCH_PARTS (comma list of "servers", "stream", "journal", "mirror"; default all).
  *
  * The "stream" part measures the cost of a backup sync=stream job: the same fio workloads through
  * drivetap's export with no job and with a stream job to a local raw file, interleaved. The "journal"
- * part does the same with a journal node (issue 5) as the stream target.
+ * part does the same with a journal node (issue 5) as the stream target. The "mirror" part
+ * (bench/mirror.ts) compares a write-blocking mirror to a qemu-nbd target in drivetap and in
+ * qemu-storage-daemon (BENCH_MIRROR_DAEMONS=drivetap|qsd|both).
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import { fileURLToPath } from "node:url";
-import { parseSize } from "../src/core/units.js";
 import { QmpClient } from "../src/qmp/client.js";
-
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
-const CLI = path.join(ROOT, "dist/src/cli/main.js");
-const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
-const RUNTIME_S = Number(process.env.BENCH_RUNTIME_S ?? 5);
-const SIZE = parseSize(process.env.BENCH_SIZE ?? "1G");
-
-interface Workload {
-  readonly name: string;
-  readonly rw: string;
-  readonly bs: string;
-  readonly iodepth: number;
-  /** MB/s for large blocks, IOPS for small ones. */
-  readonly unit: "MB/s" | "IOPS";
-}
-
-export const WORKLOADS: readonly Workload[] = [
-  { name: "seq write 1M QD8", rw: "write", bs: "1M", iodepth: 8, unit: "MB/s" },
-  { name: "seq read 1M QD8", rw: "read", bs: "1M", iodepth: 8, unit: "MB/s" },
-  { name: "rand write 4k QD32", rw: "randwrite", bs: "4k", iodepth: 32, unit: "IOPS" },
-  { name: "rand read 4k QD32", rw: "randread", bs: "4k", iodepth: 32, unit: "IOPS" },
-  { name: "rand write 4k QD1", rw: "randwrite", bs: "4k", iodepth: 1, unit: "IOPS" },
-];
+import {
+  CLI,
+  JOB_WORKLOADS,
+  ROUNDS,
+  RUNTIME_S,
+  SIZE,
+  WORKLOADS,
+  median,
+  need,
+  peakRssBytes,
+  printTable,
+  qemuNbdArgs,
+  runFio,
+  stopProcess,
+  waitForSocket,
+} from "./common.js";
+import { benchMirror, selectedMirrorDaemons } from "./mirror.js";
 
 interface Server {
   readonly name: string;
@@ -53,10 +47,7 @@ export const SERVERS: readonly Server[] = [
   },
   {
     name: "qemu-nbd",
-    start: (image, socket) =>
-      spawn("qemu-nbd", ["-t", "--cache=writeback", "-e", "8", "-f", "raw", "-k", socket, image], {
-        stdio: "ignore",
-      }),
+    start: (image, socket) => spawn("qemu-nbd", qemuNbdArgs(image, socket), { stdio: "ignore" }),
   },
   {
     name: "nbdkit",
@@ -65,67 +56,12 @@ export const SERVERS: readonly Server[] = [
   },
 ];
 
-function need(tool: string): void {
-  const r = spawnSync("sh", ["-c", `command -v ${tool}`]);
-  if (r.status !== 0) throw new Error(`${tool} is not installed (run scripts/install-deps.sh)`);
-}
-
-async function waitForSocket(socket: string, proc: ChildProcess): Promise<void> {
-  const deadline = Date.now() + 10_000;
-  while (!fs.existsSync(socket)) {
-    if (proc.exitCode !== null) throw new Error(`server exited with ${proc.exitCode} before listening`);
-    if (Date.now() > deadline) throw new Error(`server did not create ${socket}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
-
-function peakRssBytes(pid: number): number {
-  try {
-    const status = fs.readFileSync(`/proc/${pid}/status`, "utf8");
-    const m = /VmHWM:\s+(\d+) kB/.exec(status);
-    return m ? Number(m[1]) * 1024 : 0;
-  } catch {
-    return 0;
-  }
-}
-
-function runFio(uri: string, w: Workload): number {
-  const args = [
-    "--name=bench",
-    "--ioengine=nbd",
-    `--uri=${uri}`,
-    `--rw=${w.rw}`,
-    `--bs=${w.bs}`,
-    `--iodepth=${w.iodepth}`,
-    `--size=${SIZE}`,
-    "--time_based",
-    `--runtime=${RUNTIME_S}`,
-    "--ramp_time=1",
-    "--randrepeat=0",
-    "--output-format=json",
-  ];
-  const r = spawnSync("fio", args, { encoding: "utf8", maxBuffer: 64 << 20 });
-  if (r.status !== 0) throw new Error(`fio failed: ${r.stderr}`);
-  const job = JSON.parse(r.stdout.slice(r.stdout.indexOf("{"))).jobs[0];
-  const side = w.rw.includes("write") ? job.write : job.read;
-  return w.unit === "IOPS" ? side.iops : side.bw_bytes / 1e6;
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-}
-
-const STREAM_WORKLOADS = WORKLOADS.filter(
-  (w) => w.name === "seq write 1M QD8" || w.name === "rand write 4k QD32",
-);
-
 type StreamTarget = "file" | "journal";
 
 async function benchStream(dir: string, image: string, targetKind: StreamTarget): Promise<void> {
   const results = new Map<string, number[]>();
   for (let round = 1; round <= ROUNDS; round++) {
-    for (const w of STREAM_WORKLOADS) {
+    for (const w of JOB_WORKLOADS) {
       for (const variant of ["no job", "stream job"] as const) {
         const socket = path.join(dir, "stream.sock");
         const qmpPath = path.join(dir, "stream-qmp.sock");
@@ -174,8 +110,7 @@ async function benchStream(dir: string, image: string, targetKind: StreamTarget)
           );
         } finally {
           qmp?.close();
-          proc.kill("SIGTERM");
-          await new Promise((r) => (proc.exitCode !== null ? r(null) : proc.once("exit", r)));
+          await stopProcess(proc);
           fs.rmSync(target, { force: true });
         }
       }
@@ -185,7 +120,7 @@ async function benchStream(dir: string, image: string, targetKind: StreamTarget)
   console.log(`\nbackup sync=stream to ${what}, through drivetap's export, median of ${ROUNDS} rounds`);
   console.log("| workload | no job | stream job | ratio |");
   console.log("|---|---|---|---|");
-  for (const w of STREAM_WORKLOADS) {
+  for (const w of JOB_WORKLOADS) {
     const a = median(results.get(`no job/${w.name}`) ?? [NaN]);
     const b = median(results.get(`stream job/${w.name}`) ?? [NaN]);
     console.log(`| ${w.name} (${w.unit}) | ${a.toFixed(0)} | ${b.toFixed(0)} | ${(b / a).toFixed(2)}x |`);
@@ -193,23 +128,32 @@ async function benchStream(dir: string, image: string, targetKind: StreamTarget)
 }
 
 async function main(): Promise<void> {
-  for (const tool of ["fio", "qemu-nbd", "nbdkit"]) need(tool);
+  need("fio");
+  const parts = (process.env.BENCH_PARTS ?? "servers,stream,journal,mirror").split(",");
+  for (const part of parts)
+    if (!["servers", "stream", "journal", "mirror"].includes(part))
+      throw new Error(`BENCH_PARTS: unknown part "${part}"`);
   const only = process.env.BENCH_SERVERS?.split(",");
   const servers = SERVERS.filter((s) => !only || only.includes(s.name));
+  const mirrorDaemons = parts.includes("mirror") ? selectedMirrorDaemons() : [];
   const dir = process.env.BENCH_DIR ?? fs.mkdtempSync(path.join(os.tmpdir(), "drivetap-bench-"));
-  const image = path.join(dir, "bench.img");
-  process.stderr.write(`bench: filling ${image} (${SIZE} bytes) with random data\n`);
-  const fill = spawnSync("sh", ["-c", `head -c ${SIZE} /dev/urandom > '${image}'`]);
-  if (fill.status !== 0) throw new Error("could not create the image");
+  try {
+    const image = path.join(dir, "bench.img");
+    process.stderr.write(`bench: filling ${image} (${SIZE} bytes) with random data\n`);
+    const fill = spawnSync("sh", ["-c", `head -c ${SIZE} /dev/urandom > '${image}'`]);
+    if (fill.status !== 0) throw new Error("could not create the image");
 
-  const parts = (process.env.BENCH_PARTS ?? "servers,stream,journal").split(",");
-  if (parts.includes("servers")) await benchServers(servers, dir, image);
-  if (parts.includes("stream")) await benchStream(dir, image, "file");
-  if (parts.includes("journal")) await benchStream(dir, image, "journal");
-  if (!process.env.BENCH_DIR) fs.rmSync(dir, { recursive: true, force: true });
+    if (parts.includes("servers")) await benchServers(servers, dir, image);
+    if (parts.includes("stream")) await benchStream(dir, image, "file");
+    if (parts.includes("journal")) await benchStream(dir, image, "journal");
+    if (parts.includes("mirror")) await benchMirror(mirrorDaemons, dir, image);
+  } finally {
+    if (!process.env.BENCH_DIR) fs.rmSync(dir, { recursive: true, force: true });
+  }
 }
 
 async function benchServers(servers: readonly Server[], dir: string, image: string): Promise<void> {
+  for (const s of servers) if (s.name !== "drivetap") need(s.name);
   const results = new Map<string, number[]>(); // `${server}/${workload}`
   let drivetapRss = 0;
   for (let round = 1; round <= ROUNDS; round++) {
@@ -228,8 +172,7 @@ async function benchServers(servers: readonly Server[], dir: string, image: stri
             `round ${round} ${w.name.padEnd(20)} ${s.name.padEnd(9)} ${value.toFixed(0)} ${w.unit}\n`,
           );
         } finally {
-          proc.kill("SIGTERM");
-          await new Promise((r) => (proc.exitCode !== null ? r(null) : proc.once("exit", r)));
+          await stopProcess(proc);
         }
       }
     }
@@ -249,15 +192,10 @@ async function benchServers(servers: readonly Server[], dir: string, image: stri
       .map((n) => `${(dt / med[names.indexOf(n)]).toFixed(2)}x`);
     return [`${w.name} (${w.unit})`, ...med.map((v) => v.toFixed(0)), ...ratios];
   });
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
-  const line = (cells: string[]): string =>
-    "| " + cells.map((c, i) => c.padEnd(widths[i])).join(" | ") + " |";
   console.log(
     `\nfio ioengine=nbd, unix socket, ${SIZE} bytes raw image, ${RUNTIME_S}s per run, median of ${ROUNDS} interleaved rounds`,
   );
-  console.log(line(header));
-  console.log("|" + widths.map((w) => "-".repeat(w + 2)).join("|") + "|");
-  for (const r of rows) console.log(line(r));
+  printTable(header, rows);
   if (names.includes("drivetap"))
     console.log(`\ndrivetap peak RSS: ${(drivetapRss / 1048576).toFixed(0)} MiB`);
 }

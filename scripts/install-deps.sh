@@ -7,6 +7,8 @@ missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# qemu-storage-daemon (the mirror benchmark's reference) comes with qemu-system-common.
+command -v qemu-storage-daemon >/dev/null || missing+=(qemu-system-common)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

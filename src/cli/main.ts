@@ -12,6 +12,7 @@ import type { Logger } from "../core/log.js";
 import { addTapCommand } from "./tap.js";
 import { addJournalCommands } from "./journal-commands.js";
 import { addQmpCommands, DEFAULT_QMP_SOCKET } from "./qmp-commands.js";
+import { addVerifyCommand } from "./verify-command.js";
 
 const DEFAULT_SIZE = "1G";
 const DEFAULT_PORT = 10809;
@@ -136,5 +137,6 @@ program
 addQmpCommands(program);
 addJournalCommands(program);
 addTapCommand(program);
+addVerifyCommand(program);
 
 await program.parseAsync(process.argv);

@@ -21,14 +21,14 @@ export const PROGRESS_POLL_MS = 200;
 const TIMER_MAX_MS = 2 ** 31 - 1;
 const EXIT_SIGINT = 130;
 
-const SOCKET_HELP = `the daemon's QMP socket (default: $DRIVETAP_QMP, else ${DEFAULT_QMP_SOCKET})`;
+export const SOCKET_HELP = `the daemon's QMP socket (default: $DRIVETAP_QMP, else ${DEFAULT_QMP_SOCKET})`;
 
 export function defaultQmpSocket(): string {
   return process.env.DRIVETAP_QMP || DEFAULT_QMP_SOCKET;
 }
 
 /** A failure to report as `drivetap NAME: message` with an exit code. */
-class CliFailure extends Error {
+export class CliFailure extends Error {
   readonly exitCode: number;
   constructor(message: string, exitCode = 1) {
     super(message);
@@ -37,7 +37,7 @@ class CliFailure extends Error {
 }
 
 /** Runs an action and exits with its code; any failure is one line on stderr. */
-async function runAction(name: string, action: () => Promise<number>): Promise<never> {
+export async function runAction(name: string, action: () => Promise<number>): Promise<never> {
   let code: number;
   try {
     code = await action();
@@ -51,7 +51,7 @@ async function runAction(name: string, action: () => Promise<number>): Promise<n
   process.exit(code);
 }
 
-async function connect(socketPath: string): Promise<QmpClient> {
+export async function connect(socketPath: string): Promise<QmpClient> {
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<never>((_, reject) => {
     timer = setTimeout(

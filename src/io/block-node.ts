@@ -4,7 +4,8 @@
  *   runs before-write hooks -> calls the driver (emulating write-zeroes and FUA where it cannot) ->
  *   runs after-write hooks -> ends the tracked request.
  * It can drain (wait for everything in flight) and counts I/O. Jobs see and duplicate writes through
- * hooks; they never patch drivers.
+ * hooks; they never patch drivers. A range lock (lockRange) holds writes to a range out, for a caller
+ * that must see both a node and a hook's copy of it settled (verify).
  */
 import { BlockError, toBlockError } from "../core/errors.js";
 import { rangesOverlap } from "../core/ranges.js";
@@ -36,6 +37,14 @@ export interface BlockNodeOptions {
 
 const NO_FLAGS: ZeroFlags = Object.freeze({});
 
+/** A held lockRange. Its id comes from the request counter: it orders the lock among requests. */
+interface RangeLock {
+  readonly id: number;
+  readonly offset: number;
+  readonly length: number;
+  readonly released: Promise<void>;
+}
+
 export class BlockNode {
   readonly name: string;
   readonly driver: BlockDriver;
@@ -59,6 +68,7 @@ export class BlockNode {
   #serialisingInFlight = 0;
   #nextId = 1;
   #drainWaiters: Array<() => void> = [];
+  readonly #rangeLocks = new Set<RangeLock>();
   #closed = false;
 
   constructor(name: string, driver: BlockDriver, options: BlockNodeOptions = {}) {
@@ -185,6 +195,50 @@ export class BlockNode {
     }
   }
 
+  /**
+   * Locks [offset, offset + length) against writes, write-zeroes and discards. Resolves once every
+   * overlapping one that began earlier has ended (after its hooks' after(), so a job's copy of it has
+   * landed too) and every earlier overlapping lock is released. Overlapping ones that begin later wait,
+   * before their hooks run, until the returned function is called. Reads and flushes never wait.
+   * Earlier/later is by request id, so a lock and a write never wait for each other.
+   */
+  async lockRange(offset: number, length: number): Promise<() => void> {
+    this.#checkRange("read", offset, length);
+    if (length === 0) throw new BlockError("EINVAL", "cannot lock an empty range");
+    let release!: () => void;
+    const lock: RangeLock = {
+      id: this.#nextId++,
+      offset,
+      length,
+      released: new Promise<void>((resolve) => (release = resolve)),
+    };
+    const earlierLocks = [...this.#rangeLocks];
+    const earlierWrites = [...this.#inFlight];
+    this.#rangeLocks.add(lock);
+    let held = true;
+    const unlock = (): void => {
+      if (!held) return;
+      held = false;
+      this.#rangeLocks.delete(lock);
+      release();
+    };
+    for (const other of earlierLocks) {
+      if (rangesOverlap(other.offset, other.length, offset, length)) await other.released;
+    }
+    for (const req of earlierWrites) {
+      if (
+        (req.kind === "write" || req.kind === "zero" || req.kind === "discard") &&
+        rangesOverlap(req.offset, req.length, offset, length)
+      )
+        await req.whenEnded();
+    }
+    return unlock;
+  }
+
+  get rangeLockCount(): number {
+    return this.#rangeLocks.size;
+  }
+
   /** Resolves when nothing is in flight. Requests started meanwhile are waited for too. */
   drain(): Promise<void> {
     if (this.#inFlight.size === 0) return Promise.resolve();
@@ -270,6 +324,14 @@ export class BlockNode {
     }
   }
 
+  /** Waits for every overlapping range lock taken before this request began. */
+  async #waitForRangeLocks(req: TrackedRequest): Promise<void> {
+    for (const lock of [...this.#rangeLocks]) {
+      if (lock.id < req.id && rangesOverlap(lock.offset, lock.length, req.offset, req.length))
+        await lock.released;
+    }
+  }
+
   async #mutate(
     kind: HookedKind,
     offset: number,
@@ -283,6 +345,7 @@ export class BlockNode {
     const req = this.#begin(kind, offset, length, data, flags, kind !== "flush" && this.#serialiseWrites);
     try {
       if (this.#serialisingInFlight > 0 && kind !== "flush") await this.#waitForOverlaps(req);
+      if (this.#rangeLocks.size > 0 && kind !== "flush") await this.#waitForRangeLocks(req);
       for (const hook of hooks) {
         // Await only what is a promise: a synchronous hook costs no extra microtask.
         const pending = hook.before?.(req);

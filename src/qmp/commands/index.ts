@@ -7,6 +7,7 @@ import { exportCommands } from "./exports.js";
 import { jobCommands } from "./jobs.js";
 import { journalCommands } from "./journal.js";
 import { tapCommands } from "./tap.js";
+import { verifyCommands } from "./verify.js";
 
 export function registerCommands(server: QmpServer, graph: BlockGraph): void {
   for (const def of [
@@ -16,6 +17,7 @@ export function registerCommands(server: QmpServer, graph: BlockGraph): void {
     ...backupCommands(graph),
     ...journalCommands(graph),
     ...tapCommands(graph),
+    ...verifyCommands(graph),
   ]) {
     server.register(def);
   }

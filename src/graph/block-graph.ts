@@ -7,6 +7,7 @@ import * as path from "node:path";
 import { EventBus } from "../core/events.js";
 import { silentLogger, type Logger } from "../core/log.js";
 import type { BlockNode } from "../io/block-node.js";
+import { BitmapRegistry, type NamedBitmap } from "../io/named-bitmaps.js";
 import type { Job } from "../jobs/job.js";
 import type { NbdServer } from "../nbd/server/server.js";
 
@@ -38,6 +39,8 @@ export interface ExportRecord {
   readonly name: string;
   readonly writable: boolean;
   readonly description: string;
+  /** Dirty bitmaps of the node offered as qemu:dirty-bitmap:NAME meta contexts (held busy). */
+  readonly bitmaps?: readonly NamedBitmap[];
 }
 
 export class BlockGraph {
@@ -47,9 +50,13 @@ export class BlockGraph {
   readonly #exports = new Map<string, ExportRecord>();
   readonly #jobs = new Map<string, Job>();
   #nbd: NbdServer | null = null;
+  /** Named dirty bitmaps of every node; persistent ones are loaded when their image is added. */
+  readonly bitmaps: BitmapRegistry;
+  readonly #exportReleases = new Map<string, Array<() => void>>();
 
   constructor(log: Logger = silentLogger) {
     this.log = log;
+    this.bitmaps = new BitmapRegistry(log);
   }
 
   // ---- nodes ---------------------------------------------------------------------------------------
@@ -57,6 +64,12 @@ export class BlockGraph {
   addNode(node: BlockNode, info: NodeInfo = { driver: node.driver.driverName }, internal = false): void {
     if (this.#nodes.has(node.name)) throw new Error(`Duplicate nodes with node-name='${node.name}'`);
     this.#nodes.set(node.name, { node, info, users: new Map(), internal, exclusive: null });
+    // A node layered on a child (raw over a node name) is not where its image's bitmaps live.
+    if (!internal && info.filename !== undefined && info.child === undefined) {
+      this.bitmaps.load(node, info.filename);
+    }
+    // Writes to a parent reach the child's driver directly: the child's bitmaps must see them here.
+    if (info.child !== undefined) this.bitmaps.move(info.child, node);
   }
 
   getNode(name: string): BlockNode | undefined {
@@ -112,6 +125,9 @@ export class BlockGraph {
     if (e.users.size > 0) throw new Error(`Node '${name}' is busy: ${[...e.users.values()].join(", ")}`);
     this.#nodes.delete(name);
     if (e.info.child) this.release(e.info.child, `node:${name}`);
+    const child = e.info.child ? this.getNode(e.info.child) : undefined;
+    if (child) this.bitmaps.move(name, child);
+    else await this.bitmaps.close(name);
     await e.node.close();
   }
 
@@ -138,7 +154,9 @@ export class BlockGraph {
       description: record.description,
       node,
       readOnly: !record.writable,
+      bitmaps: record.bitmaps?.map((b) => ({ name: b.name, bits: b.bits })),
     });
+    this.#exportReleases.set(record.id, record.bitmaps?.map((b) => b.hold()) ?? []);
     this.#exports.set(record.id, record);
   }
 
@@ -147,6 +165,8 @@ export class BlockGraph {
     if (!r) throw new Error(`Export '${id}' is not found`);
     this.#nbd?.removeExport(r.name);
     this.release(r.nodeName, `export:${id}`);
+    for (const release of this.#exportReleases.get(id) ?? []) release();
+    this.#exportReleases.delete(id);
     this.#exports.delete(id);
   }
 
@@ -198,6 +218,11 @@ export class BlockGraph {
     for (const e of entries) {
       try {
         if (!e.node.readOnly) await e.node.flush();
+      } catch (err) {
+        firstError ??= err;
+      }
+      try {
+        await this.bitmaps.close(e.node.name);
       } catch (err) {
         firstError ??= err;
       }

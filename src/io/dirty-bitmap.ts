@@ -1,6 +1,8 @@
 /**
  * A dirty bitmap: one bit per `granularity` bytes of a disk. Jobs use it to remember what a target
- * missed (stream and mirror) or what is already copied (backup).
+ * missed (stream and mirror) or what is already copied (backup); named bitmaps (io/named-bitmaps.ts)
+ * use it for what changed since a point in time. Bit c is bit (c & 7) of byte (c >> 3), the layout
+ * the sidecar file stores.
  */
 import { assert } from "../core/assert.js";
 
@@ -101,9 +103,116 @@ export class DirtyBitmap {
     return -1;
   }
 
+  /** The first clear cluster at or after `from`, or -1. */
+  nextClear(from: number): number {
+    for (let c = from; c < this.clusterCount; c++) {
+      if (this.#bits[c >> 3] === 0xff) {
+        c |= 7;
+        continue;
+      }
+      if (!this.get(c)) return c;
+    }
+    return -1;
+  }
+
+  /** True when any cluster touching [offset, offset + length) is set. */
+  anySet(offset: number, length: number): boolean {
+    const [first, end] = this.clustersOf(offset, length);
+    for (let c = first; c < end; c++) if (this.get(c)) return true;
+    return false;
+  }
+
+  /** True when every cluster touching [offset, offset + length) is set. */
+  allSet(offset: number, length: number): boolean {
+    const [first, end] = this.clustersOf(offset, length);
+    for (let c = first; c < end; c++) if (!this.get(c)) return false;
+    return true;
+  }
+
+  /**
+   * Sets every cluster that overlaps a set cluster of `other` (same disk size, any granularity).
+   * Returns the number of newly set clusters.
+   */
+  merge(other: DirtyBitmap): number {
+    assert(other.sizeBytes === this.sizeBytes, "merged bitmaps must cover the same disk");
+    const before = this.#count;
+    if (other.granularity === this.granularity) {
+      for (let i = 0; i < this.#bits.length; i++) {
+        const add = other.#bits[i] & ~this.#bits[i];
+        if (add === 0) continue;
+        this.#bits[i] |= add;
+        this.#count += popcount8(add);
+      }
+      return this.#count - before;
+    }
+    for (let c = other.nextSet(0); c >= 0; c = other.nextSet(c + 1)) {
+      const [offset, length] = other.rangeOf(c);
+      this.setRange(offset, length);
+    }
+    return this.#count - before;
+  }
+
+  /** A copy with the same bits. */
+  clone(): DirtyBitmap {
+    const copy = new DirtyBitmap(this.sizeBytes, this.granularity);
+    copy.#bits.set(this.#bits);
+    copy.#count = this.#count;
+    return copy;
+  }
+
+  /** Replaces every bit with `other`'s (same size and granularity). */
+  copyFrom(other: DirtyBitmap): void {
+    assert(
+      other.sizeBytes === this.sizeBytes && other.granularity === this.granularity,
+      "copyFrom needs the same geometry",
+    );
+    this.#bits.set(other.#bits);
+    this.#count = other.#count;
+  }
+
+  /** The bit bytes (persistence reads them; callers must not write). */
+  get bytes(): Uint8Array {
+    return this.#bits;
+  }
+
+  /** Loads bit bytes written by `bytes` (bits past the last cluster are ignored). */
+  loadBytes(src: Uint8Array, at = 0): void {
+    this.#bits.set(src.subarray(0, Math.min(src.length, this.#bits.length - at)), at);
+    const tail = this.clusterCount & 7;
+    if (tail !== 0 && this.#bits.length > 0) this.#bits[this.#bits.length - 1] &= (1 << tail) - 1;
+    let n = 0;
+    for (const b of this.#bits) n += popcount8(b);
+    this.#count = n;
+  }
+
+  /**
+   * Runs of equal state from offset, clamped to offset + length and the disk: the first run starts at
+   * offset, each later one at a cluster boundary.
+   */
+  extents(offset: number, length: number): Array<{ length: number; dirty: boolean }> {
+    const end = Math.min(offset + length, this.sizeBytes);
+    const out: Array<{ length: number; dirty: boolean }> = [];
+    let pos = offset;
+    while (pos < end) {
+      const c = Math.floor(pos / this.granularity);
+      const dirty = this.get(c);
+      const next = dirty ? this.nextClear(c) : this.nextSet(c);
+      const runEnd = next < 0 ? end : Math.min(end, next * this.granularity);
+      out.push({ length: runEnd - pos, dirty });
+      pos = runEnd;
+    }
+    return out;
+  }
+
   /** Byte range of a cluster, clamped to the disk. */
   rangeOf(cluster: number): [offset: number, length: number] {
     const offset = cluster * this.granularity;
     return [offset, Math.min(this.granularity, this.sizeBytes - offset)];
   }
+}
+
+function popcount8(b: number): number {
+  b = b - ((b >> 1) & 0x55);
+  b = (b & 0x33) + ((b >> 2) & 0x33);
+  return (b + (b >> 4)) & 0x0f;
 }

@@ -1,8 +1,13 @@
 /** What every backup mode shares: the source and target nodes, policies, and the end of the job. */
 import type { BlockNode } from "../io/block-node.js";
+import type { NamedBitmap } from "../io/named-bitmaps.js";
 import { Job, type ErrorAction, type JobOptions } from "./job.js";
 
-export type SyncMode = "full" | "top" | "none" | "stream";
+/** QEMU's modes (incremental is bitmap with bitmap-mode on-success) and ours (stream). */
+export type SyncMode = "full" | "top" | "none" | "bitmap" | "stream";
+
+/** What happens to the job's bitmap at the end: clear what was copied on success, never, or always. */
+export type BitmapMode = "on-success" | "never" | "always";
 
 /** Background copies and repairs move this much at a time. */
 export const BACKUP_CLUSTER_BYTES = 64 * 1024;
@@ -13,6 +18,9 @@ export interface BackupOptions extends JobOptions {
   readonly sync: SyncMode;
   readonly onSourceError?: ErrorAction;
   readonly onTargetError?: ErrorAction;
+  /** sync=bitmap: the clusters to copy; full and top: updated at the end per bitmapMode. */
+  readonly bitmap?: NamedBitmap;
+  readonly bitmapMode?: BitmapMode;
   /** Called once at the end (after the target was flushed): releases the target in the graph. */
   readonly release?: () => void | Promise<void>;
 }

@@ -16,14 +16,23 @@
  * locked: others wait for that copy. Requests already in flight when the job starts are waited for
  * before any copy, so the snapshot is the state after them.
  *
+ * - bitmap (and QEMU's incremental): like full, but only the clusters dirty in the named bitmap when
+ *   the job starts are copied (and copied before write); the rest counts as done.
+ *
+ * With a bitmap (sync=bitmap, or full/top with one), the bitmap keeps recording during the job; the job
+ * also records the writes since its start. At the end, per bitmap-mode (on-success: if the job
+ * succeeded; always; never), every cluster the job copied and nobody wrote since the start is cleared,
+ * so the bitmap then holds exactly what the next incremental backup must copy.
+ *
  * Errors: a failed CBW copy breaks the snapshot, so the job fails (the guest's write still succeeds).
  * Background copy errors follow on-source-error / on-target-error: report fails the job, stop pauses
  * it and retries the cluster on resume, ignore retries later.
  */
 import { toBlockError } from "../core/errors.js";
 import { DirtyBitmap } from "../io/dirty-bitmap.js";
+import type { NamedBitmap } from "../io/named-bitmaps.js";
 import type { TrackedRequest, WriteHook } from "../io/tracked-request.js";
-import { BACKUP_CLUSTER_BYTES, BackupJobBase, type BackupOptions } from "./backup-common.js";
+import { BACKUP_CLUSTER_BYTES, BackupJobBase, type BackupOptions, type BitmapMode } from "./backup-common.js";
 
 export const BACKGROUND_RETRY_MS = 1000;
 
@@ -33,10 +42,57 @@ export class CbwBackupJob extends BackupJobBase {
   readonly #inProgress = new Map<number, Promise<void>>();
   #startBarrier: Promise<unknown> = Promise.resolve();
   #broken: Error | null = null;
+  readonly #bitmap: NamedBitmap | null;
+  readonly #bitmapMode: BitmapMode;
+  /** The bitmap's clusters when the job started (sync=bitmap copies these). */
+  #toCopy: DirtyBitmap | null = null;
+  /** What was written since the job started, at the bitmap's granularity. */
+  #since: DirtyBitmap | null = null;
 
   constructor(options: BackupOptions) {
     super(options);
     this.done = new DirtyBitmap(this.source.size(), BACKUP_CLUSTER_BYTES);
+    this.#bitmap = options.bitmap ?? null;
+    this.#bitmapMode = options.bitmapMode ?? "on-success";
+  }
+
+  /** Takes the bitmap's point in time; runs in the same synchronous step as attaching the hook. */
+  #startBitmap(): void {
+    const bm = this.#bitmap;
+    if (!bm) return;
+    this.#since = new DirtyBitmap(bm.bits.sizeBytes, bm.bits.granularity);
+    bm.followers.add(this.#since);
+    if (this.sync !== "bitmap") return;
+    const toCopy = (this.#toCopy = bm.bits.clone());
+    this.done.setAll();
+    for (let c = toCopy.nextSet(0); c >= 0; c = toCopy.nextSet(c + 1)) {
+      const [offset, length] = toCopy.rangeOf(c);
+      this.done.clearRange(offset, length);
+    }
+  }
+
+  /** Clears from the bitmap what the job copied and nobody wrote since, if bitmap-mode says so. */
+  async #finishBitmap(success: boolean): Promise<void> {
+    const bm = this.#bitmap;
+    const since = this.#since;
+    if (!bm || !since) return;
+    bm.followers.delete(since);
+    if (this.#bitmapMode === "never" || (this.#bitmapMode === "on-success" && !success)) return;
+    const bits = bm.bits;
+    const candidates = this.#toCopy ?? bits.clone();
+    for (let c = candidates.nextSet(0); c >= 0; c = candidates.nextSet(c + 1)) {
+      const [offset, length] = bits.rangeOf(c);
+      if (!since.get(c) && this.done.allSet(offset, length)) bits.clear(c);
+    }
+    await bm.changed(0, bits.clusterCount);
+  }
+
+  protected override async onFinalize(success: boolean): Promise<void> {
+    try {
+      await this.#finishBitmap(success);
+    } finally {
+      await super.onFinalize(success);
+    }
   }
 
   readonly #hook: WriteHook = {
@@ -95,6 +151,7 @@ export class CbwBackupJob extends BackupJobBase {
   protected async run(): Promise<void> {
     const earlier = [...this.source.inFlight()].filter((r) => r.kind !== "read" && r.kind !== "block-status");
     const detach = this.source.addWriteHook(this.#hook);
+    this.#startBitmap();
     this.#startBarrier = Promise.all(earlier.map((r) => r.whenEnded()));
     try {
       await this.#startBarrier;

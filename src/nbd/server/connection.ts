@@ -9,6 +9,7 @@ import { BlockError, NBD_ERRNO, ProtocolError, toBlockError } from "../../core/e
 import type { Logger } from "../../core/log.js";
 import type { Extent, WriteFlags } from "../../block/driver.js";
 import type { BlockNode } from "../../io/block-node.js";
+import type { DirtyBitmap } from "../../io/dirty-bitmap.js";
 import * as C from "../protocol/constants.js";
 import {
   OFFSET_DATA_PREFIX_BYTES,
@@ -41,9 +42,20 @@ export interface NbdExport {
   readonly description: string;
   readonly node: BlockNode;
   readonly readOnly: boolean;
+  /** Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` meta contexts (bit 0: dirty). */
+  readonly bitmaps?: ReadonlyArray<{ readonly name: string; readonly bits: DirtyBitmap }>;
 }
 
-/** What a connection needs from its server. */
+/** QEMU's meta context namespace and the prefix of its dirty-bitmap contexts. */
+const QEMU_NAMESPACE = "qemu:";
+const DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:";
+const NBD_STATE_DIRTY = 1;
+
+/** A meta context chosen with SET_META_CONTEXT: base:allocation, or one exported bitmap. */
+interface MetaContext {
+  readonly id: number;
+  readonly bits: DirtyBitmap | null;
+}
 export interface ExportDirectory {
   findExport(name: string): NbdExport | undefined;
   listExports(): readonly NbdExport[];
@@ -81,7 +93,7 @@ export class NbdConnection {
   #structured = false;
   /** Meta contexts chosen with SET_META_CONTEXT, and the export they were chosen for. */
   #metaExport: string | null = null;
-  #baseAllocation = false;
+  #contexts: MetaContext[] = [];
   #optionCount = 0;
   #export: NbdExport | null = null;
   #handshakeTimer: NodeJS.Timeout | null;
@@ -283,29 +295,53 @@ export class NbdConnection {
       return this.#optionError(option, C.NBD_REP_ERR_INVALID, "meta contexts need structured replies first");
     }
     const { exportName, queries } = decodeMetaContextRequest(data);
-    if (!this.#directory.findExport(exportName)) {
+    const e = this.#directory.findExport(exportName);
+    if (!e) {
       return this.#optionError(option, C.NBD_REP_ERR_UNKNOWN, `no export named "${exportName}"`);
     }
+    const bitmaps = e.bitmaps ?? [];
+    // Context ids: 1 is base:allocation, 2 + i the export's i-th bitmap (stable for the export).
     let base = false;
-    if (!isSet && queries.length === 0) base = true;
+    const chosen = new Set<number>();
+    if (!isSet && queries.length === 0) {
+      base = true;
+      bitmaps.forEach((_, i) => chosen.add(i));
+    }
     for (const q of queries) {
       if (q === C.BASE_ALLOCATION || (!isSet && q === "base:")) base = true;
+      else if (!isSet && (q === QEMU_NAMESPACE || q === DIRTY_BITMAP_PREFIX))
+        bitmaps.forEach((_, i) => chosen.add(i));
+      else if (q.startsWith(DIRTY_BITMAP_PREFIX)) {
+        const i = bitmaps.findIndex((b) => b.name === q.slice(DIRTY_BITMAP_PREFIX.length));
+        if (i >= 0) chosen.add(i);
+      }
     }
-    if (base)
+    const contexts: MetaContext[] = [];
+    if (base) {
+      contexts.push({ id: BASE_ALLOCATION_ID, bits: null });
       this.#optionReply(
         option,
         C.NBD_REP_META_CONTEXT,
         encodeMetaContext(BASE_ALLOCATION_ID, C.BASE_ALLOCATION),
       );
+    }
+    for (const i of [...chosen].sort((a, b) => a - b)) {
+      contexts.push({ id: BASE_ALLOCATION_ID + 1 + i, bits: bitmaps[i].bits });
+      this.#optionReply(
+        option,
+        C.NBD_REP_META_CONTEXT,
+        encodeMetaContext(BASE_ALLOCATION_ID + 1 + i, DIRTY_BITMAP_PREFIX + bitmaps[i].name),
+      );
+    }
     if (isSet) {
       this.#metaExport = exportName;
-      this.#baseAllocation = base;
+      this.#contexts = contexts;
     }
     this.#optionReply(option, C.NBD_REP_ACK);
   }
 
   #enterTransmission(e: NbdExport): void {
-    if (this.#metaExport !== e.name) this.#baseAllocation = false;
+    if (this.#metaExport !== e.name) this.#contexts = [];
     this.#export = e;
     if (this.#handshakeTimer) clearTimeout(this.#handshakeTimer);
     this.#handshakeTimer = null;
@@ -365,7 +401,7 @@ export class NbdConnection {
         `read of ${h.length} bytes exceeds ${L.REQUEST_BYTES_MAX}`,
       ];
     }
-    if (h.type === C.NBD_CMD_BLOCK_STATUS && !this.#baseAllocation)
+    if (h.type === C.NBD_CMD_BLOCK_STATUS && this.#contexts.length === 0)
       return ["EINVAL", "no meta context was negotiated"];
     return null;
   }
@@ -470,6 +506,24 @@ export class NbdConnection {
   }
 
   async #blockStatus(node: BlockNode, h: RequestHeader): Promise<void> {
+    const oneOnly = (h.flags & C.NBD_CMD_FLAG_REQ_ONE) !== 0;
+    const size = node.size();
+    if (h.offset >= size) {
+      throw new BlockError("EINVAL", `block status out of range: offset ${h.offset} length ${h.length}`);
+    }
+    // One chunk per chosen context; the last carries DONE.
+    const chunks: Buffer[] = [];
+    for (const ctx of this.#contexts) {
+      const descriptors =
+        ctx.bits === null ? await this.#allocationDescriptors(node, h) : bitmapDescriptors(ctx.bits, h);
+      const out = descriptors.slice(0, oneOnly ? 1 : L.BLOCK_STATUS_DESCRIPTORS_MAX);
+      chunks.push(encodeBlockStatusChunk(0, h.cookieHi, h.cookieLo, ctx.id, out));
+    }
+    chunks[chunks.length - 1].writeUInt16BE(C.NBD_REPLY_FLAG_DONE, 4);
+    for (const c of chunks) this.#send(c);
+  }
+
+  async #allocationDescriptors(node: BlockNode, h: RequestHeader): Promise<StatusDescriptor[]> {
     const extents = await node.blockStatus(h.offset, h.length);
     const descriptors: StatusDescriptor[] = [];
     for (const x of extents) {
@@ -479,11 +533,7 @@ export class NbdConnection {
         descriptors[descriptors.length - 1] = { length: last.length + x.length, flags };
       else descriptors.push({ length: x.length, flags });
     }
-    const oneOnly = (h.flags & C.NBD_CMD_FLAG_REQ_ONE) !== 0;
-    const out = descriptors.slice(0, oneOnly ? 1 : L.BLOCK_STATUS_DESCRIPTORS_MAX);
-    this.#send(
-      encodeBlockStatusChunk(C.NBD_REPLY_FLAG_DONE, h.cookieHi, h.cookieLo, BASE_ALLOCATION_ID, out),
-    );
+    return descriptors;
   }
 
   #replyError(h: RequestHeader, code: BlockError["code"], message: string): void {
@@ -613,4 +663,11 @@ export class NbdConnection {
     this.#decoder.stop();
     this.#onClosed(this);
   }
+}
+
+/** A dirty bitmap's runs over the request, as block status descriptors (bit 0: dirty). */
+function bitmapDescriptors(bits: DirtyBitmap, h: RequestHeader): StatusDescriptor[] {
+  return bits
+    .extents(h.offset, h.length)
+    .map((x) => ({ length: x.length, flags: x.dirty ? NBD_STATE_DIRTY : 0 }));
 }

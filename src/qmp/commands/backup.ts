@@ -1,6 +1,7 @@
 /**
- * blockdev-backup (target is a node) and drive-backup (target is a file). sync full, top and none are
- * QEMU's; stream is ours (jobs/stream.ts).
+ * blockdev-backup (target is a node) and drive-backup (target is a file). sync full, top, none,
+ * incremental and bitmap are QEMU's (incremental = bitmap with bitmap-mode on-success); stream is ours
+ * (jobs/stream.ts). `transaction` runs backups and dirty bitmap actions all-or-nothing.
  */
 import * as fs from "node:fs";
 import * as path from "node:path";
@@ -8,12 +9,20 @@ import { FileDriver } from "../../block/drivers/file.js";
 import type { BlockGraph } from "../../graph/block-graph.js";
 import { BlockNode } from "../../io/block-node.js";
 import { CbwBackupJob } from "../../jobs/backup.js";
-import type { BackupOptions, SyncMode } from "../../jobs/backup-common.js";
+import type { NamedBitmap } from "../../io/named-bitmaps.js";
+import type { BackupOptions, BitmapMode, SyncMode } from "../../jobs/backup-common.js";
 import type { Job, ErrorAction } from "../../jobs/job.js";
 import { StreamJob } from "../../jobs/stream.js";
 import { QmpError } from "../errors.js";
 import { validateArgs } from "../schema.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
+import {
+  BITMAP_ACTIONS,
+  checkNotBusy,
+  isBitmapAction,
+  prepareBitmapAction,
+  type PreparedAction,
+} from "./bitmaps.js";
 
 const SYNC_VALUES = ["full", "top", "none", "stream", "incremental", "bitmap"] as const;
 const ERROR_ACTIONS = ["report", "ignore", "stop", "enospc"] as const;
@@ -40,6 +49,7 @@ interface CommonArgs {
   sync: (typeof SYNC_VALUES)[number];
   speed?: number;
   bitmap?: string;
+  "bitmap-mode"?: BitmapMode;
   compress?: boolean;
   "on-source-error"?: ErrorAction;
   "on-target-error"?: ErrorAction;
@@ -47,24 +57,62 @@ interface CommonArgs {
   "auto-dismiss"?: boolean;
 }
 
+interface Checked {
+  source: BlockNode;
+  jobId: string;
+  sync: SyncMode;
+  bitmap?: NamedBitmap;
+  bitmapMode?: BitmapMode;
+}
+
 /** Checks everything that can be checked before anything is created. */
-function validate(graph: BlockGraph, a: CommonArgs): { source: BlockNode; jobId: string; sync: SyncMode } {
+function validate(graph: BlockGraph, a: CommonArgs): Checked {
   const source = graph.getNode(a.device);
   if (!source)
     throw new QmpError("GenericError", `Cannot find device='${a.device}' nor node-name='${a.device}'`);
   const jobId = a["job-id"] ?? a.device;
   if (!JOB_ID_PATTERN.test(jobId)) throw new QmpError("GenericError", `Invalid job ID '${jobId}'`);
   if (graph.hasJob(jobId)) throw new QmpError("GenericError", `Job ID '${jobId}' already in use`);
+  if (a.compress) throw new QmpError("GenericError", "Compression is not supported for this drive");
+  let sync: SyncMode;
+  let mode = a["bitmap-mode"];
   if (a.sync === "incremental" || a.sync === "bitmap") {
+    if (a.bitmap === undefined) {
+      throw new QmpError("GenericError", `must provide a valid bitmap name for '${a.sync}' sync mode`);
+    }
+    if (a.sync === "incremental") {
+      if (mode !== undefined && mode !== "on-success") {
+        throw new QmpError(
+          "GenericError",
+          "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'",
+        );
+      }
+      mode = "on-success";
+    }
+    sync = "bitmap";
+  } else {
+    sync = a.sync;
+  }
+  if (a.bitmap === undefined) {
+    if (mode !== undefined)
+      throw new QmpError("GenericError", "Cannot specify bitmap sync mode without a bitmap");
+    return { source, jobId, sync };
+  }
+  const bitmap = graph.bitmaps.find(source.name, a.bitmap);
+  if (!bitmap) throw new QmpError("GenericError", `Bitmap '${a.bitmap}' could not be found`);
+  if (mode === undefined)
+    throw new QmpError("GenericError", "Bitmap sync mode must be given when providing a bitmap");
+  checkNotBusy(bitmap);
+  if (sync === "none" || sync === "stream") {
+    throw new QmpError("GenericError", `sync mode '${sync}' does not produce meaningful bitmap outputs`);
+  }
+  if (mode === "never" && sync !== "bitmap") {
     throw new QmpError(
       "GenericError",
-      `sync mode '${a.sync}' needs dirty bitmaps, which are not supported yet`,
+      `Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '${sync}'`,
     );
   }
-  if (a.bitmap !== undefined)
-    throw new QmpError("GenericError", "a bitmap may only be given with sync=incremental or bitmap");
-  if (a.compress) throw new QmpError("GenericError", "Compression is not supported for this drive");
-  return { source, jobId, sync: a.sync };
+  return { source, jobId, sync, bitmap, bitmapMode: mode };
 }
 
 /** A backup whose checks passed and whose nodes are claimed; commit starts it, abort undoes it. */
@@ -77,11 +125,11 @@ export interface PreparedBackup {
 function prepareJob(
   graph: BlockGraph,
   a: CommonArgs,
-  checked: { source: BlockNode; jobId: string; sync: SyncMode },
+  checked: Checked,
   target: BlockNode,
   onEnd: () => Promise<void>,
 ): PreparedBackup {
-  const { source, jobId, sync } = checked;
+  const { source, jobId, sync, bitmap, bitmapMode } = checked;
   const user = `job:${jobId}`;
   try {
     graph.claim(target.name, user, `block job ${jobId} (backup target)`, true);
@@ -90,7 +138,10 @@ function prepareJob(
     graph.release(target.name, user);
     throw new QmpError("GenericError", (err as Error).message);
   }
+  // The bitmap is the job's from now on: nobody may clear, merge or remove it meanwhile.
+  const releaseBitmap = bitmap?.hold();
   const release = async (): Promise<void> => {
+    releaseBitmap?.();
     graph.release(target.name, user);
     graph.release(source.name, user);
     await onEnd();
@@ -101,6 +152,8 @@ function prepareJob(
     source,
     target,
     sync,
+    bitmap,
+    bitmapMode,
     speed: a.speed ?? 0,
     onSourceError: a["on-source-error"],
     onTargetError: a["on-target-error"],
@@ -262,7 +315,10 @@ export function backupCommands(graph: BlockGraph): QmpCommandDef[] {
           items: {
             type: "object",
             fields: {
-              type: { type: "enum", values: ["blockdev-backup", "drive-backup"] },
+              type: {
+                type: "enum",
+                values: ["blockdev-backup", "drive-backup", ...Object.keys(BITMAP_ACTIONS)],
+              },
               data: { type: "any" },
             },
           },
@@ -274,9 +330,14 @@ export function backupCommands(graph: BlockGraph): QmpCommandDef[] {
         // any job starts; then all start in one synchronous step, so they see exactly the same writes
         // (a full backup plus a stream to a journal gives the journal's base copy).
         const ids = new Set<string>();
-        const prepared: PreparedBackup[] = [];
+        const prepared: Array<PreparedBackup | PreparedAction> = [];
         try {
           for (const action of a.actions) {
+            if (isBitmapAction(action.type)) {
+              const data = validateArgs(BITMAP_ACTIONS[action.type], action.data);
+              prepared.push(prepareBitmapAction(graph, action.type, data));
+              continue;
+            }
             const data = validateArgs(
               action.type === "drive-backup" ? driveBackupArgs : blockdevBackupArgs,
               action.data,
@@ -294,7 +355,10 @@ export function backupCommands(graph: BlockGraph): QmpCommandDef[] {
           for (const p of prepared.reverse()) await p.abort();
           throw err;
         }
-        for (const p of prepared) p.commit();
+        // One synchronous step: bitmaps start recording between the same two requests as the jobs.
+        const durable: Array<Promise<void> | void> = [];
+        for (const p of prepared) durable.push(p.commit() as Promise<void> | void);
+        await Promise.all(durable.filter((d) => d instanceof Promise));
         return {};
       },
     }),

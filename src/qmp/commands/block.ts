@@ -5,6 +5,7 @@ import { addNodeFromOptions, NodeOptionError } from "../../graph/node-factory.js
 import type { BlockNode } from "../../io/block-node.js";
 import { QmpError } from "../errors.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
+import { dirtyBitmapsInfo } from "./bitmaps.js";
 
 export function requireNode(graph: BlockGraph, name: string): BlockNode {
   const node = graph.getNode(name);
@@ -38,6 +39,7 @@ export function blockDeviceInfo(graph: BlockGraph, node: BlockNode): Record<stri
       "virtual-size": node.size(),
     },
     ...(node.driver.link ? { "x-connected": node.driver.link.connected } : {}),
+    ...dirtyBitmapsInfo(graph, node.name),
     "x-users": graph.usersOf(node.name),
     "x-stats": { ...node.stats },
   };

@@ -1,7 +1,10 @@
 /** NBD export commands: block-export-add, block-export-del, query-block-exports. */
 import type { BlockGraph } from "../../graph/block-graph.js";
+import type { NamedBitmap } from "../../io/named-bitmaps.js";
 import { QmpError } from "../errors.js";
+import { validateArgs } from "../schema.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
+import { checkNotBusy, lookupBitmap } from "./bitmaps.js";
 import { requireNode } from "./block.js";
 
 export function exportCommands(graph: BlockGraph): QmpCommandDef[] {
@@ -18,18 +21,39 @@ export function exportCommands(graph: BlockGraph): QmpCommandDef[] {
         writethrough: { type: "bool", optional: true },
         "fixed-iothread": { type: "bool", optional: true },
         iothread: { type: "str", optional: true },
-        bitmaps: { type: "array", items: { type: "str" }, optional: true },
+        /** Names of the node's bitmaps, or {node, name} (QEMU's BlockDirtyBitmapOrStr). */
+        bitmaps: { type: "array", items: { type: "any" }, optional: true },
         "allocation-depth": { type: "bool", optional: true },
       },
       handler: (args) => {
         const node = requireNode(graph, args["node-name"]);
         if (!graph.nbdServer) throw new QmpError("GenericError", "NBD server not running");
-        if (args.bitmaps && args.bitmaps.length > 0) {
-          throw new QmpError("GenericError", "Dirty bitmaps in exports are not supported yet");
-        }
         if (args.writable && node.readOnly) {
           throw new QmpError("GenericError", `Node '${node.name}' is read-only, cannot export writable`);
         }
+        const bitmaps: NamedBitmap[] = [];
+        (args.bitmaps ?? []).forEach((b, i) => {
+          let bm: NamedBitmap | undefined;
+          if (typeof b === "string") {
+            bm = graph.bitmaps.find(node.name, b);
+            if (!bm) throw new QmpError("GenericError", `Bitmap '${b}' is not found`);
+          } else {
+            const ref = validateArgs({ node: { type: "str" }, name: { type: "str" } }, b, `bitmaps[${i}]`);
+            bm = lookupBitmap(graph, ref.node as string, ref.name as string);
+            if (bm.bits.sizeBytes !== node.size()) {
+              throw new QmpError("GenericError", `Bitmap '${bm.name}' does not cover node '${node.name}'`);
+            }
+          }
+          checkNotBusy(bm);
+          if (args.writable && bm.enabled) {
+            throw new QmpError(
+              "GenericError",
+              `Enabled bitmap '${bm.name}' incompatible with writable export`,
+            );
+          }
+          if (bitmaps.includes(bm)) return;
+          bitmaps.push(bm);
+        });
         try {
           graph.addExport({
             id: args.id,
@@ -37,6 +61,7 @@ export function exportCommands(graph: BlockGraph): QmpCommandDef[] {
             name: args.name ?? node.name,
             writable: args.writable ?? false,
             description: args.description ?? "",
+            bitmaps,
           });
         } catch (err) {
           throw new QmpError("GenericError", (err as Error).message);

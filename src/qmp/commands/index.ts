@@ -2,6 +2,7 @@
 import type { BlockGraph } from "../../graph/block-graph.js";
 import type { QmpServer } from "../server.js";
 import { backupCommands } from "./backup.js";
+import { bitmapCommands } from "./bitmaps.js";
 import { blockCommands } from "./block.js";
 import { exportCommands } from "./exports.js";
 import { jobCommands } from "./jobs.js";
@@ -15,6 +16,7 @@ export function registerCommands(server: QmpServer, graph: BlockGraph): void {
     ...exportCommands(graph),
     ...jobCommands(graph),
     ...backupCommands(graph),
+    ...bitmapCommands(graph),
     ...journalCommands(graph),
     ...tapCommands(graph),
     ...verifyCommands(graph),

@@ -2,7 +2,7 @@
 # Installs the Debian packages the tests and benchmarks drive drivetap with, if any is missing.
 # Safe to run again: it does nothing when everything is there. Uses sudo when not root.
 set -euo pipefail
-PACKAGES=(qemu-utils libnbd-bin python3-libnbd fio nbdkit fuse3 e2fsprogs mount chromium)
+PACKAGES=(qemu-utils libnbd-bin python3-libnbd fio nbdkit fuse3 e2fsprogs mount chromium iproute2)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -170,6 +170,23 @@ export class BlockGraph {
     this.#exports.delete(id);
   }
 
+  /**
+   * A mirror's pivot: every export of node `from` serves node `to` from now on. Open connections
+   * switch on their next request. Bypasses `to`'s exclusive claim, which the pivoting job holds.
+   */
+  pivotExports(from: string, to: string): void {
+    const target = this.#nodes.get(to);
+    if (!target) throw new GraphError(`Cannot find node-name='${to}'`);
+    for (const [id, r] of [...this.#exports]) {
+      if (r.nodeName !== from) continue;
+      const e = this.#nbd?.findExport(r.name);
+      if (e) e.node = target.node;
+      this.release(from, `export:${id}`);
+      target.users.set(`export:${id}`, `export ${id}`);
+      this.#exports.set(id, { ...r, nodeName: to });
+    }
+  }
+
   exports(): ExportRecord[] {
     return [...this.#exports.values()];
   }

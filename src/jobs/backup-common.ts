@@ -34,7 +34,7 @@ export abstract class BackupJobBase extends Job {
   readonly #release?: () => void | Promise<void>;
 
   constructor(options: BackupOptions) {
-    super({ ...options, type: "backup" });
+    super({ ...options, type: options.type ?? "backup" });
     this.source = options.source;
     this.target = options.target;
     this.sync = options.sync;

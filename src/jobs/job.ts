@@ -90,6 +90,8 @@ export abstract class Job {
   #pauseCount = 0;
   #cancelled = false;
   #force = false;
+  /** A cancel that completes (a converged mirror cancelled without force): QEMU's soft cancel. */
+  #softCancel = false;
   #error: string | undefined;
   ioStatus: IoStatus = "ok";
   /** Progress: bytes done and bytes in all (QEMU's offset and len). */
@@ -192,6 +194,7 @@ export abstract class Job {
     }
     this.#cancelled = true;
     this.#force ||= force;
+    this.#softCancel = !this.#force && (this.#softCancel || (this.ready && this.softCancelAfterReady));
     // A paused job is resumed so it can notice the cancel.
     if (this.#pauseCount > 0) {
       this.#pauseCount = 0;
@@ -199,6 +202,14 @@ export abstract class Job {
     }
     this.rate.wake();
     this.onCancel();
+  }
+
+  /** Jobs that converge (mirror) end a non-forced cancel after READY as a completion. */
+  protected readonly softCancelAfterReady: boolean = false;
+
+  /** True when the current cancel is a soft one: the job should finish in sync, then complete. */
+  protected get softCancelled(): boolean {
+    return this.#softCancel;
   }
 
   /** Hook for subclasses to interrupt their waits when cancelled. */
@@ -348,7 +359,7 @@ export abstract class Job {
       this.#pauseCount = 0;
       this.#transition(this.#status === "paused" ? "running" : "ready");
     }
-    if (this.#cancelled || this.#error !== undefined) {
+    if ((this.#cancelled && !this.#softCancel) || this.#error !== undefined) {
       this.#transition("aborting");
       await this.#finalize();
       return;
@@ -362,7 +373,7 @@ export abstract class Job {
   async #finalize(): Promise<void> {
     if (this.#finalizing) return;
     this.#finalizing = true;
-    const success = !this.#cancelled && this.#error === undefined;
+    const success = (!this.#cancelled || this.#softCancel) && this.#error === undefined;
     if (!success && this.#status !== "aborting") this.#transition("aborting");
     try {
       await this.onFinalize(success);
@@ -376,7 +387,8 @@ export abstract class Job {
       offset: this.progressCurrent,
       speed: this.speed,
     };
-    if (this.#cancelled && this.#error === undefined) this.events.emit("BLOCK_JOB_CANCELLED", info);
+    if (this.#cancelled && !this.#softCancel && this.#error === undefined)
+      this.events.emit("BLOCK_JOB_CANCELLED", info);
     else
       this.events.emit(
         "BLOCK_JOB_COMPLETED",

@@ -43,6 +43,9 @@ export class StreamJob extends BackupJobBase {
   #fatal: Error | null = null;
   #retryAfterMs = 0;
   #cursor = 0;
+  /** The target is unreachable: writes are only recorded until its link is back (mirror.ts too). */
+  #degraded = false;
+  #resyncing = false;
 
   constructor(options: BackupOptions) {
     super(options);
@@ -55,7 +58,15 @@ export class StreamJob extends BackupJobBase {
   }
 
   #duplicating(): boolean {
-    return !this.paused && this.#fatal === null;
+    return !this.paused && !this.#degraded && this.#fatal === null;
+  }
+
+  get degraded(): boolean {
+    return this.#degraded;
+  }
+
+  override blockJobInfo(): Record<string, unknown> {
+    return { ...super.blockJobInfo(), "x-degraded": this.#degraded, "x-dirty-bytes": this.dirty.dirtyBytes };
   }
 
   #updateProgress(): void {
@@ -148,6 +159,17 @@ export class StreamJob extends BackupJobBase {
   }
 
   #targetFailed(err: Error): void {
+    const link = this.target.driver.link;
+    if ((err instanceof BlockError && err.code === "ENOTCONN") || (link && !link.connected)) {
+      if (!this.#degraded) {
+        this.#degraded = true;
+        this.#resyncing = false;
+        this.log.warn({ err: err.message }, "stream target unreachable: recording what it misses");
+        this.events.emit("BLOCK_JOB_DEGRADED", { type: this.type, device: this.id, reason: err.message });
+      }
+      this.wake();
+      return;
+    }
     const action = this.reportIoError("write", this.onTargetError, err);
     if (action === "report") this.#fatal = err;
     else if (action === "ignore") this.#retryAfterMs = Date.now() + REPAIR_RETRY_MS;
@@ -158,6 +180,7 @@ export class StreamJob extends BackupJobBase {
 
   protected async run(): Promise<void> {
     const detach = this.source.addWriteHook(this.#hook);
+    const unwatch = this.target.driver.link?.watch(() => this.wake());
     let forced = false;
     try {
       for (;;) {
@@ -171,14 +194,27 @@ export class StreamJob extends BackupJobBase {
           await this.waitForKick();
           continue;
         }
+        if (this.#degraded) {
+          if (this.target.driver.link?.connected === false) {
+            await this.waitForKick();
+            continue;
+          }
+          this.#degraded = false;
+          this.#resyncing = true;
+        }
         if (this.dirty.count > 0 && Date.now() >= this.#retryAfterMs) {
           await this.#repairOne();
           continue;
+        }
+        if (this.#resyncing && this.dirty.count === 0) {
+          this.#resyncing = false;
+          this.events.emit("BLOCK_JOB_RESYNCED", { type: this.type, device: this.id });
         }
         await this.waitForKick(this.dirty.count > 0 ? this.#retryAfterMs - Date.now() : undefined);
       }
     } finally {
       detach();
+      unwatch?.();
       // Requests that started before the detach still duplicate; wait for them.
       await Promise.all([...this.#pending.values()]);
     }

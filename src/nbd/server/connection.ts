@@ -40,7 +40,8 @@ import { slabTracker } from "./socket-reader.js";
 export interface NbdExport {
   readonly name: string;
   readonly description: string;
-  readonly node: BlockNode;
+  /** Replaced when a mirror pivots; connections read it on every request, so they switch at once. */
+  node: BlockNode;
   readonly readOnly: boolean;
   /** Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` meta contexts (bit 0: dirty). */
   readonly bitmaps?: ReadonlyArray<{ readonly name: string; readonly bits: DirtyBitmap }>;

@@ -7,6 +7,7 @@ import { blockCommands } from "./block.js";
 import { exportCommands } from "./exports.js";
 import { jobCommands } from "./jobs.js";
 import { journalCommands } from "./journal.js";
+import { mirrorCommands } from "./mirror.js";
 import { tapCommands } from "./tap.js";
 import { verifyCommands } from "./verify.js";
 
@@ -18,6 +19,7 @@ export function registerCommands(server: QmpServer, graph: BlockGraph): void {
     ...backupCommands(graph),
     ...bitmapCommands(graph),
     ...journalCommands(graph),
+    ...mirrorCommands(graph),
     ...tapCommands(graph),
     ...verifyCommands(graph),
   ]) {

@@ -1,0 +1,221 @@
+/**
+ * blockdev-mirror (target is a node, e.g. an nbd node) and drive-mirror (target is a file drivetap
+ * creates), with QEMU's arguments. The job is jobs/mirror.ts; block-job-complete pivots the exports of
+ * the source onto the target (graph.pivotExports).
+ */
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { FileDriver } from "../../block/drivers/file.js";
+import type { BlockGraph } from "../../graph/block-graph.js";
+import { NODE_NAME_PATTERN } from "../../graph/node-factory.js";
+import { BlockNode } from "../../io/block-node.js";
+import type { ErrorAction } from "../../jobs/job.js";
+import { MirrorJob, type CopyMode, type MirrorSync } from "../../jobs/mirror.js";
+import { QmpError } from "../errors.js";
+import { defineCommand, type QmpCommandDef } from "../server.js";
+
+const ERROR_ACTIONS = ["report", "ignore", "stop", "enospc"] as const;
+const JOB_ID_PATTERN = /^[A-Za-z][A-Za-z0-9_.-]{0,127}$/;
+export const MIRROR_GRANULARITY_MIN = 512;
+export const MIRROR_GRANULARITY_MAX = 64 * 1024 * 1024;
+export const MIRROR_BUF_SIZE_MAX = 1024 * 1024 * 1024;
+
+const commonArgs = {
+  "job-id": { type: "str", optional: true },
+  device: { type: "str" },
+  target: { type: "str" },
+  replaces: { type: "str", optional: true },
+  sync: { type: "enum", values: ["full", "top", "none"] },
+  speed: { type: "int", min: 0, optional: true },
+  granularity: { type: "int", optional: true },
+  "buf-size": { type: "int", optional: true },
+  "on-source-error": { type: "enum", values: ERROR_ACTIONS, optional: true },
+  "on-target-error": { type: "enum", values: ERROR_ACTIONS, optional: true },
+  "filter-node-name": { type: "str", optional: true },
+  "copy-mode": { type: "enum", values: ["background", "write-blocking"], optional: true },
+  "auto-finalize": { type: "bool", optional: true },
+  "auto-dismiss": { type: "bool", optional: true },
+} as const;
+
+interface CommonArgs {
+  "job-id"?: string;
+  device: string;
+  target: string;
+  replaces?: string;
+  sync: MirrorSync;
+  speed?: number;
+  granularity?: number;
+  "buf-size"?: number;
+  "on-source-error"?: ErrorAction;
+  "on-target-error"?: ErrorAction;
+  "copy-mode"?: CopyMode;
+  "auto-finalize"?: boolean;
+  "auto-dismiss"?: boolean;
+}
+
+function checkCommon(graph: BlockGraph, a: CommonArgs): { source: BlockNode; jobId: string } {
+  const source = graph.getNode(a.device);
+  if (!source)
+    throw new QmpError("GenericError", `Cannot find device='${a.device}' nor node-name='${a.device}'`);
+  const jobId = a["job-id"] ?? a.device;
+  if (!JOB_ID_PATTERN.test(jobId)) throw new QmpError("GenericError", `Invalid job ID '${jobId}'`);
+  if (graph.hasJob(jobId)) throw new QmpError("GenericError", `Job ID '${jobId}' already in use`);
+  const g = a.granularity;
+  if (g !== undefined) {
+    if (g < MIRROR_GRANULARITY_MIN || g > MIRROR_GRANULARITY_MAX) {
+      throw new QmpError("GenericError", "Parameter 'granularity' expects a value in range [512B, 64MB]");
+    }
+    if (g & (g - 1)) throw new QmpError("GenericError", "Parameter 'granularity' expects a power of 2");
+  }
+  const b = a["buf-size"];
+  if (b !== undefined && (b <= 0 || b > MIRROR_BUF_SIZE_MAX)) {
+    throw new QmpError("GenericError", "Parameter 'buf-size' expects a value from 1 to 1 GiB");
+  }
+  if (a.replaces !== undefined && a.replaces !== a.device) {
+    throw new QmpError("GenericError", "'replaces' may only name the mirrored device itself");
+  }
+  return { source, jobId };
+}
+
+/** Claims the nodes, creates and starts the job. `onEnd(pivoted)` cleans up what the command made. */
+function startMirror(
+  graph: BlockGraph,
+  a: CommonArgs,
+  source: BlockNode,
+  target: BlockNode,
+  jobId: string,
+  onEnd: (pivoted: boolean) => Promise<void>,
+): MirrorJob {
+  const user = `job:${jobId}`;
+  try {
+    graph.claim(target.name, user, `block job ${jobId} (mirror target)`, true);
+    graph.claim(source.name, user, `block job ${jobId} (mirror source)`);
+  } catch (err) {
+    graph.release(target.name, user);
+    throw new QmpError("GenericError", (err as Error).message);
+  }
+  let pivoted = false;
+  const job = new MirrorJob({
+    id: jobId,
+    source,
+    target,
+    sync: a.sync,
+    copyMode: a["copy-mode"] ?? "background",
+    granularity: a.granularity,
+    bufSize: a["buf-size"],
+    speed: a.speed ?? 0,
+    onSourceError: a["on-source-error"],
+    onTargetError: a["on-target-error"],
+    autoFinalize: a["auto-finalize"],
+    autoDismiss: a["auto-dismiss"],
+    events: graph.events,
+    log: graph.log,
+    pivot: async () => {
+      graph.pivotExports(source.name, target.name);
+      pivoted = true;
+    },
+    release: async () => {
+      graph.release(target.name, user);
+      graph.release(source.name, user);
+      await onEnd(pivoted);
+    },
+    onGone: (j) => graph.removeJob(j),
+  });
+  graph.addJob(job);
+  job.start();
+  return job;
+}
+
+function checkTarget(source: BlockNode, target: BlockNode): void {
+  if (target === source) throw new QmpError("GenericError", "Source and target cannot be the same");
+  if (target.size() !== source.size()) {
+    throw new QmpError(
+      "GenericError",
+      `Source and target image have different sizes (${source.size()} and ${target.size()})`,
+    );
+  }
+  if (target.readOnly) throw new QmpError("GenericError", `Target node '${target.name}' is read-only`);
+}
+
+export function mirrorCommands(graph: BlockGraph): QmpCommandDef[] {
+  return [
+    defineCommand({
+      name: "blockdev-mirror",
+      args: commonArgs,
+      handler: (a) => {
+        const { source, jobId } = checkCommon(graph, a);
+        const target = graph.getNode(a.target);
+        if (!target)
+          throw new QmpError("GenericError", `Cannot find device='${a.target}' nor node-name='${a.target}'`);
+        checkTarget(source, target);
+        const users = graph.usersOf(target.name);
+        if (users.length > 0)
+          throw new QmpError("GenericError", `Node '${target.name}' is busy: ${users.join(", ")}`);
+        startMirror(graph, a, source, target, jobId, async () => {});
+        return {};
+      },
+    }),
+    defineCommand({
+      name: "drive-mirror",
+      args: {
+        ...commonArgs,
+        format: { type: "enum", values: ["raw"], optional: true },
+        "node-name": { type: "str", optional: true },
+        mode: { type: "enum", values: ["existing", "absolute-paths"], optional: true },
+        unmap: { type: "bool", optional: true },
+      },
+      handler: async (a) => {
+        const { source, jobId } = checkCommon(graph, a);
+        const nodeName = a["node-name"] ?? `#mirror-target-${jobId}`;
+        if (a["node-name"] !== undefined && !NODE_NAME_PATTERN.test(nodeName))
+          throw new QmpError("GenericError", `Invalid node-name: '${nodeName}'`);
+        if (graph.getNode(nodeName))
+          throw new QmpError("GenericError", `Duplicate nodes with node-name='${nodeName}'`);
+        const filename = path.resolve(a.target);
+        const mode = a.mode ?? "absolute-paths";
+        const existed = fs.existsSync(filename);
+        if (mode === "existing" && !existed)
+          throw new QmpError("GenericError", `Could not open '${filename}': No such file or directory`);
+        const usedBy = graph.nodesUsingFile(filename);
+        if (usedBy.includes(source.name))
+          throw new QmpError("GenericError", "Source and target cannot be the same");
+        if (usedBy.length > 0)
+          throw new QmpError("GenericError", `'${filename}' is in use by node '${usedBy[0]}'`);
+        let created = false;
+        if (mode === "absolute-paths") {
+          try {
+            fs.writeFileSync(filename, "");
+            fs.truncateSync(filename, source.size());
+            created = true;
+          } catch (err) {
+            throw new QmpError("GenericError", `Could not create '${filename}': ${(err as Error).message}`);
+          }
+        }
+        const removeCreated = (): void => {
+          if (created && !existed) fs.rmSync(filename, { force: true });
+        };
+        let target: BlockNode;
+        try {
+          target = new BlockNode(nodeName, FileDriver.open(filename));
+          checkTarget(source, target);
+        } catch (err) {
+          removeCreated();
+          if (err instanceof QmpError) throw err;
+          throw new QmpError("GenericError", `Could not open '${filename}': ${(err as Error).message}`);
+        }
+        graph.addNode(target, { driver: "file", filename }, a["node-name"] === undefined);
+        try {
+          startMirror(graph, a, source, target, jobId, async (pivoted) => {
+            // After a pivot the new node is the served disk; otherwise it was only the job's.
+            if (!pivoted) await graph.removeNode(target.name);
+          });
+        } catch (err) {
+          await graph.removeNode(target.name);
+          removeCreated();
+          throw err;
+        }
+        return {};
+      },
+    }),
+  ];
+}

@@ -41,11 +41,22 @@ export interface DirtyRanges {
   get(cluster: number): boolean;
 }
 
+export interface ByteRange {
+  readonly offset: number;
+  readonly length: number;
+}
+
 /** A job whose target should equal its source except where its dirty bitmap says otherwise. */
 export interface VerifiableJob {
   readonly source: BlockNode;
   readonly target: BlockNode;
   readonly dirty: DirtyRanges;
+  /**
+   * Optional: the ranges of the job's own target writes that are not finished (copies from the source
+   * whose dirty bits are already clear, background forwards). The target may be behind there without
+   * the bitmap saying so; verify counts them as pending.
+   */
+  copiesInFlight?(): Iterable<ByteRange>;
 }
 
 export function isVerifiableJob(job: unknown): job is VerifiableJob {
@@ -60,7 +71,8 @@ export function isVerifiableJob(job: unknown): job is VerifiableJob {
     typeof dirty === "object" &&
     dirty !== null &&
     typeof dirty.granularity === "number" &&
-    typeof dirty.get === "function"
+    typeof dirty.get === "function" &&
+    (j.copiesInFlight === undefined || typeof j.copiesInFlight === "function")
   );
 }
 
@@ -72,6 +84,8 @@ export interface VerifyOptions {
   readonly repair?: boolean;
   /** A job's dirty bitmap: differences inside it are pending, not mismatches. */
   readonly pending?: DirtyRanges;
+  /** A job's unfinished target writes (VerifiableJob.copiesInFlight): pending too. */
+  readonly copiesInFlight?: () => Iterable<ByteRange>;
 }
 
 export interface VerifyExtent {
@@ -179,16 +193,51 @@ export async function verifyNodes(
   const sourceBuf = Buffer.allocUnsafe(Math.min(granularity, Math.max(end - start, 1)));
   const targetBuf = Buffer.allocUnsafe(sourceBuf.length);
 
-  const isPending = (offset: number): boolean =>
-    pendingMap !== undefined && pendingMap.get(Math.floor(offset / pendingMap.granularity));
+  /**
+   * Where the job says the target is behind in [pos, pos + length): dirty clusters and unfinished
+   * copies. A range goes dirty -> copying -> in sync, and under the lock nothing makes it behind
+   * again, so a range behind at the re-read shows up in a view taken before it or in one taken after.
+   */
+  const behindView = (pos: number, length: number): ByteRange[] => {
+    const out: ByteRange[] = [];
+    if (pendingMap) {
+      const g = pendingMap.granularity;
+      for (let c = Math.floor(pos / g); c * g < pos + length; c++) {
+        if (!pendingMap.get(c)) continue;
+        const last = out.at(-1);
+        if (last && last.offset + last.length === c * g)
+          out[out.length - 1] = { offset: last.offset, length: last.length + g };
+        else out.push({ offset: c * g, length: g });
+      }
+    }
+    for (const r of options.copiesInFlight?.() ?? []) {
+      if (r.offset < pos + length && r.offset + r.length > pos)
+        out.push({ offset: r.offset, length: r.length });
+    }
+    return out;
+  };
+  let behind: ByteRange[] = [];
+  const isPending = (abs: number): boolean =>
+    behind.some((r) => r.offset <= abs && abs < r.offset + r.length);
+  /** The next byte after `abs` where being pending may change. */
+  const nextBoundary = (abs: number): number => {
+    let next = Infinity;
+    for (const r of behind) {
+      if (r.offset > abs) next = Math.min(next, r.offset);
+      else if (r.offset + r.length > abs) next = Math.min(next, r.offset + r.length);
+    }
+    return next;
+  };
 
   /** Re-checks one chunk under the range lock: narrows, classifies and repairs. */
   const recheck = async (pos: number, s: Buffer, t: Buffer): Promise<void> => {
     const unlock = await source.lockRange(pos, s.length);
     try {
       rechecked++;
+      const before = behindView(pos, s.length);
       await Promise.all([source.read(pos, s), target.read(pos, t)]);
       if (sameDigest(s, t)) return;
+      behind = [...before, ...behindView(pos, s.length)];
       // Sub-chunks at absolute multiples of VERIFY_SUBCHUNK_BYTES, so results do not depend on offset.
       let sub = pos;
       while (sub < pos + s.length) {
@@ -208,17 +257,13 @@ export async function verifyNodes(
     }
   };
 
-  /** End of the dirty-bitmap cluster holding byte `abs`. */
-  const clusterEnd = (abs: number): number =>
-    pendingMap ? (Math.floor(abs / pendingMap.granularity) + 1) * pendingMap.granularity : Infinity;
-
-  /** One differing sub-chunk, split where the job's dirty clusters begin or end. */
+  /** One differing sub-chunk, split where what the job says is behind begins or ends. */
   const classify = async (offset: number, s: Buffer, t: Buffer): Promise<void> => {
     let from = 0;
     while (from < s.length) {
       const p = isPending(offset + from);
       let to = from;
-      do to = Math.min(s.length, clusterEnd(offset + to) - offset);
+      do to = Math.min(s.length, nextBoundary(offset + to) - offset);
       while (to < s.length && isPending(offset + to) === p);
       const length = to - from;
       if (p) pending.add(offset + from, length);

@@ -184,6 +184,7 @@ test(
       "--output-format=terse",
     ]);
     let fioDone = false;
+    let writersStop = false;
     const fioResult = fio.result.finally(() => (fioDone = true));
     const rnd = prng(seed);
     const qemuIoRuns = (async () => {
@@ -191,7 +192,7 @@ test(
       do {
         assertExit("qemu-io", await qemuIo(d.uri, streamPlan(rnd, 24 * MiB, 40 * MiB)));
         runs++;
-      } while (!fioDone);
+      } while (!writersStop);
       return runs;
     })();
 
@@ -200,11 +201,14 @@ test(
     let runs = 0;
     let rechecked = 0;
     let jobRuns = 0;
-    while (!fioDone) {
+    // Until fio ends, and then (qemu-io still writing) until a write in flight has made the lock-free
+    // pass differ at least once, so the test has seen the race it is about.
+    const deadline = Date.now() + 60_000;
+    while (!fioDone || (rechecked === runs && Date.now() < deadline)) {
       const byJob = runs % 3 === 2;
       // Larger chunks every other run: a longer window for a write to land between the two reads.
       const args = byJob ? { "job-id": "s" } : { source: "disk0", target: "t" };
-      const r = await verify(qmp2, { ...args, granularity: runs % 2 === 0 ? 1 * MiB : 4 * MiB });
+      const r = await verify(qmp2, { ...args, granularity: runs % 2 === 0 ? 1 * MiB : 16 * MiB });
       assert.deepEqual(r.mismatches, [bad], `run ${runs}: exactly the corrupted extent, no false positive`);
       assert.deepEqual(r.pending, [], `run ${runs}: the job has nothing to resync`);
       rechecked += r.rechecked;
@@ -213,6 +217,7 @@ test(
     }
     const fr = await fioResult;
     assertExit("fio", fr);
+    writersStop = true;
     const qemuRuns = await qemuIoRuns;
     t.diagnostic(
       `${runs} verify runs (${jobRuns} by job-id), ${rechecked} chunks re-checked, ${qemuRuns} qemu-io runs`,

@@ -121,6 +121,31 @@ test(
   },
 );
 
+test("a job's unfinished copies count as pending, seen before or after the locked re-read", T, async () => {
+  const { source, target, gate } = await pair();
+  const dirty = new DirtyBitmap(DISK, 64 * KiB);
+  await corrupt(gate, 256 * KiB, 4 * KiB);
+  await corrupt(gate, 512 * KiB, 4 * KiB);
+  await corrupt(gate, 2 * MiB, 4 * KiB);
+  // Like a mirror copy: its dirty bit already clear, the target write not yet done. The first copy is
+  // seen only before the re-read (it "finishes" meanwhile); the second only after (it "starts").
+  let calls = 0;
+  const copiesInFlight = (): Array<{ offset: number; length: number }> => {
+    calls++;
+    return calls % 2 === 1
+      ? [{ offset: 256 * KiB, length: 64 * KiB }]
+      : [{ offset: 512 * KiB, length: 4 * KiB }];
+  };
+  const r = await verifyNodes(source, target, { pending: dirty, copiesInFlight });
+  assert.deepEqual(r.pending, [
+    { offset: 256 * KiB, length: 4 * KiB },
+    { offset: 512 * KiB, length: 4 * KiB },
+  ]);
+  assert.deepEqual(r.mismatches, [{ offset: 2 * MiB, length: 4 * KiB }]);
+  assert.ok(isVerifiableJob({ source, target, dirty, copiesInFlight }));
+  assert.ok(!isVerifiableJob({ source, target, dirty, copiesInFlight: 1 }));
+});
+
 test("bad arguments are refused with a sentence", async () => {
   const { source, target } = await pair();
   const small = new BlockNode("small", new MemoryDriver(DISK / 2));

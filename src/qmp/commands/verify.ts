@@ -16,6 +16,7 @@ import {
   verifyNodes,
   VERIFY_GRANULARITY_MAX,
   VERIFY_GRANULARITY_MIN,
+  type ByteRange,
   type DirtyRanges,
   type VerifyExtent,
 } from "../../jobs/verify.js";
@@ -53,6 +54,7 @@ export function verifyCommands(graph: BlockGraph): QmpCommandDef[] {
         let source: BlockNode;
         let target: BlockNode;
         let pending: DirtyRanges | undefined;
+        let copiesInFlight: (() => Iterable<ByteRange>) | undefined;
         const jobId = args["job-id"];
         if (jobId !== undefined) {
           const job = graph.getJob(jobId);
@@ -66,6 +68,7 @@ export function verifyCommands(graph: BlockGraph): QmpCommandDef[] {
           source = job.source;
           target = job.target;
           pending = job.dirty;
+          copiesInFlight = job.copiesInFlight?.bind(job);
           for (const [arg, node] of [
             ["source", source],
             ["target", target],
@@ -87,6 +90,7 @@ export function verifyCommands(graph: BlockGraph): QmpCommandDef[] {
           granularityBytes: args.granularity,
           repair: args.repair,
           pending,
+          copiesInFlight,
         });
         return {
           "checked-bytes": r.checkedBytes,

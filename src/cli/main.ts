@@ -96,6 +96,25 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
   );
   process.on("SIGINT", () => stop("SIGINT"));
   process.on("SIGTERM", () => stop("SIGTERM"));
+  followNpx(() => stop("SIGTERM"));
+}
+
+/** How often a daemon started by npx checks that npx is still its parent. */
+const PARENT_CHECK_MS = 250;
+
+/**
+ * `npx drivetap serve &` and later `kill %1` signal npx, which exits without passing the signal on,
+ * leaving the daemon behind. Under npx, the daemon stops (as on SIGTERM) when npx is gone.
+ */
+function followNpx(stopDaemon: () => void): void {
+  if (process.env.npm_command !== "exec") return;
+  const parent = process.ppid;
+  const timer = setInterval(() => {
+    if (process.ppid === parent) return;
+    clearInterval(timer);
+    stopDaemon();
+  }, PARENT_CHECK_MS);
+  timer.unref();
 }
 
 const program = new Command();

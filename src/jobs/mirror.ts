@@ -93,6 +93,12 @@ export class MirrorJob extends BackupJobBase {
     return this.#lagBytes;
   }
 
+  /** Target writes the bitmap no longer shows: copies under way and background forwards (for verify). */
+  *copiesInFlight(): Iterable<{ offset: number; length: number }> {
+    for (const r of this.#copies) yield { offset: r.offset, length: r.length };
+    for (const r of this.#forwards) yield { offset: r.offset, length: r.length };
+  }
+
   #updateProgress(): void {
     this.progressTotal = this.progressCurrent + this.dirty.dirtyBytes + this.#copyingBytes;
   }

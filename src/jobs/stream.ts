@@ -65,6 +65,11 @@ export class StreamJob extends BackupJobBase {
     return this.#degraded;
   }
 
+  /** The range a repair is copying now, whose bits are already clear (for verify). */
+  *copiesInFlight(): Iterable<{ offset: number; length: number }> {
+    if (this.#repair) yield { offset: this.#repair.offset, length: this.#repair.length };
+  }
+
   override blockJobInfo(): Record<string, unknown> {
     return { ...super.blockJobInfo(), "x-degraded": this.#degraded, "x-dirty-bytes": this.dirty.dirtyBytes };
   }

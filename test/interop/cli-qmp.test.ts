@@ -349,12 +349,14 @@ test("backup --sync stream: starts and returns, jobs lists it, cancel leaves tar
 
 const SEED_HEADING = "## The seed scenario: stream a disk to a file";
 
-/** The shell blocks of the README's seed-scenario section, in order. */
-function seedScenario(): string {
+const MIRROR_HEADING = "## Mirror to a remote NBD server, survive its outages, move the disk";
+
+/** The shell blocks of a README section, in order. */
+function seedScenario(heading = SEED_HEADING): string {
   const readme = readFileSync(join(REPO_ROOT, "README.md"), "utf8");
-  const start = readme.indexOf(`${SEED_HEADING}\n`);
-  assert.ok(start >= 0, `README has "${SEED_HEADING}"`);
-  const next = readme.indexOf("\n## ", start + SEED_HEADING.length);
+  const start = readme.indexOf(`${heading}\n`);
+  assert.ok(start >= 0, `README has "${heading}"`);
+  const next = readme.indexOf("\n## ", start + heading.length);
   const section = readme.slice(start, next < 0 ? undefined : next);
   const blocks = [...section.matchAll(/^```sh\n([\s\S]*?)^```$/gm)].map((m) => m[1]);
   return blocks.join("");
@@ -427,4 +429,39 @@ test("the README's seed scenario, pasted into an interactive shell, prints 'iden
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
   assert.deepEqual(processesMentioning(dir), [], "no process of the scenario is left running");
+});
+
+test("the README's mirror example, pasted into a shell, survives the target's kill and ends identical", async (t) => {
+  const script = seedScenario(MIRROR_HEADING);
+  for (const must of ["blockdev-add driver=nbd", "blockdev-mirror", "kill -9 %1", "qemu-img compare"]) {
+    assert.ok(script.includes(must), `the mirror example has ${JSON.stringify(must)}`);
+  }
+  const dir = tempDir(t, "drivetap-readme-");
+  t.after(() => {
+    for (const pid of processesMentioning(dir)) process.kill(pid, "SIGKILL");
+  });
+  const home = join(dir, "home");
+  mkdirSync(join(home, "node_modules/.bin"), { recursive: true });
+  symlinkSync(CLI, join(home, "node_modules/.bin/drivetap"));
+  const r = await run("bash", ["--norc", "--noprofile"], {
+    cwd: home,
+    env: cleanEnv({
+      HOME: home,
+      TERM: "dumb",
+      npm_config_offline: "true",
+      npm_config_update_notifier: "false",
+    }),
+    input: script.replaceAll("/tmp/", `${dir}/`),
+    timeoutMs: SCENARIO_TIMEOUT_MS,
+  });
+  // eslint-disable-next-line no-control-regex
+  const out = r.stdout.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, "").replace(/\r/g, "\n");
+  assertExit(r, 0, `the pasted example\n${out}\n${r.stderr}`);
+  assert.match(out, /"x-degraded": true/, "query-block-jobs showed the outage");
+  assert.match(out, /Images are identical\./);
+  const deadline = Date.now() + DAEMON_EXIT_MS;
+  while (processesMentioning(dir).length > 0 && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  assert.deepEqual(processesMentioning(dir), [], "no process of the example is left running");
 });

@@ -103,6 +103,11 @@ export class NbdConnection {
   readonly #pending = new Map<number, Pending>();
   readonly #queue: Array<() => void> = [];
   #nextCookie = 1;
+  #corked = false;
+  readonly #uncork = (): void => {
+    this.#corked = false;
+    this.#socket.uncork();
+  };
   #closedError: BlockError | null = null;
   readonly closed: Promise<void>;
 
@@ -280,14 +285,14 @@ export class NbdConnection {
       });
       const header = encodeRequest({ type, flags, cookieHi: 0, cookieLo: cookie, offset, length });
       const s = this.#socket;
-      if (payload) {
+      // Requests made in one turn of the event loop leave in one writev.
+      if (!this.#corked) {
+        this.#corked = true;
         s.cork();
-        s.write(header);
-        for (const b of payload) s.write(b);
-        s.uncork();
-      } else {
-        s.write(header);
+        process.nextTick(this.#uncork);
       }
+      s.write(header);
+      if (payload) for (const b of payload) s.write(b);
     });
   }
 

@@ -58,14 +58,14 @@ export class ReplyDecoder {
       const magic = this.#peek(4).readUInt32BE(0);
       if (magic === C.NBD_SIMPLE_REPLY_MAGIC) {
         if (this.#buffered < C.NBD_SIMPLE_REPLY_BYTES) return;
-        const h = Buffer.concat(this.#take(C.NBD_SIMPLE_REPLY_BYTES));
+        const h = this.#header(C.NBD_SIMPLE_REPLY_BYTES);
         const error = h.readUInt32BE(4);
         const cookie = h.readUInt32BE(8) * TWO_32 + h.readUInt32BE(12);
         const length = error === 0 ? this.#options.simplePayloadBytes(cookie) : 0;
         this.#pending = { message: { type: "simple", cookie, error, payload: [] }, length };
       } else if (magic === C.NBD_STRUCTURED_REPLY_MAGIC) {
         if (this.#buffered < C.NBD_STRUCTURED_HEADER_BYTES) return;
-        const h = Buffer.concat(this.#take(C.NBD_STRUCTURED_HEADER_BYTES));
+        const h = this.#header(C.NBD_STRUCTURED_HEADER_BYTES);
         const flags = h.readUInt16BE(4);
         const chunkType = h.readUInt16BE(6);
         const cookie = h.readUInt32BE(8) * TWO_32 + h.readUInt32BE(12);
@@ -78,6 +78,18 @@ export class ReplyDecoder {
         throw new ProtocolError(`bad reply magic 0x${magic.toString(16)}`);
       }
     }
+  }
+
+  /** Consumes n header bytes: a view when they sit in one chunk (the common case), else a copy. */
+  #header(n: number): Buffer {
+    const first = this.#chunks[0];
+    const at = this.#headOffset;
+    if (first.length - at > n) {
+      this.#headOffset += n;
+      this.#buffered -= n;
+      return first.subarray(at, at + n);
+    }
+    return Buffer.concat(this.#take(n));
   }
 
   #peek(n: number): Buffer {

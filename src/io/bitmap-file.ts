@@ -144,6 +144,37 @@ function deferred(): Deferred {
   return { promise, resolve, reject };
 }
 
+export interface DecodedBitmapFile {
+  readonly header: BitmapFileHeader;
+  readonly bits: DirtyBitmap;
+  /** Pages that failed their checksum (or are missing), loaded with every bit set. */
+  readonly badPages: number[];
+}
+
+/** Decodes a whole bitmap file; a bad header throws, bad pages load as all-dirty. */
+export function decodeBitmapFile(b: Buffer): DecodedBitmapFile {
+  const header = decodeHeader(b.subarray(0, Math.min(b.length, HEADER_BYTES + BITMAP_NAME_BYTES_MAX)));
+  const bits = new DirtyBitmap(header.sizeBytes, header.granularity);
+  const body = Buffer.alloc(bits.bytes.length);
+  const badPages: number[] = [];
+  for (let p = 0; p < pageCount(bits); p++) {
+    const at = PAGES_OFFSET + p * PAGE_BYTES;
+    const start = p * PAGE_BITS_BYTES;
+    const len = Math.min(PAGE_BITS_BYTES, body.length - start);
+    const page = b.subarray(at, at + PAGE_BYTES);
+    const ok =
+      page.length === PAGE_BYTES &&
+      pageChecksum(p, page.subarray(PAGE_CHECKSUM_BYTES)).equals(page.subarray(0, PAGE_CHECKSUM_BYTES));
+    if (ok) page.copy(body, start, PAGE_CHECKSUM_BYTES, PAGE_CHECKSUM_BYTES + len);
+    else {
+      body.fill(0xff, start, start + len);
+      badPages.push(p);
+    }
+  }
+  bits.loadBytes(body);
+  return { header, bits, badPages };
+}
+
 export interface LoadedBitmap {
   readonly file: BitmapFile;
   readonly header: BitmapFileHeader;
@@ -204,32 +235,10 @@ export class BitmapFile {
   static load(filePath: string): LoadedBitmap {
     const fd = fs.openSync(filePath, "r+");
     try {
-      const head = Buffer.alloc(HEADER_BYTES + BITMAP_NAME_BYTES_MAX);
-      const n = fs.readSync(fd, head, 0, head.length, 0);
-      const header = decodeHeader(head.subarray(0, n));
-      const bits = new DirtyBitmap(header.sizeBytes, header.granularity);
-      const pages = pageCount(bits);
-      const all = Buffer.alloc(pages * PAGE_BYTES);
-      const got = fs.readSync(fd, all, 0, all.length, PAGES_OFFSET);
+      const { header, bits, badPages } = decodeBitmapFile(fs.readFileSync(fd));
       const file = new BitmapFile(filePath, fd, header, bits);
-      let repaired = 0;
-      const body = Buffer.alloc(bits.bytes.length);
-      for (let p = 0; p < pages; p++) {
-        const page = all.subarray(p * PAGE_BYTES, (p + 1) * PAGE_BYTES);
-        const start = p * PAGE_BITS_BYTES;
-        const len = Math.min(PAGE_BITS_BYTES, body.length - start);
-        const ok =
-          (p + 1) * PAGE_BYTES <= got &&
-          pageChecksum(p, page.subarray(PAGE_CHECKSUM_BYTES)).equals(page.subarray(0, PAGE_CHECKSUM_BYTES));
-        if (ok) page.copy(body, start, PAGE_CHECKSUM_BYTES, PAGE_CHECKSUM_BYTES + len);
-        else {
-          body.fill(0xff, start, start + len);
-          file.#next.add(p);
-          repaired++;
-        }
-      }
-      bits.loadBytes(body);
-      return { file, header, repairedPages: repaired };
+      for (const p of badPages) file.#next.add(p);
+      return { file, header, repairedPages: badPages.length };
     } catch (err) {
       fs.closeSync(fd);
       throw toBlockError(err);

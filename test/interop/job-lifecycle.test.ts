@@ -307,6 +307,9 @@ test("query-block-jobs and query-jobs carry QEMU's fields", async (t) => {
       status: "running",
       "auto-finalize": true,
       "auto-dismiss": false,
+      // drivetap's own (x-): the target is reachable and misses nothing.
+      "x-degraded": false,
+      "x-dirty-bytes": 0,
     },
   ]);
   assert.deepEqual(await d.qmp.execute("query-jobs"), [

@@ -7,6 +7,7 @@ import {
   NBD_ERRNO,
   toBlockError,
   fromLinuxErrno,
+  fromNbdErrno,
   type BlockErrorCode,
 } from "../../src/core/errors.js";
 
@@ -117,12 +118,29 @@ describe("errors", () => {
   test("NBD_ERRNO holds the spec's numbers for every code", () => {
     assert.deepEqual(
       { ...NBD_ERRNO },
-      { EPERM: 1, EIO: 5, ENOMEM: 12, EINVAL: 22, ENOSPC: 28, EOVERFLOW: 75, ENOTSUP: 95, ESHUTDOWN: 108 },
+      {
+        EPERM: 1,
+        EIO: 5,
+        ENOMEM: 12,
+        EINVAL: 22,
+        ENOSPC: 28,
+        EOVERFLOW: 75,
+        ENOTSUP: 95,
+        ESHUTDOWN: 108,
+        // Not in the spec's list: an unreachable remote target reaches our own clients as EIO.
+        ENOTCONN: 5,
+      },
     );
+    // What our NBD client receives maps back to the spec's codes; EIO stays EIO.
+    for (const [code, errno] of Object.entries(NBD_ERRNO)) {
+      assert.equal(fromNbdErrno(errno), code === "ENOTCONN" ? "EIO" : code);
+    }
+    assert.equal(fromNbdErrno(9999), "EIO");
   });
 
   test("fromLinuxErrno inverts NBD_ERRNO and maps unknown numbers to EIO", () => {
     for (const [code, errno] of Object.entries(NBD_ERRNO)) {
+      if (code === "ENOTCONN") continue; // shares EIO's number on the wire
       const e = fromLinuxErrno(errno, "op");
       assert.equal(e.code, code);
       assert.match(e.message, new RegExp(`^op: errno ${errno}$`));

@@ -39,6 +39,8 @@ import {
 import { fdatasyncAsync, remainingIov, writevAsync } from "./fs-async.js";
 
 export const SYNC_APPEND_BYTES_MAX = 128 * KiB;
+/** A batch of small appends is written once it holds this many pieces (Linux's IOV_MAX is 1024). */
+export const BATCH_IOV_MAX = 1000;
 /** The scanner reads the journal in chunks of this size (an entry larger than it is read whole). */
 export const SCAN_CHUNK_BYTES = 4 * MiB;
 
@@ -150,6 +152,12 @@ export class JournalDriver implements BlockDriver {
   #nextSeq: number;
   /** Threadpool appends not yet finished; flush waits for them. */
   readonly #inFlight = new Set<Promise<void>>();
+  #batch: {
+    readonly iov: Buffer[];
+    readonly at: number;
+    bytes: number;
+    readonly waiters: Array<{ resolve: () => void; reject: (err: Error) => void }>;
+  } | null = null;
   #failed: BlockError | null = null;
   #closed = false;
 
@@ -274,6 +282,7 @@ export class JournalDriver implements BlockDriver {
 
   async close(): Promise<void> {
     if (this.#closed) return;
+    this.#writeBatch();
     this.#closed = true;
     await Promise.allSettled([...this.#inFlight]);
     fs.closeSync(this.#fd);
@@ -310,15 +319,9 @@ export class JournalDriver implements BlockDriver {
     const at = this.#appendAt;
     this.#appendAt += total;
     this.#nextSeq++;
-    if (total <= SYNC_APPEND_BYTES_MAX) {
-      try {
-        let done = fs.writevSync(this.#fd, iov, at);
-        while (done < total) done += fs.writevSync(this.#fd, remainingIov(iov, done), at + done);
-      } catch (err) {
-        throw this.#fail(err);
-      }
-      return;
-    }
+    if (total <= SYNC_APPEND_BYTES_MAX) return this.#batched(iov, at, total);
+    // A large entry is written on the threadpool; small ones reserved before it leave first.
+    this.#writeBatch();
     const p = (async () => {
       try {
         let done = await writevAsync(this.#fd, iov, at);
@@ -333,8 +336,49 @@ export class JournalDriver implements BlockDriver {
     return p;
   }
 
+  /**
+   * Small entries appended in one turn of the event loop are contiguous in the file: they leave in
+   * one synchronous writev at the end of the turn, instead of one syscall each (at queue depth 32 the
+   * syscall, not the copy, was the journal's cost).
+   */
+  #batched(iov: readonly Buffer[], at: number, total: number): Promise<void> {
+    let b = this.#batch;
+    if (!b || b.iov.length + iov.length > BATCH_IOV_MAX) {
+      this.#writeBatch();
+      b = { iov: [], at, bytes: 0, waiters: [] };
+      this.#batch = b;
+      process.nextTick(this.#writeBatchTick);
+    }
+    for (const piece of iov) b.iov.push(piece);
+    b.bytes += total;
+    const batch = b;
+    return new Promise<void>((resolve, reject) => batch.waiters.push({ resolve, reject }));
+  }
+
+  readonly #writeBatchTick = (): void => this.#writeBatch();
+
+  /** Writes the open batch now (synchronously) and settles its appends. */
+  #writeBatch(): void {
+    const b = this.#batch;
+    if (!b) return;
+    this.#batch = null;
+    let error: BlockError | null = null;
+    try {
+      this.#check();
+      let done = fs.writevSync(this.#fd, b.iov, b.at);
+      while (done < b.bytes) done += fs.writevSync(this.#fd, remainingIov(b.iov, done), b.at + done);
+    } catch (err) {
+      error = err instanceof BlockError ? err : this.#fail(err);
+    }
+    for (const w of b.waiters) {
+      if (error) w.reject(error);
+      else w.resolve();
+    }
+  }
+
   /** Waits for every append in flight (a hole before the synced data would hide it), then fdatasync. */
   async #sync(): Promise<void> {
+    this.#writeBatch();
     if (this.#inFlight.size > 0) await Promise.all([...this.#inFlight]).catch(() => undefined);
     this.#check();
     try {

@@ -347,7 +347,7 @@ export class JournalDriver implements BlockDriver {
       this.#writeBatch();
       b = { iov: [], at, bytes: 0, waiters: [] };
       this.#batch = b;
-      process.nextTick(this.#writeBatchTick);
+      setImmediate(this.#writeBatchTick);
     }
     for (const piece of iov) b.iov.push(piece);
     b.bytes += total;

@@ -65,6 +65,9 @@ export class MirrorJob extends BackupJobBase {
   /** Background forwards in flight after READY. */
   readonly #forwards = new Set<Range>();
   #lagBytes = 0;
+  /** The most bytes forwarded and not yet on the target at once, and writes that fell back. */
+  #lagBytesMax = 0;
+  #lagFallbacks = 0;
   #fatal: Error | null = null;
   #retryAfterMs = 0;
   #cursor = 0;
@@ -135,6 +138,8 @@ export class MirrorJob extends BackupJobBase {
       "x-degraded": this.#degraded,
       "x-dirty-bytes": this.dirty.dirtyBytes,
       "x-lag-bytes": this.#lagBytes,
+      "x-lag-bytes-max": this.#lagBytesMax,
+      "x-lag-fallbacks": this.#lagFallbacks,
     };
   }
 
@@ -229,6 +234,7 @@ export class MirrorJob extends BackupJobBase {
       !overlapsAny(this.#copies, req.offset, req.length) &&
       !overlapsAny(this.#forwards, req.offset, req.length);
     if (!canForward) {
+      if (this.ready && !this.#degraded) this.#lagFallbacks++;
       this.#markDirty(req.offset, req.length);
       return;
     }
@@ -236,6 +242,7 @@ export class MirrorJob extends BackupJobBase {
     const data = req.kind === "write" ? [Buffer.concat(req.data as Buffer[])] : null;
     const length = req.length;
     this.#lagBytes += length;
+    this.#lagBytesMax = Math.max(this.#lagBytesMax, this.#lagBytes);
     const range: Range = {
       offset: req.offset,
       length,
@@ -335,7 +342,8 @@ export class MirrorJob extends BackupJobBase {
         this.log.info({ missedBytes: this.#missedBytesSinceDegraded }, "mirror target reachable: resyncing");
       }
       if (this.dirty.count > 0 && Date.now() >= this.#retryAfterMs) {
-        if (this.#copyingBytes + MIRROR_COPY_BYTES_MAX <= this.bufSize && this.#startCopy()) continue;
+        const room = this.#copyingBytes === 0 || this.#copyingBytes + this.#copyBytesMax() <= this.bufSize;
+        if (room && this.#startCopy()) continue;
       }
       if (this.dirty.count === 0 && this.#copies.size === 0) {
         if (this.#resyncing) {
@@ -356,12 +364,17 @@ export class MirrorJob extends BackupJobBase {
     }
   }
 
+  /** One copy's size: 1 MiB, or less when buf-size is smaller (at least one granule). */
+  #copyBytesMax(): number {
+    return Math.max(Math.min(MIRROR_COPY_BYTES_MAX, this.bufSize), this.dirty.granularity);
+  }
+
   /** Picks the next dirty run, clears it, and copies it in the background. False if nothing to pick. */
   #startCopy(): boolean {
     let first = this.dirty.nextSet(this.#cursor);
     if (first < 0) first = this.dirty.nextSet(0);
     if (first < 0) return false;
-    const clustersMax = Math.max(1, Math.floor(MIRROR_COPY_BYTES_MAX / this.dirty.granularity));
+    const clustersMax = Math.max(1, Math.floor(this.#copyBytesMax() / this.dirty.granularity));
     let end = first + 1;
     while (end - first < clustersMax && end < this.dirty.clusterCount && this.dirty.get(end)) end++;
     this.#cursor = end;

@@ -25,7 +25,7 @@ import {
   testSeed,
   type QmpDaemon,
 } from "../helpers/jobs.js";
-import { startQemuNbd, type RemoteTarget } from "../helpers/remote.js";
+import { startNbdkit, startQemuNbd, type RemoteTarget } from "../helpers/remote.js";
 import { runOk } from "../helpers/run.js";
 
 const DISK_BYTES = 32 * MiB;
@@ -219,4 +219,49 @@ test("drive-mirror background to a file, sync=top and sync=none, and bad argumen
     "GenericError",
     `Source and target image have different sizes (${DISK_BYTES} and ${1 * MiB})`,
   );
+});
+
+test("background mirror after READY: forwarded bytes in flight stay under buf-size, the rest falls back to the bitmap", async (t) => {
+  const d = await serveWithQmp(t, { sizeBytes: 8 * MiB });
+  // A slow target (every write waits 50 ms), so forwards pile up.
+  const slow = await startNbdkit(t, join(d.dir, "slow.sock"), [
+    "--filter=delay",
+    "memory",
+    `${8 * MiB}`,
+    "wdelay=50ms",
+  ]);
+  await d.qmp.execute("blockdev-add", {
+    driver: "nbd",
+    "node-name": "tgt",
+    server: { type: "unix", path: slow.socket },
+  });
+  const bufSize = 256 * 1024;
+  await d.qmp.execute("blockdev-mirror", {
+    "job-id": "m0",
+    device: "disk0",
+    target: "tgt",
+    sync: "full",
+    "copy-mode": "background",
+    "buf-size": bufSize,
+  });
+  await untilReady(d, "m0");
+  const writes = Array.from({ length: 64 }, (_, i) => `aio_write -P ${1 + (i % 200)} ${i * 64 * 1024} 64k`);
+  const started = Date.now();
+  assertExit("qemu-io", await qemuIo(d.uri, [...writes, "aio_flush"]));
+  t.diagnostic(`64 writes of 64 KiB took ${Date.now() - started} ms against a 50 ms target`);
+  const info = (await blockJob(d.qmp, "m0")) as unknown as Record<string, number>;
+  assert.ok(info["x-lag-bytes-max"] > 0, "some writes were forwarded");
+  assert.ok(info["x-lag-bytes-max"] <= bufSize, `lag stayed under buf-size: ${info["x-lag-bytes-max"]}`);
+  assert.ok(info["x-lag-fallbacks"] > 0, "writes past the bound fell back to the bitmap");
+  await cancelInSync(d, "m0");
+  const r = await runOk("qemu-img", [
+    "compare",
+    "-f",
+    "raw",
+    "-F",
+    "raw",
+    d.image,
+    `nbd+unix:///?socket=${slow.socket}`,
+  ]);
+  assert.match(r.stdout, /Images are identical/);
 });

@@ -8,10 +8,20 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync, truncateSync } from "node:fs";
+import {
+  copyFileSync,
+  existsSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  truncateSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { JournalDriver } from "../../src/block/drivers/journal.js";
+import { JournalDriver, scanJournalFile } from "../../src/block/drivers/journal.js";
+import { encodeFileHeader } from "../../src/block/drivers/journal-format.js";
 import {
   exportDmLogWrites,
   LOG_DISCARD_FLAG,
@@ -43,9 +53,15 @@ const B = pattern(1536, 2);
 const C = pattern(128 * 1024, 3);
 const D = pattern(8192, 4);
 
-/** The journal every test reads, and the disk (from all zeros) at the mark and at the end. */
-async function makeJournal(path: string): Promise<{ atMark: Buffer; final: Buffer }> {
+/**
+ * The journal every test reads, and the disk (from all zeros) at the mark and at the end. Version 1
+ * (SHA-256 checksums) is made as an older drivetap would have begun it: the driver continues it.
+ */
+async function makeJournal(path: string, version = 2): Promise<{ atMark: Buffer; final: Buffer }> {
+  if (version === 1)
+    writeFileSync(path, encodeFileHeader({ data: true, diskBytes: DISK, createdMs: Date.now() }, 1));
   const j = JournalDriver.open(path, { size: DISK, data: true });
+  assert.equal(j.header.version, version);
   const disk = Buffer.alloc(DISK);
   await j.pwrite(0, [A.subarray(0, 1000), A.subarray(1000)], { fua: false });
   A.copy(disk, 0);
@@ -65,6 +81,7 @@ async function makeJournal(path: string): Promise<{ atMark: Buffer; final: Buffe
   await j.pwrite(0, [Buffer.alloc(0)], { fua: false }); // empty: counted, not exported
   await j.flush();
   await j.close();
+  assert.equal(scanJournalFile(path).header.version, version);
   return { atMark, final: disk };
 }
 
@@ -75,120 +92,126 @@ test("log2Floor: power-of-two buckets, including past 32 bits", () => {
   );
 });
 
-test("journal stat: counts, bytes, size histogram, hot regions, time span and marks", async (t) => {
-  const dir = tempDir(t);
-  const journal = join(dir, "j.journal");
-  await makeJournal(journal);
-  const st = analyzeJournal(journal);
-  assert.equal(st.entries, 11);
-  assert.deepEqual(st.kinds, { write: 5, zero: 1, discard: 2, flush: 2, mark: 1 });
-  assert.equal(st.fua, 1);
-  assert.deepEqual(st.bytes, { written: 4096 + 1536 + C.length + 8192, zeroed: 1024, discarded: 70100 });
-  assert.equal(st.diskBytes, DISK);
-  assert.equal(st.data, true);
-  assert.deepEqual(
-    st.sizeHistogram.map((b) => [b.fromBytes, b.toBytes, b.write, b.zero, b.discard]),
-    [
-      [64, 128, 0, 0, 1],
-      [1024, 2048, 1, 1, 0],
-      [4096, 8192, 1, 0, 0],
-      [8192, 16384, 1, 0, 0],
-      [65536, 131072, 0, 0, 1],
-      [131072, 262144, 1, 0, 0],
-    ],
-  );
-  assert.equal(st.hotRegions.regionBytes, HOT_REGION_BYTES);
-  assert.deepEqual(
-    st.hotRegions.top.map((r) => [r.offset / MiB, r.bytesWritten, r.writes]),
-    [
-      [6, C.length, 1],
-      [1, 1536 + 4096, 2],
-      [0, 4096, 1],
-      [2, 4096, 1],
-    ],
-  );
-  assert.equal(st.markCount, 1);
-  assert.deepEqual(
-    st.marks.map((m) => [m.seq, m.name]),
-    [[6, "m1"]],
-  );
-  assert.ok(st.time, "a journal with entries has a time span");
-  assert.ok(st.time.lastUs >= st.time.firstUs && st.time.spanMs >= 0);
-  assert.ok(Date.parse(st.time.first) <= Date.parse(st.time.last));
-  assert.equal(st.ignoredTail, undefined);
-  assert.equal(st.validBytes, statSync(journal).size);
-});
-
-test("journal export dm-log-writes: structure, flags, data, marks, and replay to the mark and the end", async (t) => {
-  const dir = tempDir(t);
-  const journal = join(dir, "j.journal");
-  const { atMark, final } = await makeJournal(journal);
-  const out = join(dir, "j.log");
-  const summary = exportDmLogWrites(journal, out);
-  assert.deepEqual(
-    { ...summary, logBytes: undefined },
-    {
-      entries: 9,
-      writes: 4,
-      zeroes: 1,
-      discards: 1,
-      flushes: 2,
-      marks: 1,
-      skipped: 2,
-      logBytes: undefined,
-      sectorBytes: 512,
-    },
-  );
-  const raw = readFileSync(out);
-  assert.equal(summary.logBytes, raw.length);
-  assert.equal(existsSync(`${out}.partial`), false);
-  const log = decodeDmLog(raw);
-  assert.equal(log.sectorBytes, 512);
-  const s = (n: number): number => n / 512;
-  assert.deepEqual(
-    log.entries.map((e) => [e.sector, e.sectors, e.flags]),
-    [
-      [0, s(4096), 0],
-      [s(MiB + 512), 3, LOG_FUA_FLAG],
-      [4, 2, 0], // write-zeroes as a write of zeros
+for (const version of [2, 1]) {
+  test(`journal stat (v${version}): counts, bytes, size histogram, hot regions, time span and marks`, async (t) => {
+    const dir = tempDir(t);
+    const journal = join(dir, "j.journal");
+    await makeJournal(journal, version);
+    const st = analyzeJournal(journal);
+    assert.equal(st.entries, 11);
+    assert.deepEqual(st.kinds, { write: 5, zero: 1, discard: 2, flush: 2, mark: 1 });
+    assert.equal(st.fua, 1);
+    assert.deepEqual(st.bytes, { written: 4096 + 1536 + C.length + 8192, zeroed: 1024, discarded: 70100 });
+    assert.equal(st.diskBytes, DISK);
+    assert.equal(st.data, true);
+    assert.deepEqual(
+      st.sizeHistogram.map((b) => [b.fromBytes, b.toBytes, b.write, b.zero, b.discard]),
       [
-        Math.ceil((3 * MiB + 100) / 512),
-        Math.floor((3 * MiB + 70100) / 512) - Math.ceil((3 * MiB + 100) / 512),
-        LOG_DISCARD_FLAG,
+        [64, 128, 0, 0, 1],
+        [1024, 2048, 1, 1, 0],
+        [4096, 8192, 1, 0, 0],
+        [8192, 16384, 1, 0, 0],
+        [65536, 131072, 0, 0, 1],
+        [131072, 262144, 1, 0, 0],
       ],
-      [0, 0, LOG_FLUSH_FLAG],
-      [0, 0, LOG_MARK_FLAG],
-      [s(6 * MiB), s(C.length), 0],
-      [s(2 * MiB - 4096), 16, 0],
-      [0, 0, LOG_FLUSH_FLAG],
-    ],
-  );
-  assert.ok(log.entries[0].data.equals(A));
-  assert.ok(log.entries[1].data.equals(B));
-  assert.ok(log.entries[2].data.equals(Buffer.alloc(1024)));
-  assert.equal(log.entries[3].data.length, 0, "a discard carries no data");
-  assert.equal(log.entries[5].markName, "m1");
-  assert.ok(log.entries[6].data.equals(C));
-  assert.ok(log.entries[7].data.equals(D));
+    );
+    assert.equal(st.hotRegions.regionBytes, HOT_REGION_BYTES);
+    assert.deepEqual(
+      st.hotRegions.top.map((r) => [r.offset / MiB, r.bytesWritten, r.writes]),
+      [
+        [6, C.length, 1],
+        [1, 1536 + 4096, 2],
+        [0, 4096, 1],
+        [2, 4096, 1],
+      ],
+    );
+    assert.equal(st.markCount, 1);
+    assert.deepEqual(
+      st.marks.map((m) => [m.seq, m.name]),
+      [[6, "m1"]],
+    );
+    assert.ok(st.time, "a journal with entries has a time span");
+    assert.ok(st.time.lastUs >= st.time.firstUs && st.time.spanMs >= 0);
+    assert.ok(Date.parse(st.time.first) <= Date.parse(st.time.last));
+    assert.equal(st.ignoredTail, undefined);
+    assert.equal(st.validBytes, statSync(journal).size);
+  });
 
-  const image = Buffer.alloc(DISK);
-  applyDmLog(log, image, 5);
-  assert.ok(image.equals(atMark), "replayed to the mark, the log gives the disk at the mark");
-  const full = Buffer.alloc(DISK);
-  applyDmLog(log, full);
-  assert.ok(full.equals(final), "replayed in full, the log gives the final disk");
+  test(`journal export dm-log-writes (v${version}): structure, flags, data, marks, and replay to the mark and the end`, async (t) => {
+    const dir = tempDir(t);
+    const journal = join(dir, "j.journal");
+    const { atMark, final } = await makeJournal(journal, version);
+    const out = join(dir, "j.log");
+    const summary = exportDmLogWrites(journal, out);
+    assert.deepEqual(
+      { ...summary, logBytes: undefined },
+      {
+        entries: 9,
+        writes: 4,
+        zeroes: 1,
+        discards: 1,
+        flushes: 2,
+        marks: 1,
+        skipped: 2,
+        logBytes: undefined,
+        sectorBytes: 512,
+      },
+    );
+    const raw = readFileSync(out);
+    assert.equal(summary.logBytes, raw.length);
+    assert.equal(existsSync(`${out}.partial`), false);
+    const log = decodeDmLog(raw);
+    assert.equal(log.sectorBytes, 512);
+    const s = (n: number): number => n / 512;
+    assert.deepEqual(
+      log.entries.map((e) => [e.sector, e.sectors, e.flags]),
+      [
+        [0, s(4096), 0],
+        [s(MiB + 512), 3, LOG_FUA_FLAG],
+        [4, 2, 0], // write-zeroes as a write of zeros
+        [
+          Math.ceil((3 * MiB + 100) / 512),
+          Math.floor((3 * MiB + 70100) / 512) - Math.ceil((3 * MiB + 100) / 512),
+          LOG_DISCARD_FLAG,
+        ],
+        [0, 0, LOG_FLUSH_FLAG],
+        [0, 0, LOG_MARK_FLAG],
+        [s(6 * MiB), s(C.length), 0],
+        [s(2 * MiB - 4096), 16, 0],
+        [0, 0, LOG_FLUSH_FLAG],
+      ],
+    );
+    assert.ok(log.entries[0].data.equals(A));
+    assert.ok(log.entries[1].data.equals(B));
+    assert.ok(log.entries[2].data.equals(Buffer.alloc(1024)));
+    assert.equal(log.entries[3].data.length, 0, "a discard carries no data");
+    assert.equal(log.entries[5].markName, "m1");
+    assert.ok(log.entries[6].data.equals(C));
+    assert.ok(log.entries[7].data.equals(D));
 
-  // A larger sector size: the same log in 4 KiB units refuses the write at 1 MiB + 512.
-  const out4k = join(dir, "j4k.log");
-  assert.throws(
-    () => exportDmLogWrites(journal, out4k, 4096),
-    (e: unknown) =>
-      e instanceof JournalCliError &&
-      /entry 1 \(write 1049088\+1536\) is not aligned to 4096/.test(e.message),
-  );
-  assert.equal(existsSync(out4k) || existsSync(`${out4k}.partial`), false, "a failed export leaves nothing");
-  assert.throws(() => exportDmLogWrites(journal, out4k, 1000), /sector size must be one of/);
-});
+    const image = Buffer.alloc(DISK);
+    applyDmLog(log, image, 5);
+    assert.ok(image.equals(atMark), "replayed to the mark, the log gives the disk at the mark");
+    const full = Buffer.alloc(DISK);
+    applyDmLog(log, full);
+    assert.ok(full.equals(final), "replayed in full, the log gives the final disk");
+
+    // A larger sector size: the same log in 4 KiB units refuses the write at 1 MiB + 512.
+    const out4k = join(dir, "j4k.log");
+    assert.throws(
+      () => exportDmLogWrites(journal, out4k, 4096),
+      (e: unknown) =>
+        e instanceof JournalCliError &&
+        /entry 1 \(write 1049088\+1536\) is not aligned to 4096/.test(e.message),
+    );
+    assert.equal(
+      existsSync(out4k) || existsSync(`${out4k}.partial`),
+      false,
+      "a failed export leaves nothing",
+    );
+    assert.throws(() => exportDmLogWrites(journal, out4k, 1000), /sector size must be one of/);
+  });
+}
 
 test("journal export refuses what dm-log-writes cannot hold: hash-only journals, overlong marks", async (t) => {
   const dir = tempDir(t);
@@ -218,19 +241,21 @@ test("journal export refuses what dm-log-writes cannot hold: hash-only journals,
   );
 });
 
-test("journal stat and export leave out a torn tail", async (t) => {
-  const dir = tempDir(t);
-  const journal = join(dir, "j.journal");
-  await makeJournal(journal);
-  const torn = join(dir, "torn.journal");
-  copyFileSync(journal, torn);
-  truncateSync(torn, statSync(journal).size - 10); // inside the last entry (a flush)
-  const st = analyzeJournal(torn);
-  assert.equal(st.entries, 10);
-  assert.equal(st.kinds.flush, 1);
-  assert.equal(st.ignoredTail, "torn entry at the end");
-  assert.equal(st.fileBytes - st.validBytes, 64 - 10);
-  const r = exportDmLogWrites(torn, join(dir, "torn.log"));
-  assert.equal(r.entries, 8);
-  assert.equal(decodeDmLog(readFileSync(join(dir, "torn.log"))).entries.length, 8);
-});
+for (const version of [2, 1]) {
+  test(`journal stat and export (v${version}) leave out a torn tail`, async (t) => {
+    const dir = tempDir(t);
+    const journal = join(dir, "j.journal");
+    await makeJournal(journal, version);
+    const torn = join(dir, "torn.journal");
+    copyFileSync(journal, torn);
+    truncateSync(torn, statSync(journal).size - 10); // inside the last entry (a flush)
+    const st = analyzeJournal(torn);
+    assert.equal(st.entries, 10);
+    assert.equal(st.kinds.flush, 1);
+    assert.equal(st.ignoredTail, "torn entry at the end");
+    assert.equal(st.fileBytes - st.validBytes, 64 - 10);
+    const r = exportDmLogWrites(torn, join(dir, "torn.log"));
+    assert.equal(r.entries, 8);
+    assert.equal(decodeDmLog(readFileSync(join(dir, "torn.log"))).entries.length, 8);
+  });
+}

@@ -1,7 +1,7 @@
 /**
  * Loader for the optional native addon (native/drivetap_native.c): fallocate and SEEK_DATA/SEEK_HOLE,
- * which Node's fs lacks. When the addon did not build, `native` is null and the file driver falls back
- * to portable I/O (see docs/ARCHITECTURE.md).
+ * which Node's fs lacks, and a hardware CRC-32C. When the addon did not build, `native` is null: the
+ * file driver falls back to portable I/O and block/crc32c.ts to TypeScript (see docs/ARCHITECTURE.md).
  */
 import { createRequire } from "node:module";
 import { fileURLToPath } from "node:url";
@@ -15,6 +15,15 @@ export interface NativeCalls {
   allocate(fd: number, offset: number, length: number): number;
   seekData(fd: number, offset: number): number;
   seekHole(fd: number, offset: number): number;
+  /**
+   * CRC-32C of the buffers, continuing `seed` (0 to start). Optional: an addon built before it was
+   * added lacks it (and the two below).
+   */
+  crc32c?(buffers: readonly Uint8Array[] | Uint8Array, seed?: number): number;
+  /** The C table implementation, even where SSE4.2 is available (for tests). */
+  crc32cSoftware?(buffers: readonly Uint8Array[] | Uint8Array, seed?: number): number;
+  /** Whether crc32c uses the SSE4.2 crc32 instruction. */
+  readonly crc32cHardware?: boolean;
 }
 
 function load(): NativeCalls | null {

@@ -25,6 +25,7 @@ import { rangesOverlap } from "../core/ranges.js";
 import { MiB } from "../core/units.js";
 import { DirtyBitmap } from "../io/dirty-bitmap.js";
 import type { TrackedRequest, WriteHook } from "../io/tracked-request.js";
+import { applyToTarget } from "./target-op.js";
 import { BackupJobBase, type BackupOptions } from "./backup-common.js";
 
 export type CopyMode = "background" | "write-blocking";
@@ -168,29 +169,8 @@ export class MirrorJob extends BackupJobBase {
     this.#pending.set(req, this.#targetOp(req, req.data));
   }
 
-  async #targetOp(req: TrackedRequest, data: readonly Buffer[] | null): Promise<Error | undefined> {
-    try {
-      switch (req.kind) {
-        case "write":
-          await this.target.write(req.offset, data!, { fua: req.flags.fua });
-          break;
-        case "zero":
-          await this.target.writeZeroes(req.offset, req.length, {
-            fua: req.flags.fua,
-            mayTrim: req.flags.mayTrim,
-          });
-          break;
-        case "discard":
-          await this.target.discard(req.offset, req.length, { fua: req.flags.fua });
-          break;
-        case "flush":
-          await this.target.flush();
-          break;
-      }
-      return undefined;
-    } catch (err) {
-      return toBlockError(err);
-    }
+  #targetOp(req: TrackedRequest, data: readonly Buffer[] | null): Promise<Error | undefined> {
+    return applyToTarget(this.target, req, data);
   }
 
   async #after(req: TrackedRequest, sourceError: Error | undefined): Promise<void> {

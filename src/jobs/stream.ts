@@ -20,6 +20,7 @@ import { rangesOverlap } from "../core/ranges.js";
 import { MiB } from "../core/units.js";
 import { DirtyBitmap } from "../io/dirty-bitmap.js";
 import type { TrackedRequest, WriteHook } from "../io/tracked-request.js";
+import { applyToTarget } from "./target-op.js";
 import { BACKUP_CLUSTER_BYTES, BackupJobBase, type BackupOptions } from "./backup-common.js";
 
 /** One repair copies at most this much. */
@@ -113,29 +114,8 @@ export class StreamJob extends BackupJobBase {
     this.#pending.set(req, this.#targetOp(req));
   }
 
-  async #targetOp(req: TrackedRequest): Promise<Error | undefined> {
-    try {
-      switch (req.kind) {
-        case "write":
-          await this.target.write(req.offset, req.data!, { fua: req.flags.fua });
-          break;
-        case "zero":
-          await this.target.writeZeroes(req.offset, req.length, {
-            fua: req.flags.fua,
-            mayTrim: req.flags.mayTrim,
-          });
-          break;
-        case "discard":
-          await this.target.discard(req.offset, req.length, { fua: req.flags.fua });
-          break;
-        case "flush":
-          await this.target.flush();
-          break;
-      }
-      return undefined;
-    } catch (err) {
-      return toBlockError(err);
-    }
+  #targetOp(req: TrackedRequest): Promise<Error | undefined> {
+    return applyToTarget(this.target, req, req.data);
   }
 
   async #after(req: TrackedRequest, sourceError: Error | undefined): Promise<void> {

@@ -27,15 +27,10 @@ import {
   testSeed,
   type QmpDaemon,
 } from "../helpers/jobs.js";
-import { startNbdkit, startQemuNbd } from "../helpers/remote.js";
+import { assertIdentical, cancelInSync, startNbdkit, startQemuNbd } from "../helpers/remote.js";
 import { run, runOk, start } from "../helpers/run.js";
 
 const DISK_BYTES = 48 * MiB;
-
-async function assertIdentical(a: string, b: string): Promise<void> {
-  const r = await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", a, b]);
-  assert.match(r.stdout, /Images are identical/);
-}
 
 async function writeOps(d: QmpDaemon): Promise<number> {
   const nodes = (await d.qmp.execute("query-named-block-nodes")) as Array<Record<string, unknown>>;
@@ -80,12 +75,6 @@ async function mirrorToNbd(d: QmpDaemon, socket: string, extra: Record<string, u
   await d.qmp.waitForEvent(jobEvent("m0", "BLOCK_JOB_READY"), 60_000);
 }
 
-async function cancelInSync(d: QmpDaemon): Promise<void> {
-  await d.qmp.execute("block-job-cancel", { device: "m0" });
-  const e = await d.qmp.waitForEvent(jobEvent("m0", "BLOCK_JOB_COMPLETED"), 60_000);
-  assert.equal(e.data.error, undefined, JSON.stringify(e.data));
-}
-
 test("central scenario: mirror to qemu-nbd, kill -9 the target under load, restart, resync, target == source", async (t) => {
   const seed = testSeed(t);
   const d = await serveWithQmp(t, { content: seededBytes(seed, DISK_BYTES) });
@@ -117,7 +106,7 @@ test("central scenario: mirror to qemu-nbd, kill -9 the target under load, resta
 
   // More writes after the resync are mirrored again, then a cancel leaves the target in sync.
   assertExit("qemu-io", await qemuIo(d.uri, ["write -P 0x78 46M 64k", "flush"]));
-  await cancelInSync(d);
+  await cancelInSync(d, "m0");
   await assertIdentical(d.image, targetImage);
 });
 
@@ -195,7 +184,7 @@ test("a TCP target behind a veth link that is cut and restored: bounded waits, t
   const resynced = d.qmp.waitForEvent(jobEvent("m0", "BLOCK_JOB_RESYNCED"), 60_000);
   await net.restore();
   await resynced;
-  await cancelInSync(d);
+  await cancelInSync(d, "m0");
   // Compare through NBD: the target lives in nbdkit's memory.
   const r = await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", d.image, `nbd://${net.host}:10809`]);
   assert.equal(r.code, 0, r.stdout + r.stderr);
@@ -238,7 +227,7 @@ test("nbdkit delay filter: a slow target is not an outage; error filter: target 
   ]);
   assert.equal(r.code, 0, r.stdout + r.stderr);
   assert.doesNotMatch(r.stdout, /fail/i);
-  await cancelInSync(d);
+  await cancelInSync(d, "m0");
 
   const trigger = join(d.dir, "fail");
   const faulty = await startNbdkit(t, join(d.dir, "faulty.sock"), [

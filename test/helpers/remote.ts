@@ -3,11 +3,12 @@
  * (memory plugin, optionally behind filters), each on a unix socket, with kill -9 and restart on the
  * same socket. Readiness is awaited by connecting, never by sleeping.
  */
+import assert from "node:assert/strict";
 import * as net from "node:net";
 import { existsSync, rmSync } from "node:fs";
 import type { TestContext } from "node:test";
-import { pollUntil } from "./jobs.js";
-import { start, type Running } from "./run.js";
+import { blockJob, jobEvent, pollUntil, type QmpDaemon } from "./jobs.js";
+import { runOk, start, type Running } from "./run.js";
 
 export interface RemoteTarget {
   readonly socket: string;
@@ -103,4 +104,26 @@ export function startNbdkit(
   args: readonly string[],
 ): Promise<RemoteTarget> {
   return startTarget(t, "nbdkit", socket, "nbdkit", ["-f", "-U", socket, ...args]);
+}
+
+// ---- mirror jobs -------------------------------------------------------------------------------------
+
+/** Waits for BLOCK_JOB_READY and checks the job says ready. */
+export async function untilReady(d: QmpDaemon, id: string): Promise<void> {
+  await d.qmp.waitForEvent(jobEvent(id, "BLOCK_JOB_READY"), 60_000);
+  assert.equal((await blockJob(d.qmp, id)).status, "ready");
+}
+
+/** block-job-cancel after READY: the mirror completes (not cancelled) with the target in sync. */
+export async function cancelInSync(d: QmpDaemon, id: string): Promise<void> {
+  await d.qmp.execute("block-job-cancel", { device: id });
+  const e = await d.qmp.waitForEvent(jobEvent(id, "BLOCK_JOB_COMPLETED"), 60_000);
+  assert.equal(e.data.error, undefined, `the mirror ended without error: ${JSON.stringify(e.data)}`);
+  assert.ok(!d.qmp.events.some(jobEvent(id, "BLOCK_JOB_CANCELLED")));
+}
+
+/** qemu-img compare of two raw images (files or NBD URIs) says identical. */
+export async function assertIdentical(a: string, b: string): Promise<void> {
+  const r = await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", a, b]);
+  assert.match(r.stdout, /Images are identical/);
 }

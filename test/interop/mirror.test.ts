@@ -25,7 +25,14 @@ import {
   testSeed,
   type QmpDaemon,
 } from "../helpers/jobs.js";
-import { startNbdkit, startQemuNbd, type RemoteTarget } from "../helpers/remote.js";
+import {
+  assertIdentical,
+  cancelInSync,
+  startNbdkit,
+  startQemuNbd,
+  untilReady,
+  type RemoteTarget,
+} from "../helpers/remote.js";
 import { runOk } from "../helpers/run.js";
 
 const DISK_BYTES = 32 * MiB;
@@ -44,24 +51,6 @@ async function withQemuNbdTarget(
     export: "",
   });
   return { image, remote };
-}
-
-async function untilReady(d: QmpDaemon, id: string): Promise<void> {
-  await d.qmp.waitForEvent(jobEvent(id, "BLOCK_JOB_READY"), 60_000);
-  assert.equal((await blockJob(d.qmp, id)).status, "ready");
-}
-
-/** block-job-cancel after READY: the job completes (not cancelled) with the target in sync. */
-async function cancelInSync(d: QmpDaemon, id: string): Promise<void> {
-  await d.qmp.execute("block-job-cancel", { device: id });
-  const e = await d.qmp.waitForEvent(jobEvent(id, "BLOCK_JOB_COMPLETED"), 60_000);
-  assert.equal(e.data.error, undefined, `the mirror ended without error: ${JSON.stringify(e.data)}`);
-  assert.ok(!d.qmp.events.some(jobEvent(id, "BLOCK_JOB_CANCELLED")));
-}
-
-async function assertIdentical(a: string, b: string): Promise<void> {
-  const r = await runOk("qemu-img", ["compare", "-f", "raw", "-F", "raw", a, b]);
-  assert.match(r.stdout, /Images are identical/);
 }
 
 for (const copyMode of ["write-blocking", "background"] as const) {

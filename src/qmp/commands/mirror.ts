@@ -3,9 +3,6 @@
  * creates), with QEMU's arguments. The job is jobs/mirror.ts; block-job-complete pivots the exports of
  * the source onto the target (graph.pivotExports).
  */
-import * as fs from "node:fs";
-import * as path from "node:path";
-import { FileDriver } from "../../block/drivers/file.js";
 import type { BlockGraph } from "../../graph/block-graph.js";
 import { NODE_NAME_PATTERN } from "../../graph/node-factory.js";
 import { BlockNode } from "../../io/block-node.js";
@@ -13,6 +10,7 @@ import type { ErrorAction } from "../../jobs/job.js";
 import { MirrorJob, type CopyMode, type MirrorSync } from "../../jobs/mirror.js";
 import { QmpError } from "../errors.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
+import { openDriveTarget } from "./drive-target.js";
 
 const ERROR_ACTIONS = ["report", "ignore", "stop", "enospc"] as const;
 const JOB_ID_PATTERN = /^[A-Za-z][A-Za-z0-9_.-]{0,127}$/;
@@ -171,38 +169,8 @@ export function mirrorCommands(graph: BlockGraph): QmpCommandDef[] {
           throw new QmpError("GenericError", `Invalid node-name: '${nodeName}'`);
         if (graph.getNode(nodeName))
           throw new QmpError("GenericError", `Duplicate nodes with node-name='${nodeName}'`);
-        const filename = path.resolve(a.target);
-        const mode = a.mode ?? "absolute-paths";
-        const existed = fs.existsSync(filename);
-        if (mode === "existing" && !existed)
-          throw new QmpError("GenericError", `Could not open '${filename}': No such file or directory`);
-        const usedBy = graph.nodesUsingFile(filename);
-        if (usedBy.includes(source.name))
-          throw new QmpError("GenericError", "Source and target cannot be the same");
-        if (usedBy.length > 0)
-          throw new QmpError("GenericError", `'${filename}' is in use by node '${usedBy[0]}'`);
-        let created = false;
-        if (mode === "absolute-paths") {
-          try {
-            fs.writeFileSync(filename, "");
-            fs.truncateSync(filename, source.size());
-            created = true;
-          } catch (err) {
-            throw new QmpError("GenericError", `Could not create '${filename}': ${(err as Error).message}`);
-          }
-        }
-        const removeCreated = (): void => {
-          if (created && !existed) fs.rmSync(filename, { force: true });
-        };
-        let target: BlockNode;
-        try {
-          target = new BlockNode(nodeName, FileDriver.open(filename));
-          checkTarget(source, target);
-        } catch (err) {
-          removeCreated();
-          if (err instanceof QmpError) throw err;
-          throw new QmpError("GenericError", `Could not open '${filename}': ${(err as Error).message}`);
-        }
+        const { filename, driver, removeCreated } = await openDriveTarget(graph, source, a.target, a.mode);
+        const target = new BlockNode(nodeName, driver);
         graph.addNode(target, { driver: "file", filename }, a["node-name"] === undefined);
         try {
           startMirror(graph, a, source, target, jobId, async (pivoted) => {

@@ -1,0 +1,35 @@
+/** What stream and mirror share: applying a guest's hooked request to the job's target. */
+import { toBlockError } from "../core/errors.js";
+import type { BlockNode } from "../io/block-node.js";
+import type { TrackedRequest } from "../io/tracked-request.js";
+
+/**
+ * Applies `req` (write, write-zeroes, discard or flush, with its FUA and trim flags) to `target`, with
+ * `data` as the write's buffers (the writer's own, or a copy). Returns the error instead of throwing,
+ * so a caller can start it in before() and look at it in after().
+ */
+export async function applyToTarget(
+  target: BlockNode,
+  req: TrackedRequest,
+  data: readonly Buffer[] | null,
+): Promise<Error | undefined> {
+  try {
+    switch (req.kind) {
+      case "write":
+        await target.write(req.offset, data!, { fua: req.flags.fua });
+        break;
+      case "zero":
+        await target.writeZeroes(req.offset, req.length, { fua: req.flags.fua, mayTrim: req.flags.mayTrim });
+        break;
+      case "discard":
+        await target.discard(req.offset, req.length, { fua: req.flags.fua });
+        break;
+      case "flush":
+        await target.flush();
+        break;
+    }
+    return undefined;
+  } catch (err) {
+    return toBlockError(err);
+  }
+}

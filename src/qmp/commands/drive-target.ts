@@ -1,0 +1,70 @@
+/**
+ * What drive-backup and drive-mirror share: the target file named by the command. `absolute-paths`
+ * creates (or recreates) a sparse raw image of the source's size, as qemu-img create would;
+ * `existing` opens the file as it is. A file another node has open is refused, since writing it
+ * would destroy that node's data.
+ */
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { FileDriver } from "../../block/drivers/file.js";
+import type { BlockGraph } from "../../graph/block-graph.js";
+import type { BlockNode } from "../../io/block-node.js";
+import { QmpError } from "../errors.js";
+
+export interface DriveTarget {
+  readonly filename: string;
+  readonly driver: FileDriver;
+  /** Whether this command created the file (so it may give it the source's allocation). */
+  readonly created: boolean;
+  /** Removes the file if this command created it and it did not exist before (a job that never ran). */
+  removeCreated(): void;
+}
+
+export async function openDriveTarget(
+  graph: BlockGraph,
+  source: BlockNode,
+  target: string,
+  mode: "existing" | "absolute-paths" = "absolute-paths",
+): Promise<DriveTarget> {
+  const filename = path.resolve(target);
+  const size = source.size();
+  const existed = fs.existsSync(filename);
+  if (mode === "existing" && !existed) {
+    throw new QmpError("GenericError", `Could not open '${filename}': No such file or directory`);
+  }
+  const usedBy = graph.nodesUsingFile(filename);
+  if (usedBy.includes(source.name))
+    throw new QmpError("GenericError", "Source and target cannot be the same");
+  if (usedBy.length > 0) {
+    throw new QmpError("GenericError", `'${filename}' is in use by node '${usedBy[0]}'`);
+  }
+  let created = false;
+  if (mode === "absolute-paths") {
+    try {
+      fs.writeFileSync(filename, "");
+      fs.truncateSync(filename, size);
+      created = true;
+    } catch (err) {
+      throw new QmpError("GenericError", `Could not create '${filename}': ${(err as Error).message}`);
+    }
+  }
+  const removeCreated = (): void => {
+    if (created && !existed) fs.rmSync(filename, { force: true });
+  };
+  let driver: FileDriver;
+  try {
+    driver = FileDriver.open(filename);
+  } catch (err) {
+    removeCreated();
+    throw new QmpError("GenericError", `Could not open '${filename}': ${(err as Error).message}`);
+  }
+  if (driver.size() !== size) {
+    await driver.close();
+    removeCreated();
+    throw new QmpError(
+      "GenericError",
+      `Source and target image have different sizes (${size} and ${driver.size()})`,
+    );
+  }
+  return { filename, driver, created, removeCreated };
+}

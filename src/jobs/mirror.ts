@@ -62,6 +62,8 @@ export class MirrorJob extends BackupJobBase {
   /** Target operations started in before(), awaited in after() (write-blocking). */
   readonly #pending = new Map<TrackedRequest, Promise<Error | undefined>>();
   readonly #copies = new Set<Range>();
+  /** Background mode: writes that overlapped another in flight (never forwarded). */
+  readonly #contended = new WeakSet<TrackedRequest>();
   #copyingBytes = 0;
   /** Background forwards in flight after READY. */
   readonly #forwards = new Set<Range>();
@@ -154,7 +156,31 @@ export class MirrorJob extends BackupJobBase {
           before: (req) => this.#before(req),
           after: (req, err) => this.#after(req, err),
         }
-      : { name: `mirror:${this.id}`, after: (req, err) => this.#afterBackground(req, err) };
+      : {
+          name: `mirror:${this.id}`,
+          before: (req) => this.#beforeBackground(req),
+          after: (req, err) => this.#afterBackground(req, err),
+        };
+  }
+
+  /**
+   * Background mode does not serialise writes, so two overlapping writes in flight together land on
+   * the source in an order nobody can see (threadpool writes may even complete out of order).
+   * Forwarding them in completion order could leave the target with the other one's data: such
+   * writes are never forwarded, only marked, and the copy from the source settles the range.
+   */
+  #beforeBackground(req: TrackedRequest): void {
+    if (req.kind === "flush" || !this.ready) return;
+    for (const other of this.source.inFlight()) {
+      if (
+        other !== req &&
+        (other.kind === "write" || other.kind === "zero" || other.kind === "discard") &&
+        rangesOverlap(other.offset, other.length, req.offset, req.length)
+      ) {
+        this.#contended.add(other);
+        this.#contended.add(req);
+      }
+    }
   }
 
   #before(req: TrackedRequest): void {
@@ -206,6 +232,7 @@ export class MirrorJob extends BackupJobBase {
     }
     const canForward =
       !sourceError &&
+      !this.#contended.has(req) &&
       this.ready &&
       !this.#degraded &&
       !this.paused &&

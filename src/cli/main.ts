@@ -13,6 +13,7 @@ import { addTapCommand } from "./tap.js";
 import { addJournalCommands } from "./journal-commands.js";
 import { addQmpCommands, DEFAULT_QMP_SOCKET } from "./qmp-commands.js";
 import { addVerifyCommand } from "./verify-command.js";
+import { addMirrorCommand } from "./mirror-command.js";
 
 const DEFAULT_SIZE = "1G";
 const DEFAULT_PORT = 10809;
@@ -156,6 +157,7 @@ program
 addQmpCommands(program);
 addJournalCommands(program);
 addTapCommand(program);
+addMirrorCommand(program);
 addVerifyCommand(program);
 
 await program.parseAsync(process.argv);

@@ -465,3 +465,37 @@ test("the README's mirror example, pasted into a shell, survives the target's ki
   }
   assert.deepEqual(processesMentioning(dir), [], "no process of the example is left running");
 });
+
+test("the README's pull-mode incremental example, pasted into a shell, maps exactly the written cluster", async (t) => {
+  const script = seedScenario("## Dirty bitmaps and incremental backup");
+  assert.ok(script.includes("nbdinfo --map=qemu:dirty-bitmap:b0"));
+  const dir = tempDir(t, "drivetap-readme-");
+  t.after(() => {
+    for (const pid of processesMentioning(dir)) process.kill(pid, "SIGKILL");
+  });
+  const home = join(dir, "home");
+  mkdirSync(join(home, "node_modules/.bin"), { recursive: true });
+  symlinkSync(CLI, join(home, "node_modules/.bin/drivetap"));
+  const r = await run("bash", ["--norc", "--noprofile"], {
+    cwd: home,
+    env: cleanEnv({
+      HOME: home,
+      TERM: "dumb",
+      npm_config_offline: "true",
+      npm_config_update_notifier: "false",
+    }),
+    input: script.replaceAll("/tmp/", `${dir}/`),
+    timeoutMs: SCENARIO_TIMEOUT_MS,
+  });
+  assertExit(r, 0, `the pasted example\n${r.stdout}\n${r.stderr}`);
+  const dirty = r.stdout
+    .split("\n")
+    .filter((l) => /\bdirty$/.test(l.trim()))
+    .map((l) => l.trim().split(/\s+/).slice(0, 2).map(Number));
+  assert.deepEqual(dirty, [[1048576, 65536]], `only the written cluster is dirty:\n${r.stdout}`);
+  const deadline = Date.now() + DAEMON_EXIT_MS;
+  while (processesMentioning(dir).length > 0 && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  assert.deepEqual(processesMentioning(dir), [], "no process of the example is left running");
+});

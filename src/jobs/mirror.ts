@@ -410,6 +410,7 @@ export class MirrorJob extends BackupJobBase {
       return false;
     }
     const unlock = locked ? null : await this.source.lockRange(offset, length);
+    let pooled: Buffer | null = null;
     try {
       // Background forwards to the range must land before the copy does.
       for (const f of [...this.#forwards]) {
@@ -424,7 +425,12 @@ export class MirrorJob extends BackupJobBase {
       }
       let buf: Buffer | null = null;
       if (!zero) {
-        buf = Buffer.allocUnsafe(length);
+        if (length <= this.#copyBytesMax()) {
+          pooled = this.#copyBuffers.pop() ?? Buffer.allocUnsafeSlow(this.#copyBytesMax());
+          buf = pooled.subarray(0, length);
+        } else {
+          buf = Buffer.allocUnsafe(length);
+        }
         try {
           await this.source.read(offset, buf);
         } catch (err) {
@@ -448,8 +454,15 @@ export class MirrorJob extends BackupJobBase {
       return true;
     } finally {
       unlock?.();
+      if (pooled) this.#copyBuffers.push(pooled);
     }
   }
+
+  /**
+   * Copy buffers are recycled: a fresh 1 MiB buffer per copy made the daemon's RSS grow past 200 MiB
+   * during a 1 GiB bulk copy (the GC frees external memory late). At most buf-size is in use at once.
+   */
+  readonly #copyBuffers: Buffer[] = [];
 
   /**
    * Holds every write, copies what is still dirty, flushes the target, then (complete) pivots.

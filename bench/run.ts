@@ -3,7 +3,7 @@
  * interleaved round by round so that machine noise hits all servers alike. Prints medians and ratios,
  * and drivetap's peak RSS. Environment: BENCH_ROUNDS (default 3), BENCH_RUNTIME_S (default 5),
  * BENCH_SIZE (default 1G), BENCH_DIR (default a temp dir), BENCH_SERVERS (comma list to restrict),
- * BENCH_PARTS (comma list of "servers", "stream", "journal", "mirror"; default all).
+ * BENCH_PARTS (comma list of "servers", "stream", "journal", "tap", "mirror"; default all).
  *
  * The "stream" part measures the cost of a backup sync=stream job: the same fio workloads through
  * drivetap's export with no job and with a stream job to a local raw file, interleaved. The "journal"
@@ -56,7 +56,7 @@ export const SERVERS: readonly Server[] = [
   },
 ];
 
-type StreamTarget = "file" | "journal";
+type StreamTarget = "file" | "journal" | "tap";
 
 async function benchStream(dir: string, image: string, targetKind: StreamTarget): Promise<void> {
   const results = new Map<string, number[]>();
@@ -71,11 +71,22 @@ async function benchStream(dir: string, image: string, targetKind: StreamTarget)
           stdio: "ignore",
         });
         let qmp: QmpClient | null = null;
+        let tap: ReturnType<typeof spawn> | null = null;
         try {
           await waitForSocket(socket, proc);
           await waitForSocket(qmpPath, proc);
           qmp = await QmpClient.connect(qmpPath);
-          if (variant === "stream job" && targetKind === "file") {
+          if (variant === "stream job" && targetKind === "tap") {
+            // A live feed instead of a job: `drivetap tap` reading every write, its output discarded.
+            tap = spawn(process.execPath, [CLI, "tap", "--socket", qmpPath], { stdio: "ignore" });
+            const deadline = Date.now() + 30_000;
+            for (;;) {
+              const taps = (await qmp.execute("query-x-taps")) as Array<{ readers: unknown[] }>;
+              if (taps.length === 1 && taps[0].readers.length === 1) break;
+              if (Date.now() > deadline) throw new Error("drivetap tap did not connect");
+              await new Promise((resolve) => setTimeout(resolve, 50));
+            }
+          } else if (variant === "stream job" && targetKind === "file") {
             await qmp.execute("drive-backup", { "job-id": "bench", device: "disk0", sync: "stream", target });
           } else if (variant === "stream job") {
             await qmp.execute("blockdev-add", {
@@ -93,7 +104,12 @@ async function benchStream(dir: string, image: string, targetKind: StreamTarget)
             });
           }
           const value = runFio(`nbd+unix:///?socket=${socket}`, w);
-          if (variant === "stream job") {
+          if (tap) {
+            const taps = (await qmp.execute("query-x-taps")) as Array<{ records: number }>;
+            if (!(taps[0]?.records > 0)) throw new Error("the tap saw no writes");
+            await stopProcess(tap);
+            tap = null;
+          } else if (variant === "stream job") {
             const jobs = (await qmp.execute("query-block-jobs")) as Array<Record<string, unknown>>;
             if (jobs.length !== 1 || jobs[0].status !== "running")
               throw new Error("stream job did not keep running");
@@ -109,6 +125,7 @@ async function benchStream(dir: string, image: string, targetKind: StreamTarget)
             `round ${round} ${w.name.padEnd(20)} ${variant.padEnd(10)} ${value.toFixed(0)} ${w.unit}\n`,
           );
         } finally {
+          if (tap) await stopProcess(tap);
           qmp?.close();
           await stopProcess(proc);
           fs.rmSync(target, { force: true });
@@ -116,9 +133,12 @@ async function benchStream(dir: string, image: string, targetKind: StreamTarget)
       }
     }
   }
-  const what = targetKind === "file" ? "a local raw file" : "a journal node (data: true)";
-  console.log(`\nbackup sync=stream to ${what}, through drivetap's export, median of ${ROUNDS} rounds`);
-  console.log("| workload | no job | stream job | ratio |");
+  const what =
+    targetKind === "tap"
+      ? "a live feed instead of a job (`drivetap tap` reading every write, output discarded)"
+      : `backup sync=stream to ${targetKind === "file" ? "a local raw file" : "a journal node (data: true)"}`;
+  console.log(`\n${what}, through drivetap's export, median of ${ROUNDS} rounds`);
+  console.log(`| workload | no job | ${targetKind === "tap" ? "tap reader" : "stream job"} | ratio |`);
   console.log("|---|---|---|---|");
   for (const w of JOB_WORKLOADS) {
     const a = median(results.get(`no job/${w.name}`) ?? [NaN]);
@@ -129,9 +149,9 @@ async function benchStream(dir: string, image: string, targetKind: StreamTarget)
 
 async function main(): Promise<void> {
   need("fio");
-  const parts = (process.env.BENCH_PARTS ?? "servers,stream,journal,mirror").split(",");
+  const parts = (process.env.BENCH_PARTS ?? "servers,stream,journal,tap,mirror").split(",");
   for (const part of parts)
-    if (!["servers", "stream", "journal", "mirror"].includes(part))
+    if (!["servers", "stream", "journal", "tap", "mirror"].includes(part))
       throw new Error(`BENCH_PARTS: unknown part "${part}"`);
   const only = process.env.BENCH_SERVERS?.split(",");
   const servers = SERVERS.filter((s) => !only || only.includes(s.name));
@@ -146,6 +166,7 @@ async function main(): Promise<void> {
     if (parts.includes("servers")) await benchServers(servers, dir, image);
     if (parts.includes("stream")) await benchStream(dir, image, "file");
     if (parts.includes("journal")) await benchStream(dir, image, "journal");
+    if (parts.includes("tap")) await benchStream(dir, image, "tap");
     if (parts.includes("mirror")) await benchMirror(mirrorDaemons, dir, image);
   } finally {
     if (!process.env.BENCH_DIR) fs.rmSync(dir, { recursive: true, force: true });

@@ -16,6 +16,7 @@ import {
   blockJob,
   jobEvent,
   MiB,
+  pollUntil,
   prng,
   qemuIo,
   qemuIoPlan,
@@ -253,4 +254,35 @@ test("background mirror after READY: forwarded bytes in flight stay under buf-si
     `nbd+unix:///?socket=${slow.socket}`,
   ]);
   assert.match(r.stdout, /Images are identical/);
+});
+
+test("a paused mirror records writes (standby) and copies them after resume", async (t) => {
+  const seed = testSeed(t);
+  const d = await serveWithQmp(t, { content: seededBytes(seed, DISK_BYTES) });
+  const { image } = await withQemuNbdTarget(t, d);
+  await d.qmp.execute("blockdev-mirror", {
+    "job-id": "m0",
+    device: "disk0",
+    target: "tgt",
+    sync: "full",
+    "copy-mode": "write-blocking",
+  });
+  await untilReady(d, "m0");
+  await d.qmp.execute("block-job-pause", { device: "m0" });
+  assert.equal((await blockJob(d.qmp, "m0")).status, "standby");
+  assertExit("qemu-io", await qemuIo(d.uri, ["write -P 0x71 3M 128k", "write -z 5M 64k", "flush"]));
+  const paused = (await blockJob(d.qmp, "m0")) as unknown as Record<string, number>;
+  assert.equal(paused["x-dirty-bytes"], 192 * 1024, "the writes made while paused are recorded");
+  assert.ok(!readImage(image, 3 * MiB, 128 * 1024).every((b) => b === 0x71), "and not yet on the target");
+  await d.qmp.execute("block-job-resume", { device: "m0" });
+  await pollUntil("the mirror caught up", async () => {
+    const j = (await blockJob(d.qmp, "m0")) as unknown as Record<string, number>;
+    return j["x-dirty-bytes"] === 0;
+  });
+  assert.ok(
+    readImage(image, 3 * MiB, 128 * 1024).every((b) => b === 0x71),
+    "copied after resume",
+  );
+  await cancelInSync(d, "m0");
+  await assertIdentical(d.image, image);
 });

@@ -376,6 +376,49 @@ function processesMentioning(text: string): number[] {
   return pids;
 }
 
+/**
+ * Pastes a README script into a plain bash reading its commands from standard input, as a terminal
+ * would. Only the directory changes: /tmp/x becomes <fresh dir>/x, so runs never collide. Returns the
+ * terminal's output without escape sequences and carriage returns.
+ */
+async function pasteIntoShell(
+  t: TestContext,
+  script: string,
+): Promise<{ dir: string; out: string; r: RunResult }> {
+  const dir = tempDir(t, "drivetap-readme-");
+  t.after(() => {
+    for (const pid of processesMentioning(dir)) process.kill(pid, "SIGKILL");
+  });
+  const home = join(dir, "home");
+  mkdirSync(join(home, "node_modules/.bin"), { recursive: true });
+  // `npx drivetap` in this directory finds the built CLI, as it does in the repository after npm ci.
+  symlinkSync(CLI, join(home, "node_modules/.bin/drivetap"));
+  const r = await run("bash", ["--norc", "--noprofile"], {
+    cwd: home,
+    env: cleanEnv({
+      HOME: home,
+      TERM: "dumb",
+      // Never fetch a package: the local CLI must be what runs.
+      npm_config_offline: "true",
+      npm_config_update_notifier: "false",
+    }),
+    input: script.replaceAll("/tmp/", `${dir}/`),
+    timeoutMs: SCENARIO_TIMEOUT_MS,
+  });
+  // eslint-disable-next-line no-control-regex
+  const out = r.stdout.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, "").replace(/\r/g, "\n");
+  return { dir, out, r };
+}
+
+/** The pasted script stopped its daemons; they are not our children, so only /proc can tell. */
+async function assertNothingLeft(dir: string): Promise<void> {
+  const deadline = Date.now() + DAEMON_EXIT_MS;
+  while (processesMentioning(dir).length > 0 && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  assert.deepEqual(processesMentioning(dir), [], "no process of the pasted script is left running");
+}
+
 test("the README's seed scenario, pasted into an interactive shell, prints 'identical'", async (t) => {
   const script = seedScenario();
   for (const must of [
@@ -390,45 +433,14 @@ test("the README's seed scenario, pasted into an interactive shell, prints 'iden
     assert.ok(script.includes(must), `the seed scenario has ${JSON.stringify(must)}`);
   }
 
-  // Only the directory changes: /tmp/x becomes <fresh dir>/x, so runs never collide.
-  const dir = tempDir(t, "drivetap-readme-");
-  t.after(() => {
-    for (const pid of processesMentioning(dir)) process.kill(pid, "SIGKILL");
-  });
-  const home = join(dir, "home");
-  mkdirSync(join(home, "node_modules/.bin"), { recursive: true });
-  // `npx drivetap` in this directory finds the built CLI, as it does in the repository after npm ci.
-  symlinkSync(CLI, join(home, "node_modules/.bin/drivetap"));
-  const pasted = script.replaceAll("/tmp/", `${dir}/`);
-
-  // The paste goes to a plain bash reading its commands from standard input, as a terminal would.
-  const r = await run("bash", ["--norc", "--noprofile"], {
-    cwd: home,
-    env: cleanEnv({
-      HOME: home,
-      TERM: "dumb",
-      // Never fetch a package: the local CLI must be what runs.
-      npm_config_offline: "true",
-      npm_config_update_notifier: "false",
-    }),
-    input: pasted,
-    timeoutMs: SCENARIO_TIMEOUT_MS,
-  });
-  // The terminal's output: strip escape sequences and carriage returns.
-  // eslint-disable-next-line no-control-regex
-  const out = r.stdout.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, "").replace(/\r/g, "\n");
+  const { dir, out, r } = await pasteIntoShell(t, script);
   assertExit(r, 0, `the pasted scenario\n${out}`);
   assert.ok(out.split("\n").includes("identical"), `"identical" printed on its own line:\n${out}`);
   assert.match(out, /job disk0 started \(sync stream\)/);
   assert.match(out, /^disk0\s+backup\s+running\s/m, "jobs lists the stream job");
   await runOk("cmp", [join(dir, "disk.img"), join(dir, "stream-copy.img")]);
-
-  // `quit` stopped the daemon. It is not our child, so its exit can only be watched in /proc.
-  const deadline = Date.now() + DAEMON_EXIT_MS;
-  while (processesMentioning(dir).length > 0 && Date.now() < deadline) {
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  assert.deepEqual(processesMentioning(dir), [], "no process of the scenario is left running");
+  // `quit` stopped the daemon.
+  await assertNothingLeft(dir);
 });
 
 test("the README's mirror example, pasted into a shell, survives the target's kill and ends identical", async (t) => {
@@ -436,66 +448,22 @@ test("the README's mirror example, pasted into a shell, survives the target's ki
   for (const must of ["blockdev-add driver=nbd", "blockdev-mirror", "kill -9 %1", "qemu-img compare"]) {
     assert.ok(script.includes(must), `the mirror example has ${JSON.stringify(must)}`);
   }
-  const dir = tempDir(t, "drivetap-readme-");
-  t.after(() => {
-    for (const pid of processesMentioning(dir)) process.kill(pid, "SIGKILL");
-  });
-  const home = join(dir, "home");
-  mkdirSync(join(home, "node_modules/.bin"), { recursive: true });
-  symlinkSync(CLI, join(home, "node_modules/.bin/drivetap"));
-  const r = await run("bash", ["--norc", "--noprofile"], {
-    cwd: home,
-    env: cleanEnv({
-      HOME: home,
-      TERM: "dumb",
-      npm_config_offline: "true",
-      npm_config_update_notifier: "false",
-    }),
-    input: script.replaceAll("/tmp/", `${dir}/`),
-    timeoutMs: SCENARIO_TIMEOUT_MS,
-  });
-  // eslint-disable-next-line no-control-regex
-  const out = r.stdout.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, "").replace(/\r/g, "\n");
+  const { dir, out, r } = await pasteIntoShell(t, script);
   assertExit(r, 0, `the pasted example\n${out}\n${r.stderr}`);
   assert.match(out, /"x-degraded": true/, "query-block-jobs showed the outage");
   assert.match(out, /Images are identical\./);
-  const deadline = Date.now() + DAEMON_EXIT_MS;
-  while (processesMentioning(dir).length > 0 && Date.now() < deadline) {
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  assert.deepEqual(processesMentioning(dir), [], "no process of the example is left running");
+  await assertNothingLeft(dir);
 });
 
 test("the README's pull-mode incremental example, pasted into a shell, maps exactly the written cluster", async (t) => {
   const script = seedScenario("## Dirty bitmaps and incremental backup");
   assert.ok(script.includes("nbdinfo --map=qemu:dirty-bitmap:b0"));
-  const dir = tempDir(t, "drivetap-readme-");
-  t.after(() => {
-    for (const pid of processesMentioning(dir)) process.kill(pid, "SIGKILL");
-  });
-  const home = join(dir, "home");
-  mkdirSync(join(home, "node_modules/.bin"), { recursive: true });
-  symlinkSync(CLI, join(home, "node_modules/.bin/drivetap"));
-  const r = await run("bash", ["--norc", "--noprofile"], {
-    cwd: home,
-    env: cleanEnv({
-      HOME: home,
-      TERM: "dumb",
-      npm_config_offline: "true",
-      npm_config_update_notifier: "false",
-    }),
-    input: script.replaceAll("/tmp/", `${dir}/`),
-    timeoutMs: SCENARIO_TIMEOUT_MS,
-  });
-  assertExit(r, 0, `the pasted example\n${r.stdout}\n${r.stderr}`);
-  const dirty = r.stdout
+  const { dir, out, r } = await pasteIntoShell(t, script);
+  assertExit(r, 0, `the pasted example\n${out}\n${r.stderr}`);
+  const dirty = out
     .split("\n")
     .filter((l) => /\bdirty$/.test(l.trim()))
     .map((l) => l.trim().split(/\s+/).slice(0, 2).map(Number));
-  assert.deepEqual(dirty, [[1048576, 65536]], `only the written cluster is dirty:\n${r.stdout}`);
-  const deadline = Date.now() + DAEMON_EXIT_MS;
-  while (processesMentioning(dir).length > 0 && Date.now() < deadline) {
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  assert.deepEqual(processesMentioning(dir), [], "no process of the example is left running");
+  assert.deepEqual(dirty, [[1048576, 65536]], `only the written cluster is dirty:\n${out}`);
+  await assertNothingLeft(dir);
 });

@@ -139,7 +139,8 @@ export class MirrorJob extends BackupJobBase {
       ...super.blockJobInfo(),
       "x-copy-mode": this.copyMode,
       "x-degraded": this.#degraded,
-      "x-dirty-bytes": this.dirty.dirtyBytes,
+      // What the target still misses: dirty ranges and copies not yet landed.
+      "x-dirty-bytes": this.dirty.dirtyBytes + this.#copyingBytes,
       "x-lag-bytes": this.#lagBytes,
       "x-lag-bytes-max": this.#lagBytesMax,
       "x-lag-fallbacks": this.#lagFallbacks,

@@ -122,6 +122,7 @@ test("persistent bitmap: write-ahead through the request path; file ⊇ memory a
       async (granularity, groups) => {
         const s = setup(granularity);
         const model = new Set<number>();
+        let requests = 0;
         try {
           for (const group of groups) {
             // A group's requests run concurrently; clear and flush-check act between groups.
@@ -129,6 +130,7 @@ test("persistent bitmap: write-ahead through the request path; file ⊇ memory a
             for (const o of group) {
               if (o.kind === "clear" || o.kind === "flush-check") continue;
               const length = Math.min(o.length, DISK - o.offset);
+              requests++;
               modelSet(model, s.bm.bits, o.offset, length);
               if (o.kind === "write") io.push(s.node.write(o.offset, [Buffer.alloc(length, 0x5a)]));
               else if (o.kind === "zero") io.push(s.node.writeZeroes(o.offset, length));
@@ -155,7 +157,8 @@ test("persistent bitmap: write-ahead through the request path; file ⊇ memory a
               void s.bm.changed(0, s.bm.bits.clusterCount);
             }
           }
-          assert.ok(s.checker.checks > 0, "the driver saw requests");
+          // Groups may hold only clears and flush checks; when there was I/O, the checker saw it.
+          if (requests > 0) assert.ok(s.checker.checks > 0, "the driver saw requests");
         } finally {
           await s.nb.close();
           rmSync(s.dir, { recursive: true, force: true });

@@ -25,7 +25,7 @@ import { rangesOverlap } from "../core/ranges.js";
 import { MiB } from "../core/units.js";
 import { DirtyBitmap } from "../io/dirty-bitmap.js";
 import type { TrackedRequest, WriteHook } from "../io/tracked-request.js";
-import { applyToTarget } from "./target-op.js";
+import { applyToTarget, isTargetOutage } from "./target-op.js";
 import { BackupJobBase, type BackupOptions } from "./backup-common.js";
 
 export type CopyMode = "background" | "write-blocking";
@@ -269,13 +269,8 @@ export class MirrorJob extends BackupJobBase {
     this.#forwards.add(range);
   }
 
-  #isOutage(err: Error): boolean {
-    const link = this.target.driver.link;
-    return (err instanceof BlockError && err.code === "ENOTCONN") || (link !== undefined && !link.connected);
-  }
-
   #targetFailed(err: Error): void {
-    if (this.#isOutage(err)) {
+    if (isTargetOutage(this.target, err)) {
       this.#enterDegraded(err);
       return;
     }
@@ -493,6 +488,8 @@ export class MirrorJob extends BackupJobBase {
 
   /** Cancel after READY: the target ends as a consistent copy of the source. */
   async #finishInSync(): Promise<void> {
+    // Copies first: one still waiting for its range lock would queue behind the whole-disk lock
+    // while #copyRemaining waits for it.
     await Promise.all([...this.#copies].map((r) => r.done));
     const unlock = await this.source.lockRange(0, this.source.size());
     try {

@@ -20,7 +20,7 @@ import { rangesOverlap } from "../core/ranges.js";
 import { MiB } from "../core/units.js";
 import { DirtyBitmap } from "../io/dirty-bitmap.js";
 import type { TrackedRequest, WriteHook } from "../io/tracked-request.js";
-import { applyToTarget } from "./target-op.js";
+import { applyToTarget, isTargetOutage } from "./target-op.js";
 import { BACKUP_CLUSTER_BYTES, BackupJobBase, type BackupOptions } from "./backup-common.js";
 
 /** One repair copies at most this much. */
@@ -144,8 +144,7 @@ export class StreamJob extends BackupJobBase {
   }
 
   #targetFailed(err: Error): void {
-    const link = this.target.driver.link;
-    if ((err instanceof BlockError && err.code === "ENOTCONN") || (link && !link.connected)) {
+    if (isTargetOutage(this.target, err)) {
       if (!this.#degraded) {
         this.#degraded = true;
         this.#resyncing = false;

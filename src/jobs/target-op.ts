@@ -1,5 +1,5 @@
 /** What stream and mirror share: applying a guest's hooked request to the job's target. */
-import { toBlockError } from "../core/errors.js";
+import { BlockError, toBlockError } from "../core/errors.js";
 import type { BlockNode } from "../io/block-node.js";
 import type { TrackedRequest } from "../io/tracked-request.js";
 
@@ -32,4 +32,14 @@ export async function applyToTarget(
   } catch (err) {
     return toBlockError(err);
   }
+}
+
+/**
+ * Whether a target error is an outage (the remote target is unreachable: ENOTCONN, or its link is
+ * down) rather than a failure. Jobs record what an unreachable target misses and resync later; a
+ * failure goes through on-target-error.
+ */
+export function isTargetOutage(target: BlockNode, err: Error): boolean {
+  const link = target.driver.link;
+  return (err instanceof BlockError && err.code === "ENOTCONN") || (link !== undefined && !link.connected);
 }

@@ -210,8 +210,10 @@ export class NbdDriver implements BlockDriver {
   /** Runs one request, re-sending it on a new connection if the old one drops, until the deadline. */
   async #run<T>(send: (conn: NbdConnection) => Promise<T>): Promise<T> {
     const deadlineMs = Date.now() + this.#options.reconnectDelayMs;
-    for (let attempt = 0; ; attempt++) {
-      const conn = await this.#connection(deadlineMs);
+    for (;;) {
+      // The common case, a live connection, costs no extra promise.
+      const live = this.#conn;
+      const conn = live && !live.isClosed ? live : await this.#connection(deadlineMs);
       try {
         return await send(conn);
       } catch (err) {

@@ -13,6 +13,7 @@ import type { Job, ErrorAction } from "../../jobs/job.js";
 import { StreamJob } from "../../jobs/stream.js";
 import { QmpError } from "../errors.js";
 import { openDriveTarget } from "./drive-target.js";
+import { checkJobStart, ERROR_ACTIONS } from "./job-start.js";
 import { validateArgs } from "../schema.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
 import {
@@ -24,8 +25,6 @@ import {
 } from "./bitmaps.js";
 
 const SYNC_VALUES = ["full", "top", "none", "stream", "incremental", "bitmap"] as const;
-const ERROR_ACTIONS = ["report", "ignore", "stop", "enospc"] as const;
-const JOB_ID_PATTERN = /^[A-Za-z][A-Za-z0-9_.-]{0,127}$/;
 
 const commonArgs = {
   "job-id": { type: "str", optional: true },
@@ -66,12 +65,7 @@ interface Checked {
 
 /** Checks everything that can be checked before anything is created. */
 function validate(graph: BlockGraph, a: CommonArgs): Checked {
-  const source = graph.getNode(a.device);
-  if (!source)
-    throw new QmpError("GenericError", `Cannot find device='${a.device}' nor node-name='${a.device}'`);
-  const jobId = a["job-id"] ?? a.device;
-  if (!JOB_ID_PATTERN.test(jobId)) throw new QmpError("GenericError", `Invalid job ID '${jobId}'`);
-  if (graph.hasJob(jobId)) throw new QmpError("GenericError", `Job ID '${jobId}' already in use`);
+  const { source, jobId } = checkJobStart(graph, a.device, a["job-id"]);
   if (a.compress) throw new QmpError("GenericError", "Compression is not supported for this drive");
   let sync: SyncMode;
   let mode = a["bitmap-mode"];

@@ -11,9 +11,8 @@ import { MirrorJob, type CopyMode, type MirrorSync } from "../../jobs/mirror.js"
 import { QmpError } from "../errors.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
 import { openDriveTarget } from "./drive-target.js";
+import { checkJobStart, ERROR_ACTIONS } from "./job-start.js";
 
-const ERROR_ACTIONS = ["report", "ignore", "stop", "enospc"] as const;
-const JOB_ID_PATTERN = /^[A-Za-z][A-Za-z0-9_.-]{0,127}$/;
 export const MIRROR_GRANULARITY_MIN = 512;
 export const MIRROR_GRANULARITY_MAX = 64 * 1024 * 1024;
 export const MIRROR_BUF_SIZE_MAX = 1024 * 1024 * 1024;
@@ -52,12 +51,7 @@ interface CommonArgs {
 }
 
 function checkCommon(graph: BlockGraph, a: CommonArgs): { source: BlockNode; jobId: string } {
-  const source = graph.getNode(a.device);
-  if (!source)
-    throw new QmpError("GenericError", `Cannot find device='${a.device}' nor node-name='${a.device}'`);
-  const jobId = a["job-id"] ?? a.device;
-  if (!JOB_ID_PATTERN.test(jobId)) throw new QmpError("GenericError", `Invalid job ID '${jobId}'`);
-  if (graph.hasJob(jobId)) throw new QmpError("GenericError", `Job ID '${jobId}' already in use`);
+  const { source, jobId } = checkJobStart(graph, a.device, a["job-id"]);
   const g = a.granularity;
   if (g !== undefined) {
     if (g < MIRROR_GRANULARITY_MIN || g > MIRROR_GRANULARITY_MAX) {

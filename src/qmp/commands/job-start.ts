@@ -1,0 +1,21 @@
+/** What the commands that start a block job (backup, mirror) share: error actions and the first checks. */
+import type { BlockGraph } from "../../graph/block-graph.js";
+import type { BlockNode } from "../../io/block-node.js";
+import { QmpError } from "../errors.js";
+
+export const ERROR_ACTIONS = ["report", "ignore", "stop", "enospc"] as const;
+const JOB_ID_PATTERN = /^[A-Za-z][A-Za-z0-9_.-]{0,127}$/;
+
+/** The source node and the job's id (default: the device name), with QEMU's texts when either is wrong. */
+export function checkJobStart(
+  graph: BlockGraph,
+  device: string,
+  jobIdArg: string | undefined,
+): { source: BlockNode; jobId: string } {
+  const source = graph.getNode(device);
+  if (!source) throw new QmpError("GenericError", `Cannot find device='${device}' nor node-name='${device}'`);
+  const jobId = jobIdArg ?? device;
+  if (!JOB_ID_PATTERN.test(jobId)) throw new QmpError("GenericError", `Invalid job ID '${jobId}'`);
+  if (graph.hasJob(jobId)) throw new QmpError("GenericError", `Job ID '${jobId}' already in use`);
+  return { source, jobId };
+}

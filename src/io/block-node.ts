@@ -36,6 +36,8 @@ export interface BlockNodeOptions {
 }
 
 const NO_FLAGS: ZeroFlags = Object.freeze({});
+/** A settled promise to hand back when there is nothing to wait for. */
+const DONE: Promise<void> = Promise.resolve();
 
 /** A held lockRange. Its id comes from the request counter: it orders the lock among requests. */
 interface RangeLock {
@@ -120,33 +122,38 @@ export class BlockNode {
     }
   }
 
-  async write(offset: number, data: readonly Buffer[], flags: WriteFlags = NO_FLAGS): Promise<void> {
+  /**
+   * Not async: the write path is the hot one, and each async layer costs a promise and a microtask per
+   * write (a stream job puts two nodes on the path). Errors still come back as rejections.
+   */
+  write(offset: number, data: readonly Buffer[], flags: WriteFlags = NO_FLAGS): Promise<void> {
     let length = 0;
     for (const b of data) length += b.length;
-    this.#checkRange("write", offset, length);
-    await this.#mutate("write", offset, length, data, flags);
-    this.stats.writeOps++;
-    this.stats.writeBytes += length;
+    try {
+      this.#checkRange("write", offset, length);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.#mutate("write", offset, length, data, flags);
   }
 
-  async writeZeroes(offset: number, length: number, flags: ZeroFlags = NO_FLAGS): Promise<void> {
-    this.#checkRange("zero", offset, length);
-    await this.#mutate("zero", offset, length, null, flags);
-    this.stats.zeroOps++;
-    this.stats.zeroBytes += length;
+  writeZeroes(offset: number, length: number, flags: ZeroFlags = NO_FLAGS): Promise<void> {
+    try {
+      this.#checkRange("zero", offset, length);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.#mutate("zero", offset, length, null, flags);
   }
 
   async discard(offset: number, length: number, flags: WriteFlags = NO_FLAGS): Promise<void> {
     this.#checkRange("discard", offset, length);
     await this.#mutate("discard", offset, length, null, flags);
-    this.stats.discardOps++;
-    this.stats.discardBytes += length;
   }
 
   async flush(): Promise<void> {
     this.#checkOpen();
     await this.#mutate("flush", 0, 0, null, NO_FLAGS);
-    this.stats.flushOps++;
   }
 
   /** Extents from offset, clamped to the disk's end; at least one, covering offset. */
@@ -308,10 +315,13 @@ export class BlockNode {
     return toBlockError(err);
   }
 
-  /** Waits for every earlier, overlapping write that must serialise with this one. */
-  async #waitForOverlaps(req: TrackedRequest): Promise<void> {
+  /**
+   * The first earlier, overlapping write that must serialise with `req`, or null. Synchronous, so a
+   * write that overlaps nothing (the common case) costs no promise.
+   */
+  #firstOverlap(req: TrackedRequest): TrackedRequest | null {
     for (const other of this.#inFlight) {
-      if (other === req) return;
+      if (other === req) return null;
       if (
         other.kind === "read" ||
         other.kind === "block-status" ||
@@ -320,7 +330,29 @@ export class BlockNode {
       )
         continue;
       if (!(other.serialising || req.serialising)) continue;
-      if (rangesOverlap(other.offset, other.length, req.offset, req.length)) await other.whenEnded();
+      if (rangesOverlap(other.offset, other.length, req.offset, req.length)) return other;
+    }
+    return null;
+  }
+
+  #count(kind: HookedKind, length: number): void {
+    const st = this.stats;
+    switch (kind) {
+      case "write":
+        st.writeOps++;
+        st.writeBytes += length;
+        break;
+      case "zero":
+        st.zeroOps++;
+        st.zeroBytes += length;
+        break;
+      case "discard":
+        st.discardOps++;
+        st.discardBytes += length;
+        break;
+      case "flush":
+        st.flushOps++;
+        break;
     }
   }
 
@@ -340,11 +372,18 @@ export class BlockNode {
     flags: ZeroFlags,
   ): Promise<void> {
     // An empty write, zero or discard changes nothing: succeed without bothering driver or hooks.
-    if (length === 0 && kind !== "flush") return;
+    if (length === 0 && kind !== "flush") {
+      this.#count(kind, 0);
+      return;
+    }
     const hooks = this.#hooks;
     const req = this.#begin(kind, offset, length, data, flags, kind !== "flush" && this.#serialiseWrites);
     try {
-      if (this.#serialisingInFlight > 0 && kind !== "flush") await this.#waitForOverlaps(req);
+      if (this.#serialisingInFlight > 0 && kind !== "flush") {
+        // Wait for each earlier overlapping write in turn (one that ended has left #inFlight).
+        for (let other = this.#firstOverlap(req); other; other = this.#firstOverlap(req))
+          await other.whenEnded();
+      }
       if (this.#rangeLocks.size > 0 && kind !== "flush") await this.#waitForRangeLocks(req);
       for (const hook of hooks) {
         // Await only what is a promise: a synchronous hook costs no extra microtask.
@@ -369,6 +408,7 @@ export class BlockNode {
       }
       if (driverError) throw driverError;
       if (hookError !== undefined) throw hookError;
+      this.#count(kind, length);
     } catch (err) {
       throw this.#failed(err);
     } finally {
@@ -376,26 +416,28 @@ export class BlockNode {
     }
   }
 
-  async #callDriver(req: TrackedRequest): Promise<void> {
+  /** Not async (see write()): returns the driver's own promise where it can. */
+  #callDriver(req: TrackedRequest): Promise<void> {
     const driver = this.driver;
     const flags = req.flags;
+    let p: Promise<void>;
     switch (req.kind) {
       case "write":
-        await driver.pwrite(req.offset, req.data!, flags);
+        p = driver.pwrite(req.offset, req.data!, flags);
         break;
       case "zero":
-        await this.#zero(req.offset, req.length, flags);
+        p = this.#zero(req.offset, req.length, flags);
         break;
       case "discard":
-        if (driver.capabilities.discard) await driver.pdiscard(req.offset, req.length);
+        p = driver.capabilities.discard ? driver.pdiscard(req.offset, req.length) : DONE;
         break;
       case "flush":
-        await driver.flush();
-        return;
+        return driver.flush();
       default:
-        throw new BlockError("EINVAL", `not a write kind: ${req.kind}`);
+        return Promise.reject(new BlockError("EINVAL", `not a write kind: ${req.kind}`));
     }
-    if (flags.fua && driver.capabilities.fua === "emulate") await driver.flush();
+    if (flags.fua && driver.capabilities.fua === "emulate") return p.then(() => driver.flush());
+    return p;
   }
 
   async #zero(offset: number, length: number, flags: ZeroFlags): Promise<void> {

@@ -27,6 +27,7 @@ import { ENXIO, EOPNOTSUPP, native } from "./native.js";
 export const SYNC_IO_BYTES_MAX = 128 * KiB;
 export const SYNC_IO_SLOW_MS = 4;
 export const ASYNC_BACKOFF_MS = 500;
+const DONE: Promise<void> = Promise.resolve();
 /** Block status stops after this many extents; the caller asks again for the rest. */
 export const FILE_EXTENTS_MAX = 1024;
 
@@ -117,20 +118,26 @@ export class FileDriver implements BlockDriver {
     if (done < into.length) into.fill(0, done);
   }
 
-  async pwrite(offset: number, data: readonly Buffer[]): Promise<void> {
+  /** Not async: a small write completes synchronously and hands back a settled promise. */
+  pwrite(offset: number, data: readonly Buffer[]): Promise<void> {
     let total = 0;
     for (const b of data) total += b.length;
-    let done = 0;
+    if (!this.#useSync(total)) return this.#pwriteAsync(offset, data, total);
     try {
-      if (this.#useSync(total)) {
-        const t0 = performance.now();
-        done = fs.writevSync(this.#fd, data as Buffer[], offset);
-        while (done < total) done += fs.writevSync(this.#fd, remainingIov(data, done), offset + done);
-        this.#timed(t0);
-      } else {
-        done = await writevAsync(this.#fd, data, offset);
-        while (done < total) done += await writevAsync(this.#fd, remainingIov(data, done), offset + done);
-      }
+      const t0 = performance.now();
+      let done = fs.writevSync(this.#fd, data as Buffer[], offset);
+      while (done < total) done += fs.writevSync(this.#fd, remainingIov(data, done), offset + done);
+      this.#timed(t0);
+    } catch (err) {
+      return Promise.reject(toBlockError(err));
+    }
+    return DONE;
+  }
+
+  async #pwriteAsync(offset: number, data: readonly Buffer[], total: number): Promise<void> {
+    try {
+      let done = await writevAsync(this.#fd, data, offset);
+      while (done < total) done += await writevAsync(this.#fd, remainingIov(data, done), offset + done);
     } catch (err) {
       throw toBlockError(err);
     }

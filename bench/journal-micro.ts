@@ -7,35 +7,21 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { randomBytes } from "node:crypto";
 import { crc32cImplementation } from "../src/block/crc32c.js";
 import { JournalDriver } from "../src/block/drivers/journal.js";
+import { DISK_BYTES, timeConcurrentWrites } from "./micro-common.js";
 
 const WRITES = Number(process.argv[2] ?? 100_000);
 const CONCURRENCY = Number(process.argv[3] ?? 32);
 const ROUNDS = Number(process.argv[4] ?? 3);
-const BLOCK_BYTES = 4096;
-const DISK_BYTES = 1 << 30;
 
 async function round(dir: string, index: number): Promise<number> {
   const path = join(dir, `j${index}`);
   const j = JournalDriver.open(path, { size: DISK_BYTES, data: true });
-  // Distinct buffers, as NBD requests would bring; reused across writes (the journal copies nothing).
-  const buffers = Array.from({ length: CONCURRENCY }, () => randomBytes(BLOCK_BYTES));
-  const blocks = DISK_BYTES / BLOCK_BYTES;
-  let next = 0;
-  const worker = async (w: number): Promise<void> => {
-    while (next < WRITES) {
-      const i = next++;
-      await j.pwrite(((i * 2654435761) % blocks) * BLOCK_BYTES, [buffers[w]], {});
-    }
-  };
-  const start = process.hrtime.bigint();
-  await Promise.all(Array.from({ length: CONCURRENCY }, (_, w) => worker(w)));
-  const ns = Number(process.hrtime.bigint() - start);
+  const us = await timeConcurrentWrites(WRITES, CONCURRENCY, (offset, data) => j.pwrite(offset, [data], {}));
   await j.close();
   rmSync(path, { force: true });
-  return ns / 1000 / WRITES;
+  return us;
 }
 
 const dir = mkdtempSync(join(tmpdir(), "drivetap-journal-micro-"));

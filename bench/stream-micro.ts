@@ -6,7 +6,6 @@
  * `node dist/bench/stream-micro.js [writes] [concurrency] [rounds]`.
  */
 import { mkdtempSync, rmSync } from "node:fs";
-import { randomBytes } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { JournalDriver } from "../src/block/drivers/journal.js";
@@ -16,12 +15,11 @@ import { EventBus } from "../src/core/events.js";
 import { silentLogger } from "../src/core/log.js";
 import { BlockNode } from "../src/io/block-node.js";
 import { StreamJob } from "../src/jobs/stream.js";
+import { DISK_BYTES, timeConcurrentWrites } from "./micro-common.js";
 
 const WRITES = Number(process.argv[2] ?? 200_000);
 const CONCURRENCY = Number(process.argv[3] ?? 32);
 const ROUNDS = Number(process.argv[4] ?? 3);
-const BLOCK_BYTES = 4096;
-const DISK_BYTES = 1 << 30;
 
 type Variant = "no job" | "stream to null" | "stream to journal";
 
@@ -47,24 +45,13 @@ async function round(dir: string, variant: Variant, index: number): Promise<numb
     job.start();
     while (source.hookCount === 0) await new Promise((r) => setImmediate(r));
   }
-  const buffers = Array.from({ length: CONCURRENCY }, () => randomBytes(BLOCK_BYTES));
-  const blocks = DISK_BYTES / BLOCK_BYTES;
-  let next = 0;
-  const worker = async (w: number): Promise<void> => {
-    while (next < WRITES) {
-      const i = next++;
-      await source.write(((i * 2654435761) % blocks) * BLOCK_BYTES, [buffers[w]]);
-    }
-  };
-  const start = process.hrtime.bigint();
-  await Promise.all(Array.from({ length: CONCURRENCY }, (_, w) => worker(w)));
-  const ns = Number(process.hrtime.bigint() - start);
+  const us = await timeConcurrentWrites(WRITES, CONCURRENCY, (offset, data) => source.write(offset, [data]));
   if (job) {
     job.cancel(false);
     await job.concluded;
   }
   rmSync(journalPath, { force: true });
-  return ns / 1000 / WRITES;
+  return us;
 }
 
 const dir = mkdtempSync(join(tmpdir(), "drivetap-stream-micro-"));

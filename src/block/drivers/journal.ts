@@ -372,10 +372,13 @@ export class JournalDriver implements BlockDriver {
     const at = this.#appendAt;
     this.#appendAt += total;
     this.#nextSeq++;
-    const version = this.header.version;
-    if (total <= SYNC_APPEND_BYTES_MAX) {
+    // Small entries join the loop turn's batch, their header carved from the slab; a large entry is
+    // written on the threadpool with a header of its own, after the small ones reserved before it.
+    const small = total <= SYNC_APPEND_BYTES_MAX;
+    let b = this.#batch;
+    let header: Buffer;
+    if (small) {
       // Make room first: writing a full batch frees the slab the header is about to be carved from.
-      let b = this.#batch;
       if (b && b.iov.length + 1 + payload.length > BATCH_IOV_MAX) {
         this.#writeBatch();
         b = null;
@@ -385,36 +388,17 @@ export class JournalDriver implements BlockDriver {
         this.#batch = b;
         process.nextTick(this.#writeBatchTick);
       }
-      const slab = this.#slab;
       const h = this.#slabUsed;
       this.#slabUsed = h + ENTRY_HEADER_BYTES;
-      encodeEntryHeaderInto(
-        slab,
-        h,
-        version,
-        kind,
-        flags,
-        seq,
-        wallUs,
-        monoNs,
-        offset,
-        length,
-        payload,
-        payloadBytes,
-      );
-      b.iov.push(slab.subarray(h, h + ENTRY_HEADER_BYTES));
-      for (let i = 0; i < payload.length; i++) b.iov.push(payload[i]);
-      b.bytes += total;
-      return b.done;
+      header = this.#slab.subarray(h, h + ENTRY_HEADER_BYTES);
+    } else {
+      this.#writeBatch();
+      header = Buffer.allocUnsafe(ENTRY_HEADER_BYTES);
     }
-    // A large entry is written on the threadpool, with a header of its own; small ones reserved
-    // before it leave first.
-    this.#writeBatch();
-    const header = Buffer.allocUnsafe(ENTRY_HEADER_BYTES);
     encodeEntryHeaderInto(
       header,
       0,
-      version,
+      this.header.version,
       kind,
       flags,
       seq,
@@ -425,6 +409,12 @@ export class JournalDriver implements BlockDriver {
       payload,
       payloadBytes,
     );
+    if (b && small) {
+      b.iov.push(header);
+      for (let i = 0; i < payload.length; i++) b.iov.push(payload[i]);
+      b.bytes += total;
+      return b.done;
+    }
     const iov = [header, ...payload];
     const p = (async () => {
       try {

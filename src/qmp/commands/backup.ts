@@ -13,7 +13,7 @@ import type { Job, ErrorAction } from "../../jobs/job.js";
 import { StreamJob } from "../../jobs/stream.js";
 import { QmpError } from "../errors.js";
 import { openDriveTarget } from "./drive-target.js";
-import { checkJobStart, ERROR_ACTIONS } from "./job-start.js";
+import { checkJobStart, JOB_START_ARGS } from "./job-start.js";
 import { validateArgs } from "../schema.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
 import {
@@ -27,18 +27,11 @@ import {
 const SYNC_VALUES = ["full", "top", "none", "stream", "incremental", "bitmap"] as const;
 
 const commonArgs = {
-  "job-id": { type: "str", optional: true },
-  device: { type: "str" },
+  ...JOB_START_ARGS,
   sync: { type: "enum", values: SYNC_VALUES },
-  speed: { type: "int", min: 0, optional: true },
   bitmap: { type: "str", optional: true },
   "bitmap-mode": { type: "enum", values: ["on-success", "never", "always"], optional: true },
   compress: { type: "bool", optional: true },
-  "on-source-error": { type: "enum", values: ERROR_ACTIONS, optional: true },
-  "on-target-error": { type: "enum", values: ERROR_ACTIONS, optional: true },
-  "auto-finalize": { type: "bool", optional: true },
-  "auto-dismiss": { type: "bool", optional: true },
-  "filter-node-name": { type: "str", optional: true },
 } as const;
 
 interface CommonArgs {

@@ -4,6 +4,18 @@ import type { BlockNode } from "../../io/block-node.js";
 import { QmpError } from "../errors.js";
 
 export const ERROR_ACTIONS = ["report", "ignore", "stop", "enospc"] as const;
+
+/** The arguments every command that starts a job (backup, mirror) takes, with QEMU's names. */
+export const JOB_START_ARGS = {
+  "job-id": { type: "str", optional: true },
+  device: { type: "str" },
+  speed: { type: "int", min: 0, optional: true },
+  "on-source-error": { type: "enum", values: ERROR_ACTIONS, optional: true },
+  "on-target-error": { type: "enum", values: ERROR_ACTIONS, optional: true },
+  "filter-node-name": { type: "str", optional: true },
+  "auto-finalize": { type: "bool", optional: true },
+  "auto-dismiss": { type: "bool", optional: true },
+} as const;
 const JOB_ID_PATTERN = /^[A-Za-z][A-Za-z0-9_.-]{0,127}$/;
 
 /** The source node and the job's id (default: the device name), with QEMU's texts when either is wrong. */

@@ -11,27 +11,20 @@ import { MirrorJob, type CopyMode, type MirrorSync } from "../../jobs/mirror.js"
 import { QmpError } from "../errors.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
 import { openDriveTarget } from "./drive-target.js";
-import { checkJobStart, ERROR_ACTIONS } from "./job-start.js";
+import { checkJobStart, JOB_START_ARGS } from "./job-start.js";
 
 export const MIRROR_GRANULARITY_MIN = 512;
 export const MIRROR_GRANULARITY_MAX = 64 * 1024 * 1024;
 export const MIRROR_BUF_SIZE_MAX = 1024 * 1024 * 1024;
 
 const commonArgs = {
-  "job-id": { type: "str", optional: true },
-  device: { type: "str" },
+  ...JOB_START_ARGS,
   target: { type: "str" },
   replaces: { type: "str", optional: true },
   sync: { type: "enum", values: ["full", "top", "none"] },
-  speed: { type: "int", min: 0, optional: true },
   granularity: { type: "int", optional: true },
   "buf-size": { type: "int", optional: true },
-  "on-source-error": { type: "enum", values: ERROR_ACTIONS, optional: true },
-  "on-target-error": { type: "enum", values: ERROR_ACTIONS, optional: true },
-  "filter-node-name": { type: "str", optional: true },
   "copy-mode": { type: "enum", values: ["background", "write-blocking"], optional: true },
-  "auto-finalize": { type: "bool", optional: true },
-  "auto-dismiss": { type: "bool", optional: true },
 } as const;
 
 interface CommonArgs {

@@ -23,13 +23,15 @@ interface VerifyOptions {
   json?: boolean;
 }
 
-interface Extent {
+/** An extent in x-block-verify's return. */
+export interface Extent {
   offset: number;
   length: number;
   repaired?: boolean;
 }
 
-interface VerifyReturn {
+/** What x-block-verify returns (the QMP wire form). */
+export interface VerifyReturn {
   "checked-bytes": number;
   mismatches: Extent[];
   "mismatch-bytes": number;

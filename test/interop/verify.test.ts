@@ -34,26 +34,10 @@ import {
   type QmpDaemon,
 } from "../helpers/jobs.js";
 import { run, runOk, start } from "../helpers/run.js";
+import type { VerifyReturn } from "../../src/cli/verify-command.js";
 
 const DISK = 64 * MiB;
 const T = { timeout: 180_000 };
-
-interface Extent {
-  offset: number;
-  length: number;
-  repaired?: boolean;
-}
-
-interface VerifyReturn {
-  "checked-bytes": number;
-  mismatches: Extent[];
-  "mismatch-bytes": number;
-  pending: Extent[];
-  "pending-bytes": number;
-  "repaired-bytes": number;
-  rechecked: number;
-  truncated: boolean;
-}
 
 function verify(qmp: QmpClient, args: Record<string, unknown>): Promise<VerifyReturn> {
   return qmp.execute("x-block-verify", args) as Promise<VerifyReturn>;

@@ -52,13 +52,20 @@ function assertAll(image: string, byte: number, what: string): void {
 }
 
 /** Writes a pattern over [AT, AT+SPAN) through the served disk, waits for it on the target, discards it. */
-async function writeThenDiscard(d: QmpDaemon, image: string, waitForTarget: () => Promise<void>): Promise<void> {
+async function writeThenDiscard(
+  d: QmpDaemon,
+  image: string,
+  waitForTarget: () => Promise<void>,
+): Promise<void> {
   assertExit("write", await qemuIo(d.uri, [`write -P 0x5a ${AT} ${SPAN}`, "flush"]));
   await waitForTarget();
   assertAll(image, 0x5a, "the write reached the target");
   assertExit("discard", await qemuIo(d.uri, [`discard ${AT} ${SPAN}`, "flush"]));
   // The source's file driver punched a hole: it reads zeros now.
-  assert.ok(readImage(d.image, AT, SPAN).every((b) => b === 0), "the source reads zeros after the discard");
+  assert.ok(
+    readImage(d.image, AT, SPAN).every((b) => b === 0),
+    "the source reads zeros after the discard",
+  );
   await waitForTarget();
   assertAll(image, 0, "the target reads what the source reads after the discard");
 }
@@ -115,7 +122,8 @@ function sparseSource(seed: number): (image: string) => void {
   return (image) => {
     const fd = openSync(image, "r+");
     try {
-      for (let mb = 0; mb < DISK_BYTES / MiB; mb += 2) writeSync(fd, seededBytes(seed + mb, MiB), 0, MiB, mb * MiB);
+      for (let mb = 0; mb < DISK_BYTES / MiB; mb += 2)
+        writeSync(fd, seededBytes(seed + mb, MiB), 0, MiB, mb * MiB);
       // A hole inside a copy's range: 64 KiB of data in the middle of an otherwise empty MiB.
       writeSync(fd, seededBytes(seed - 1, 64 * 1024), 0, 64 * 1024, 7 * MiB + 512 * 1024);
     } finally {
@@ -176,7 +184,42 @@ test("mirror sync=full onto an nbdkit target without write-zeroes, full of other
     "copy-mode": "write-blocking",
   });
   await untilReady(d, "m0");
-  assertExit("discard", await qemuIo(d.uri, [`write -P 0x33 ${AT} ${SPAN}`, `discard ${AT} ${SPAN}`, "flush"]));
+  assertExit(
+    "discard",
+    await qemuIo(d.uri, [`write -P 0x33 ${AT} ${SPAN}`, `discard ${AT} ${SPAN}`, "flush"]),
+  );
   await cancelInSync(d, "m0");
   await assertIdentical(d.image, uri);
+});
+
+test("the reported case: write-blocking mirror to a qemu-nbd that ignores discards, discards before and during an outage, resync, target == source", async (t) => {
+  const seed = testSeed(t);
+  const d = await serveWithQmp(t, { content: seededBytes(seed, DISK_BYTES) });
+  const image = join(d.dir, "target.img");
+  makeImage(image, DISK_BYTES);
+  const remote = await startQemuNbd(t, image, join(d.dir, "target.sock"), { discard: "ignore" });
+  await d.qmp.execute("blockdev-add", {
+    driver: "nbd",
+    "node-name": "tgt",
+    server: { type: "unix", path: remote.socket },
+  });
+  await d.qmp.execute("blockdev-mirror", {
+    "job-id": "m0",
+    device: "disk0",
+    target: "tgt",
+    sync: "full",
+    "copy-mode": "write-blocking",
+  });
+  await untilReady(d, "m0");
+  // fstrim while the target is up ...
+  assertExit("discard", await qemuIo(d.uri, ["discard 1M 1M", "flush"]));
+  await remote.kill();
+  // ... and while it is down: the job records the range and copies it (zeros) when it is back.
+  assertExit("qemu-io", await qemuIo(d.uri, ["write -P 0x77 8M 1M", "discard 10M 2M", "flush"]));
+  await d.qmp.waitForEvent(jobEvent("m0", "BLOCK_JOB_DEGRADED"), 30_000);
+  const resynced = d.qmp.waitForEvent(jobEvent("m0", "BLOCK_JOB_RESYNCED"), 60_000);
+  await remote.restart();
+  await resynced;
+  await cancelInSync(d, "m0");
+  await assertIdentical(d.image, image);
 });

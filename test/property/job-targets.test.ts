@@ -69,7 +69,9 @@ const rangeArb = fc
   .tuple(fc.nat({ max: DISK - 1 }), fc.integer({ min: 1, max: 160 * KiB }))
   .map(([offset, length]) => ({ offset, length: Math.min(length, DISK - offset) }));
 const opArb: fc.Arbitrary<Op> = fc.oneof(
-  fc.tuple(rangeArb, fc.integer({ min: 1, max: 255 })).map(([r, byte]): Op => ({ kind: "write", ...r, byte })),
+  fc
+    .tuple(rangeArb, fc.integer({ min: 1, max: 255 }))
+    .map(([r, byte]): Op => ({ kind: "write", ...r, byte })),
   fc.tuple(rangeArb, fc.boolean()).map(([r, mayTrim]): Op => ({ kind: "zero", ...r, mayTrim })),
   rangeArb.map((r): Op => ({ kind: "discard", ...r })),
 );
@@ -93,7 +95,8 @@ async function runBatches(node: BlockNode, batches: readonly Op[][]): Promise<vo
 
 /** Data in every other 64 KiB chunk, holes between them (memory chunks are 64 KiB). */
 async function fillWithHoles(node: BlockNode, byte: number): Promise<void> {
-  for (let c = 0; c < DISK / (64 * KiB); c += 2) await node.write(c * 64 * KiB, [Buffer.alloc(64 * KiB, byte + c)]);
+  for (let c = 0; c < DISK / (64 * KiB); c += 2)
+    await node.write(c * 64 * KiB, [Buffer.alloc(64 * KiB, byte + c)]);
 }
 
 const settle = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
@@ -135,7 +138,10 @@ describe("job targets read what the source reads", () => {
     await fc.assert(
       fc.asyncProperty(sourceKindArb, targetArb, batchesArb, async (sk, tk, batches) => {
         const source = new BlockNode("src", new Variant(new MemoryDriver(DISK), sk));
-        const target = new BlockNode("tgt", new Variant(new MemoryDriver(DISK), tk.discard, tk.zeroesNotSupported));
+        const target = new BlockNode(
+          "tgt",
+          new Variant(new MemoryDriver(DISK), tk.discard, tk.zeroesNotSupported),
+        );
         // A stream target starts as a copy of the source.
         await fillWithHoles(source, 0x10);
         await fillWithHoles(target, 0x10);
@@ -153,23 +159,29 @@ describe("job targets read what the source reads", () => {
   for (const copyMode of ["write-blocking", "background"] as const) {
     test(`mirror ${copyMode}, sync=full onto a target full of other data`, async () => {
       await fc.assert(
-        fc.asyncProperty(sourceKindArb, targetArb, batchesArb, batchesArb, async (sk, tk, during, afterReady) => {
-          const source = new BlockNode("src", new Variant(new MemoryDriver(DISK), sk));
-          const target = new BlockNode(
-            "tgt",
-            new Variant(new MemoryDriver(DISK), tk.discard, tk.zeroesNotSupported),
-          );
-          await fillWithHoles(source, 0x10);
-          await target.write(0, [Buffer.alloc(DISK, 0xee)]);
-          const job = new MirrorJob({ id: "m", source, target, sync: "full", copyMode, ...common });
-          job.start();
-          await runBatches(source, during); // while the bulk copy runs
-          await until("READY", () => job.ready);
-          await runBatches(source, afterReady); // forwarded (background: if nothing overlaps)
-          job.cancel(); // after READY: ends COMPLETED with the target in sync
-          await endedCleanly(job);
-          await assertSame(source, target);
-        }),
+        fc.asyncProperty(
+          sourceKindArb,
+          targetArb,
+          batchesArb,
+          batchesArb,
+          async (sk, tk, during, afterReady) => {
+            const source = new BlockNode("src", new Variant(new MemoryDriver(DISK), sk));
+            const target = new BlockNode(
+              "tgt",
+              new Variant(new MemoryDriver(DISK), tk.discard, tk.zeroesNotSupported),
+            );
+            await fillWithHoles(source, 0x10);
+            await target.write(0, [Buffer.alloc(DISK, 0xee)]);
+            const job = new MirrorJob({ id: "m", source, target, sync: "full", copyMode, ...common });
+            job.start();
+            await runBatches(source, during); // while the bulk copy runs
+            await until("READY", () => job.ready);
+            await runBatches(source, afterReady); // forwarded (background: if nothing overlaps)
+            job.cancel(); // after READY: ends COMPLETED with the target in sync
+            await endedCleanly(job);
+            await assertSame(source, target);
+          },
+        ),
         { numRuns: NUM_RUNS },
       );
     });

@@ -147,7 +147,7 @@ program
   )
   .option(
     "--max-buffer-memory <size>",
-    "budget for NBD request and reply buffers, shared by every connection (default 256M, at least 80M)",
+    "budget for NBD request and reply buffers, shared by every connection (default 192M, at least 80M)",
     sizeOption,
   )
   .option("--async-io", "always use threadpool I/O in the file driver (for comparison)")

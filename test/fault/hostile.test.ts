@@ -353,14 +353,23 @@ describe("hostile clients", { timeout: 300_000 }, () => {
   test("fuzzed NBD sessions: every case ends, and an honest client round-trips between batches", async (t) => {
     const daemon = await hostileDaemon(t);
     const seed = Number(process.env.DRIVETAP_FUZZ_SEED ?? Date.now() % 2 ** 31);
-    const cases = Number(process.env.DRIVETAP_FUZZ_CASES ?? 3000);
+    const cases = Number(process.env.DRIVETAP_FUZZ_CASES ?? 35_000);
     t.diagnostic(`fuzz seed ${seed} (DRIVETAP_FUZZ_SEED to repeat), ${cases} cases`);
     const sessions = fc.sample(sessionArb(), { seed, numRuns: cases });
     const latencies: number[] = [];
     const batch = 25;
     for (let i = 0; i < sessions.length; i += batch) {
-      await Promise.all(sessions.slice(i, i + batch).map((bytes) => fuzzCase(daemon.socket, bytes)));
-      latencies.push(await honestSession(daemon.socket));
+      const cases = sessions.slice(i, i + batch);
+      try {
+        await Promise.all(cases.map((bytes) => fuzzCase(daemon.socket, bytes)));
+        latencies.push(await honestSession(daemon.socket));
+      } catch (err) {
+        throw new Error(
+          `fuzz batch at case ${i} (seed ${seed}) failed: ${(err as Error).message}; daemon alive: ` +
+            `${daemon.alive()}; its log ends with: ${daemon.stderr().slice(-3000)}\ncases: ` +
+            cases.map((b) => b.subarray(0, 512).toString("hex")).join("\n"),
+        );
+      }
     }
     t.diagnostic(`fuzz: ${sessions.length} cases`);
     report(t, daemon, `fuzz (${sessions.length} cases, seed ${seed})`, latencies);

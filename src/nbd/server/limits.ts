@@ -36,7 +36,7 @@ export const IN_FLIGHT_REQUESTS_MAX = 256;
 /** Per connection: buffer bytes (write payloads, read replies) held at once; one request may pass it. */
 export const CONNECTION_BUFFER_BYTES_MAX = 64 * MiB;
 /** The daemon-wide budget for write payloads and read replies (`--max-buffer-memory`), by default... */
-export const BUFFER_MEMORY_DEFAULT_BYTES = 256 * MiB;
+export const BUFFER_MEMORY_DEFAULT_BYTES = 192 * MiB;
 /** ...and at least (two largest requests and the reserved shares). */
 export const BUFFER_MEMORY_MIN_BYTES = 80 * MiB;
 /** Per connection, set aside from the budget (at most half of it in all): small requests never wait. */

@@ -24,8 +24,11 @@ import type { ChunkTracker } from "../protocol/decoder.js";
 export const READ_SLAB_BYTES = 2 * MiB;
 /** A read gets at least this much space; a slab with less left is retired. */
 export const READ_SPACE_MIN_BYTES = 256 * KiB;
-/** Idle slabs kept for reuse, across all connections. */
-export const FREE_SLABS_MAX = 16;
+/**
+ * Idle slabs kept for reuse, across all connections: all of them, since a dropped slab is 2 MiB of
+ * garbage that lives until the next full collection (connection churn made that add up).
+ */
+export const FREE_SLABS_MAX = 32;
 /**
  * Slabs alive at once, across all connections (64 MiB). Each connection keeps one as its current
  * slab, so without this bound 128 connections would pin 256 MiB of read buffers. Past it, reads go

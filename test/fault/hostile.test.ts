@@ -21,6 +21,7 @@ import {
   HANDSHAKES_MAX,
   HANDSHAKES_PER_ADDRESS_MAX,
   IDLE_EVICT_MIN_MS,
+  PEER_STALL_TIMEOUT_MS,
   REQUEST_BYTES_MAX,
 } from "../../src/nbd/server/limits.js";
 import { QMP_CLIENTS_MAX, QMP_NEGOTIATION_TIMEOUT_MS } from "../../src/qmp/server.js";
@@ -348,6 +349,60 @@ describe("hostile clients", { timeout: 300_000 }, () => {
       `a silent client was closed after ${closedAfter} ms`,
     );
     report(t, d, "QMP silent clients and a flood");
+  });
+
+  test(`a client that stops reading its replies is listed by x-query-nbd-connections, then dropped after ${PEER_STALL_TIMEOUT_MS} ms and its budget returns`, async (t) => {
+    const qmpDir = mkdtempSync(join(tmpdir(), "drivetap-hostile-qmp-"));
+    t.after(() => rmSync(qmpDir, { recursive: true, force: true }));
+    const qmpPath = join(qmpDir, "qmp.sock");
+    const daemon = await hostileDaemon(t, ["--qmp", qmpPath, "--max-buffer-memory", "80M"]);
+    const qmp = await RawQmp.ready(qmpPath);
+    t.after(() => qmp.destroy());
+    const stuck = await attacker(daemon.socket);
+    t.after(() => stuck.destroy());
+    stuck.socket.pause();
+    const parts: Buffer[] = [];
+    for (let i = 1; i <= 8; i++) parts.push(readRequest(i, (i % 7) * REQUEST_BYTES_MAX, REQUEST_BYTES_MAX));
+    stuck.send(Buffer.concat(parts));
+    const startMs = Date.now();
+    type Conn = {
+      id: number;
+      "x-in-flight": Array<{ command: string; length: number }>;
+      "x-unsent-bytes": number;
+    };
+    const query = async (): Promise<Conn[]> =>
+      (await qmp.execute("x-query-nbd-connections")).return as Conn[];
+    // Wait (by polling the server's own view) until the server has taken what fits and stopped.
+    let conns: Conn[] = [];
+    for (;;) {
+      conns = await query();
+      if (conns.some((c) => c["x-unsent-bytes"] > 0)) break;
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+    const mine = conns.find((c) => c["x-unsent-bytes"] > 0)!;
+    assert.ok(mine["x-in-flight"].length >= 1, "the unanswered reads are listed");
+    assert.ok(mine["x-in-flight"].every((r) => r.command === "read" && r.length === REQUEST_BYTES_MAX));
+    // Meanwhile small I/O goes on (the reserved share), and a second large reader waits its turn.
+    const honest = await honestSession(daemon.socket);
+    // The client is paused, so it cannot see the close: watch the server's own list instead.
+    const deadline = startMs + PEER_STALL_TIMEOUT_MS + 10_000;
+    while ((await query()).some((c) => c.id === mine.id)) {
+      assert.ok(Date.now() < deadline, "the stalled connection is dropped within the bound");
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+    const droppedAfter = Date.now() - startMs;
+    assert.ok(
+      droppedAfter >= PEER_STALL_TIMEOUT_MS - 1_000,
+      `dropped after ${droppedAfter} ms, not before the bound`,
+    );
+    assert.match(daemon.stderr(), /client stopped reading replies; closing/);
+    // Its budget came back: a client can take the largest reads again.
+    const { client } = await openExport(daemon.socket);
+    t.after(() => client.destroy());
+    const big = await client.read(0, REQUEST_BYTES_MAX);
+    assert.equal(big.error, 0);
+    t.diagnostic(`the stalled client was dropped after ${droppedAfter} ms`);
+    report(t, daemon, "a client that stopped reading", [honest]);
   });
 
   test("fuzzed NBD sessions: every case ends, and an honest client round-trips between batches", async (t) => {

@@ -33,8 +33,11 @@ export const HANDSHAKES_PER_ADDRESS_MAX = 16;
  * socket). The next request waits unstarted in the decoder, with the socket paused.
  */
 export const IN_FLIGHT_REQUESTS_MAX = 256;
-/** Per connection: buffer bytes (write payloads, read replies) held at once; one request may pass it. */
-export const CONNECTION_BUFFER_BYTES_MAX = 64 * MiB;
+/**
+ * Per connection: buffer bytes (write payloads, read replies) held at once: two of the largest
+ * requests with their reply headers. A request alone may always pass it.
+ */
+export const CONNECTION_BUFFER_BYTES_MAX = 2 * REQUEST_BYTES_MAX + MiB;
 /** The daemon-wide budget for write payloads and read replies (`--max-buffer-memory`), by default... */
 export const BUFFER_MEMORY_DEFAULT_BYTES = 192 * MiB;
 /** ...and at least (two largest requests and the reserved shares). */

@@ -91,7 +91,7 @@ export function exportCommands(graph: BlockGraph): QmpCommandDef[] {
           export: c.export,
           "age-ms": c.ageMs,
           "x-in-flight": c.inFlight.map((r) => ({
-            command: r.command,
+            command: r.command.toLowerCase(),
             offset: r.offset,
             length: r.length,
             "age-ms": r.ageMs,

@@ -32,7 +32,7 @@ function accepts(socket: string): Promise<boolean> {
   });
 }
 
-async function startTarget(
+export async function startTarget(
   t: Pick<TestContext, "after">,
   what: string,
   socket: string,

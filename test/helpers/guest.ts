@@ -181,12 +181,16 @@ export function describeServerView(view: ServerView): string {
   return lines.join("\n");
 }
 
-/** Sum of a node's completed requests (x-stats): it moves as long as the server answers I/O. */
-async function nodeOps(qmp: QmpClient, nodeName: string): Promise<number> {
+async function nodeStats(qmp: QmpClient, nodeName: string): Promise<Record<string, number>> {
   const nodes = (await qmp.execute("query-named-block-nodes")) as Array<Record<string, unknown>>;
   const node = nodes.find((n) => n["node-name"] === nodeName);
   assert.ok(node, `node ${nodeName} exists`);
-  const s = node["x-stats"] as Record<string, number>;
+  return node["x-stats"] as Record<string, number>;
+}
+
+/** Sum of a node's completed requests (x-stats): it moves as long as the server answers I/O. */
+async function nodeOps(qmp: QmpClient, nodeName: string): Promise<number> {
+  const s = await nodeStats(qmp, nodeName);
   return s.readOps + s.writeOps + s.zeroOps + s.discardOps + s.flushOps + s.blockStatusOps + s.failedOps;
 }
 
@@ -198,7 +202,7 @@ export async function stallReport(qmp: QmpClient, console: string, nodeName: str
   parts.push(`guest view: ${guest ? guest.line : "no heartbeat"}`);
   for (const [what, call] of [
     ["query-block-jobs", () => qmp.execute("query-block-jobs")],
-    [`${nodeName} x-stats`, () => nodeOps(qmp, nodeName)],
+    [`${nodeName} x-stats`, () => nodeStats(qmp, nodeName)],
   ] as const) {
     try {
       parts.push(`${what}: ${JSON.stringify(await withTimeout(call(), DIAG_QMP_TIMEOUT_MS, what))}`);

@@ -277,7 +277,7 @@ test(
       (r) => assert.fail(`the guest finished although the server held its writes: ${r.markers.join("; ")}`),
       (e: Error) => e,
     );
-    t.diagnostic(err.message.split("--- guest console")[0]);
+    for (const line of err.message.split("--- guest console")[0].trimEnd().split("\n")) t.diagnostic(line);
     assert.match(err.message, /^guest stalled: no request on disk0 completed for \d+ ms/);
     // The guest's own heartbeat shows its writes outstanding.
     assert.match(err.message, /guest view: DRIVETAP-GUEST: hb uptime [\d.]+ inflight \d+ [1-9]\d* /);

@@ -44,6 +44,7 @@ interface ServeOptions {
   verbose?: boolean;
   asyncIo?: boolean;
   qmp?: string;
+  maxBufferMemory?: number;
 }
 
 async function serve(image: string | undefined, opts: ServeOptions): Promise<void> {
@@ -83,6 +84,7 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
     log,
     asyncIo: opts.asyncIo,
     qmpPath: opts.qmp,
+    bufferMemoryBytes: opts.maxBufferMemory,
     onQuit: () => stop("quit"),
   };
   daemonRef = await Daemon.start(config);
@@ -142,6 +144,11 @@ program
     "--qmp <path>",
     "serve QMP (QEMU's control protocol) on this unix socket (mode 0600); off unless given. The qmp, " +
       `backup and jobs commands look for it at $DRIVETAP_QMP, else ${DEFAULT_QMP_SOCKET}`,
+  )
+  .option(
+    "--max-buffer-memory <size>",
+    "budget for NBD request and reply buffers, shared by every connection (default 256M, at least 80M)",
+    sizeOption,
   )
   .option("--async-io", "always use threadpool I/O in the file driver (for comparison)")
   .option("-v, --verbose", "debug logs on stderr")

@@ -30,6 +30,8 @@ export interface ServeConfig {
   readonly log: Logger;
   /** Force threadpool I/O in the file driver (benchmarks compare both). */
   readonly asyncIo?: boolean;
+  /** The NBD server's budget for request and reply buffers (limits.ts has the default). */
+  readonly bufferMemoryBytes?: number;
   /** Unix socket path for the QMP control socket. */
   readonly qmpPath?: string;
   /** Called when a QMP client sends `quit` (the CLI stops the daemon as for SIGTERM). */
@@ -83,7 +85,9 @@ export class Daemon {
     const graph = new BlockGraph(config.log.child({ part: "graph" }));
     const filename = config.image === undefined || config.image === NULL_IMAGE ? undefined : config.image;
     graph.addNode(node, { driver: driver.driverName === "null" ? "null-co" : driver.driverName, filename });
-    const nbd = new NbdServer(config.log.child({ part: "nbd" }));
+    const nbd = new NbdServer(config.log.child({ part: "nbd" }), {
+      bufferMemoryBytes: config.bufferMemoryBytes,
+    });
     graph.attachNbdServer(nbd);
     graph.addExport({
       id: SERVE_EXPORT_ID,

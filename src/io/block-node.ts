@@ -271,7 +271,9 @@ export class BlockNode {
     if (kind !== "read" && kind !== "cache" && this.readOnly) {
       throw new BlockError("EPERM", `node ${this.name} is read-only`);
     }
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+    // An offset past 2^53 (the wire carries 64 bits) is still just past the end: only the length
+    // must be exact.
+    if (!Number.isInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
       throw new BlockError("EINVAL", `bad range: offset ${offset} length ${length}`);
     }
     const size = this.size();

@@ -15,8 +15,16 @@ import { encodeQmp, QmpInputSplitter, type QmpInput } from "./codec.js";
 import { QmpError, qmpErrorFrom } from "./errors.js";
 import { validateArgs, type ArgsSpec, type FieldSpec, type InferArgs } from "./schema.js";
 
-/** Clients connected at once; more are refused at accept. */
+/**
+ * Clients connected at once. A client past it evicts the oldest one still in capabilities
+ * negotiation, else the one idle longest (QMP_IDLE_EVICT_MIN_MS at least), else it is refused: idle
+ * or silent clients cannot keep a new one out.
+ */
 export const QMP_CLIENTS_MAX = 32;
+/** A client that has not sent `qmp_capabilities` this long after connecting is closed. */
+export const QMP_NEGOTIATION_TIMEOUT_MS = 10_000;
+/** A negotiated client must have been idle this long to be evicted for a new one. */
+export const QMP_IDLE_EVICT_MIN_MS = 5_000;
 /** Per client: stop reading while this many parsed commands wait for their turn. */
 export const QMP_PENDING_COMMANDS_MAX = 64;
 /** Per client: unsent reply and event bytes past which the client (not reading) is dropped. */
@@ -74,6 +82,9 @@ class QmpClient implements QmpSession {
   negotiated = false;
   inputEnded = false;
   closed = false;
+  /** When the client last sent input or got a reply. */
+  lastActiveMs = Date.now();
+  negotiationTimer: NodeJS.Timeout | null = null;
 
   constructor(id: number, socket: net.Socket, log: Logger) {
     this.id = id;
@@ -179,9 +190,45 @@ export class QmpServer {
     if (this.#path !== null) removeStaleSocket(this.#path);
   }
 
+  /** Makes room for one more client if the server is full; false if every client is busy. */
+  #makeRoom(): boolean {
+    if (this.#clients.size < QMP_CLIENTS_MAX) return true;
+    let victim: QmpClient | null = null;
+    for (const c of this.#clients) {
+      if (!c.negotiated && !c.closed) {
+        victim = c; // the oldest one still negotiating (Set order is connection order)
+        break;
+      }
+    }
+    if (victim === null) {
+      const now = Date.now();
+      let idlest = QMP_IDLE_EVICT_MIN_MS - 1;
+      for (const c of this.#clients) {
+        const idle = c.running === null && c.queue.length === 0 ? now - c.lastActiveMs : -1;
+        if (idle > idlest) {
+          victim = c;
+          idlest = idle;
+        }
+      }
+    }
+    if (victim === null) return false;
+    victim.log.warn({ max: QMP_CLIENTS_MAX }, "QMP client evicted to make room for a new one");
+    this.#drop(victim);
+    return true;
+  }
+
+  /** Forgets a client at once (its socket is destroyed). */
+  #drop(client: QmpClient): void {
+    client.closed = true;
+    client.queue.length = 0;
+    this.#clients.delete(client);
+    if (client.negotiationTimer) clearTimeout(client.negotiationTimer);
+    client.socket.destroy();
+  }
+
   #accept(socket: net.Socket): void {
-    if (this.#closing !== null || this.#clients.size >= QMP_CLIENTS_MAX) {
-      this.#log.warn({ max: QMP_CLIENTS_MAX }, "QMP client refused: too many clients or closing");
+    if (this.#closing !== null || !this.#makeRoom()) {
+      this.#log.warn({ max: QMP_CLIENTS_MAX }, "QMP client refused: too many busy clients or closing");
       socket.destroy();
       return;
     }
@@ -189,7 +236,16 @@ export class QmpServer {
     const client = new QmpClient(id, socket, this.#log.child({ qmpClient: id }));
     this.#clients.add(client);
     client.log.debug({}, "QMP client connected");
-    socket.on("data", (chunk: Buffer) => this.#onInput(client, client.splitter.push(chunk)));
+    client.negotiationTimer = setTimeout(() => {
+      if (client.negotiated || client.capabilitiesAccepted) return;
+      client.log.warn({}, "QMP client closed: no qmp_capabilities within the time bound");
+      this.#drop(client);
+    }, QMP_NEGOTIATION_TIMEOUT_MS);
+    client.negotiationTimer.unref();
+    socket.on("data", (chunk: Buffer) => {
+      client.lastActiveMs = Date.now();
+      this.#onInput(client, client.splitter.push(chunk));
+    });
     socket.on("end", () => {
       client.log.debug({}, "QMP client ended its input");
       client.inputEnded = true;
@@ -200,6 +256,7 @@ export class QmpServer {
       client.closed = true;
       client.queue.length = 0;
       this.#clients.delete(client);
+      if (client.negotiationTimer) clearTimeout(client.negotiationTimer);
       client.log.debug({}, "QMP client disconnected");
     });
     const v = this.#version;
@@ -231,6 +288,7 @@ export class QmpServer {
       if (client.queue.length < QMP_PENDING_COMMANDS_MAX && client.socket.isPaused()) client.socket.resume();
       const line = await this.#dispatch(client, input);
       this.#send(client, line);
+      client.lastActiveMs = Date.now();
       if (client.capabilitiesAccepted) client.negotiated = true;
     }
     client.running = null;

@@ -453,9 +453,19 @@ describe("QmpServer", { timeout: 60_000 }, () => {
     await client.waitClosed();
   });
 
-  test(`at most ${QMP_CLIENTS_MAX} clients at once`, async (t) => {
+  test(`${QMP_CLIENTS_MAX} silent clients cannot keep a new one out: the oldest still negotiating goes`, async (t) => {
     const fx = await startServer(t);
     const clients = await Promise.all(Array.from({ length: QMP_CLIENTS_MAX }, () => connect(t, fx, false)));
+    assert.equal(fx.server.clientCount, QMP_CLIENTS_MAX);
+    const late = await connect(t, fx);
+    assert.deepEqual(await late.execute("test-echo"), { return: {} });
+    await clients[0].waitClosed();
+    assert.equal(fx.server.clientCount, QMP_CLIENTS_MAX, "one was evicted for the new one");
+  });
+
+  test(`past ${QMP_CLIENTS_MAX} clients that are all negotiated and recently active, a new one is hung up on`, async (t) => {
+    const fx = await startServer(t);
+    const clients = await Promise.all(Array.from({ length: QMP_CLIENTS_MAX }, () => connect(t, fx)));
     assert.equal(fx.server.clientCount, QMP_CLIENTS_MAX);
     const extra = net.createConnection(fx.path);
     t.after(() => extra.destroy());

@@ -34,6 +34,13 @@ export interface DecoderLimits {
 }
 
 /**
+ * Asked for every request header before the request is taken (before a write's payload is read). A
+ * false answer holds the decoder: nothing more is consumed until resume(), and the same header is
+ * offered again then. This is how a server admits requests one by one, however many arrive at once.
+ */
+export type Admit = (header: RequestHeader) => boolean;
+
+/**
  * Told when the decoder starts and stops holding a received chunk, and when it hands a piece of one on
  * as a write payload (the receiver releases those pieces when done). Lets the reader recycle buffers.
  */
@@ -57,17 +64,38 @@ export class ServerDecoder {
   /** A request header waiting for its payload. */
   #pending: RequestHeader | null = null;
   #skipping = 0;
+  #held = false;
 
   readonly #tracker: ChunkTracker;
+  readonly #admit: Admit | null;
 
   constructor(
     limits: DecoderLimits,
     onMessage: (m: ServerMessage) => void,
     tracker: ChunkTracker = NO_TRACKER,
+    admit: Admit | null = null,
   ) {
     this.#limits = limits;
     this.#onMessage = onMessage;
     this.#tracker = tracker;
+    this.#admit = admit;
+  }
+
+  /** True while a request header waits for admission. */
+  get held(): boolean {
+    return this.#held;
+  }
+
+  /** True while an admitted write waits for the rest of its payload. */
+  get awaitingPayload(): boolean {
+    return this.#pending !== null;
+  }
+
+  /** Offers the held header again and goes on decoding what is buffered. */
+  resume(): void {
+    if (!this.#held) return;
+    this.#held = false;
+    this.#drain();
   }
 
   get phase(): Phase {
@@ -85,6 +113,7 @@ export class ServerDecoder {
   /** No more messages after this one (abort, fatal error, disconnect). */
   stop(): void {
     this.#phase = "stopped";
+    this.#held = false;
     for (let i = this.#head; i < this.#chunks.length; i++) this.#tracker.release(this.#chunks[i]);
     this.#chunks = [];
     this.#head = 0;
@@ -98,13 +127,13 @@ export class ServerDecoder {
     this.#tracker.retain(chunk);
     this.#chunks.push(chunk);
     this.#buffered += chunk.length;
-    this.#drain();
+    if (!this.#held) this.#drain();
   }
 
   #drain(): void {
     for (;;) {
       const phase = this.#phase;
-      if (phase === "stopped") return;
+      if (phase === "stopped" || this.#held) return;
       if (this.#skipping > 0) {
         const n = Math.min(this.#skipping, this.#buffered);
         this.#skip(n);
@@ -148,6 +177,11 @@ export class ServerDecoder {
         const [buf, at] = this.#contiguous(C.NBD_REQUEST_HEADER_BYTES);
         if (buf.readUInt32BE(at) !== C.NBD_REQUEST_MAGIC) throw new ProtocolError("bad request magic");
         const header = decodeRequest(buf, at);
+        if (this.#admit !== null && !this.#admit(header)) {
+          // The phase may have changed inside admit (a stop): only hold a live decoder.
+          if (this.#phase === "transmission") this.#held = true;
+          return;
+        }
         this.#skip(C.NBD_REQUEST_HEADER_BYTES);
         if (header.type !== C.NBD_CMD_WRITE || header.length === 0) {
           this.#onMessage({ type: "request", header, payload: null, oversize: false });

@@ -33,8 +33,9 @@ import {
   type StatusDescriptor,
 } from "../protocol/codec.js";
 import { ServerDecoder, type ServerMessage } from "../protocol/decoder.js";
+import type { BudgetAccount } from "./buffer-budget.js";
 import * as L from "./limits.js";
-import { giveReplyBuffer, takeReplyBuffer } from "./reply-pool.js";
+import { giveReplyBuffer, replyAllocationBytes, takeReplyBuffer } from "./reply-pool.js";
 import { slabTracker } from "./socket-reader.js";
 
 export interface NbdExport {
@@ -62,6 +63,30 @@ export interface ExportDirectory {
   listExports(): readonly NbdExport[];
 }
 
+/** What a connection needs from its server. */
+export interface ConnectionHost extends ExportDirectory {
+  /** Asked when the handshake has chosen an export: false means no transmission slot is free. */
+  enterTransmission(c: NbdConnection): boolean;
+  onClosed(c: NbdConnection): void;
+}
+
+/** A request received and not yet answered (its final reply not yet taken by the socket). */
+export interface InFlightRequest {
+  readonly command: string;
+  readonly offset: number;
+  readonly length: number;
+  readonly startMs: number;
+  /** Budget bytes still held for it (payload or reply buffer). */
+  bytes: number;
+}
+
+/** What holds the decoder: nothing, the connection's own bounds, or the shared buffer budget. */
+const enum Wait {
+  None,
+  Slot,
+  Budget,
+}
+
 const BASE_ALLOCATION_ID = 1;
 
 // Shared, frozen flag objects: the write path allocates none per request.
@@ -74,20 +99,23 @@ function writeFlags(nbdFlags: number): WriteFlags {
 const KNOWN_CLIENT_FLAGS = C.NBD_FLAG_C_FIXED_NEWSTYLE | C.NBD_FLAG_C_NO_ZEROES;
 
 const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
-  [C.NBD_CMD_READ]: C.NBD_CMD_FLAG_DF,
+  // The spec: a server that advertises SEND_FUA must accept FUA on every command (it only matters for
+  // writes; elsewhere it is ignored).
+  [C.NBD_CMD_READ]: C.NBD_CMD_FLAG_DF | C.NBD_CMD_FLAG_FUA,
   [C.NBD_CMD_WRITE]: C.NBD_CMD_FLAG_FUA,
-  [C.NBD_CMD_DISC]: 0,
-  [C.NBD_CMD_FLUSH]: 0,
+  [C.NBD_CMD_DISC]: C.NBD_CMD_FLAG_FUA,
+  [C.NBD_CMD_FLUSH]: C.NBD_CMD_FLAG_FUA,
   [C.NBD_CMD_TRIM]: C.NBD_CMD_FLAG_FUA,
-  [C.NBD_CMD_CACHE]: 0,
+  [C.NBD_CMD_CACHE]: C.NBD_CMD_FLAG_FUA,
   [C.NBD_CMD_WRITE_ZEROES]: C.NBD_CMD_FLAG_FUA | C.NBD_CMD_FLAG_NO_HOLE | C.NBD_CMD_FLAG_FAST_ZERO,
-  [C.NBD_CMD_BLOCK_STATUS]: C.NBD_CMD_FLAG_REQ_ONE,
+  [C.NBD_CMD_BLOCK_STATUS]: C.NBD_CMD_FLAG_REQ_ONE | C.NBD_CMD_FLAG_FUA,
 };
 
 export class NbdConnection {
   readonly id: number;
   readonly #socket: Socket;
-  readonly #directory: ExportDirectory;
+  readonly #directory: ConnectionHost;
+  readonly #account: BudgetAccount;
   readonly #log: Logger;
   readonly #decoder: ServerDecoder;
   #noZeroes = false;
@@ -98,27 +126,33 @@ export class NbdConnection {
   #optionCount = 0;
   #export: NbdExport | null = null;
   #handshakeTimer: NodeJS.Timeout | null;
-  #inFlightRequests = 0;
-  #inFlightBytes = 0;
+  /** Requests admitted whose final reply the socket has not yet taken (bounds requests + replies). */
+  #slots = 0;
+  /** Requests admitted and not yet finished at the node (what shutdown and DISC wait for). */
+  #running = 0;
+  /** Budget bytes taken for the header the decoder just admitted, handed to #onRequest. */
+  #admittedBytes = 0;
+  /** Bytes the budget granted while the decoder waited, for the held header when it is offered again. */
+  #grantedBytes = 0;
+  #wait = Wait.None;
+  readonly #inFlight = new Set<InFlightRequest>();
   #readingPaused = false;
   #corked = false;
   #closing = false;
   #closed = false;
   #idleWaiters: Array<() => void> = [];
-  readonly #onClosed: (c: NbdConnection) => void;
+  readonly acceptedMs = Date.now();
+  #lastActivityMs = Date.now();
+  #lastReadMs = Date.now();
+  /** When the socket last took reply bytes, or when its queue went from empty to not empty. */
+  #lastWriteMs = Date.now();
 
-  constructor(
-    id: number,
-    socket: Socket,
-    directory: ExportDirectory,
-    log: Logger,
-    onClosed: (c: NbdConnection) => void,
-  ) {
+  constructor(id: number, socket: Socket, host: ConnectionHost, account: BudgetAccount, log: Logger) {
     this.id = id;
     this.#socket = socket;
-    this.#directory = directory;
+    this.#directory = host;
+    this.#account = account;
     this.#log = log;
-    this.#onClosed = onClosed;
     this.#decoder = new ServerDecoder(
       {
         optionBytesMax: L.OPTION_BYTES_MAX,
@@ -127,6 +161,7 @@ export class NbdConnection {
       },
       (m) => this.#onMessage(m),
       slabTracker,
+      this.#admit,
     );
     socket.on("error", (err) => this.#log.debug({ err: err.message }, "socket error"));
     socket.on("close", () => this.#finish());
@@ -143,6 +178,49 @@ export class NbdConnection {
     return this.#export?.name ?? null;
   }
 
+  /** True once an export was chosen (the connection holds a transmission slot). */
+  get inTransmission(): boolean {
+    return this.#export !== null;
+  }
+
+  /** Requests received and not yet answered, oldest first. */
+  inFlight(): readonly InFlightRequest[] {
+    return [...this.#inFlight];
+  }
+
+  get unsentBytes(): number {
+    return this.#socket.writableLength;
+  }
+
+  /** Milliseconds without any request or unsent reply, or -1 while the connection has work. */
+  idleMs(nowMs: number): number {
+    if (this.#slots > 0 || this.#running > 0 || this.#wait !== Wait.None || this.#decoder.bufferedBytes > 0)
+      return -1;
+    return nowMs - this.#lastActivityMs;
+  }
+
+  /**
+   * Drops a peer that has gone quiet in the middle of something: replies it does not take, or a
+   * write payload it does not finish. Either holds buffer budget that others are waiting for.
+   */
+  checkStalled(nowMs: number): void {
+    if (this.#closed) return;
+    if (this.#socket.writableLength > 0 && nowMs - this.#lastWriteMs > L.PEER_STALL_TIMEOUT_MS) {
+      this.#log.warn({ unsentBytes: this.#socket.writableLength }, "client stopped reading replies; closing");
+      return this.#destroy();
+    }
+    if (this.#decoder.awaitingPayload && nowMs - this.#lastReadMs > L.PEER_STALL_TIMEOUT_MS) {
+      this.#log.warn({}, "client stopped in the middle of a write payload; closing");
+      return this.#destroy();
+    }
+  }
+
+  /** Closes the connection at once (eviction, handshake bound). */
+  evict(why: string): void {
+    this.#log.warn({ why }, "connection evicted");
+    this.#destroy();
+  }
+
   /** Stops reading, lets in-flight requests finish and their replies go out, then closes. */
   async shutdown(): Promise<void> {
     this.#beginClose("server shutting down");
@@ -155,6 +233,7 @@ export class NbdConnection {
 
   /** Feeds bytes read from the socket (the server decides how the socket is read). */
   onData(chunk: Buffer): void {
+    this.#lastReadMs = Date.now();
     try {
       this.#decoder.push(chunk);
     } catch (err) {
@@ -263,6 +342,11 @@ export class NbdConnection {
       this.#decoder.stop();
       return this.#closeAfterInFlight();
     }
+    if (!this.#directory.enterTransmission(this)) {
+      this.#log.warn({}, "EXPORT_NAME refused: too many connections; closing");
+      this.#decoder.stop();
+      return this.#closeAfterInFlight();
+    }
     this.#send(encodeExportNameReply(e.node.size(), this.#transmissionFlags(e), this.#noZeroes));
     this.#enterTransmission(e);
   }
@@ -271,6 +355,9 @@ export class NbdConnection {
     const { name, infos } = decodeExportRequest(data);
     const e = this.#directory.findExport(name);
     if (!e) return this.#optionError(option, C.NBD_REP_ERR_UNKNOWN, `no export named "${name}"`);
+    if (option === C.NBD_OPT_GO && !this.#directory.enterTransmission(this)) {
+      return this.#optionError(option, C.NBD_REP_ERR_POLICY, "server has too many connections");
+    }
     this.#optionReply(option, C.NBD_REP_INFO, encodeInfoExport(e.node.size(), this.#transmissionFlags(e)));
     if (infos.includes(C.NBD_INFO_NAME))
       this.#optionReply(option, C.NBD_REP_INFO, encodeInfoString(C.NBD_INFO_NAME, e.name));
@@ -352,29 +439,90 @@ export class NbdConnection {
 
   // ---- transmission ----------------------------------------------------------------------------------
 
+  /**
+   * Admission, asked by the decoder for every request header before the request is taken (and before
+   * a write's payload is read). A request that would pass the connection's bounds or the shared
+   * budget holds the decoder, unstarted, with the socket paused; whatever releases what it waits for
+   * offers it again (#wake). Every release path calls #wake, so no state exists in which nothing can.
+   */
+  readonly #admit = (h: RequestHeader): boolean => {
+    if (this.#closing || h.type === C.NBD_CMD_DISC) return true;
+    if (this.#slots >= L.IN_FLIGHT_REQUESTS_MAX) return this.#holdFor(Wait.Slot);
+    const need = this.#bufferBytesFor(h);
+    if (need > 0) {
+      if (this.#grantedBytes > 0) {
+        // Granted while held: the same header is offered again now.
+        this.#grantedBytes = 0;
+      } else {
+        const held = this.#account.heldBytes;
+        if (held > 0 && held + need > L.CONNECTION_BUFFER_BYTES_MAX) return this.#holdFor(Wait.Slot);
+        if (!this.#account.take(need, () => this.#onGranted(need))) return this.#holdFor(Wait.Budget);
+      }
+    }
+    this.#slots++;
+    this.#admittedBytes = need;
+    this.#lastActivityMs = Date.now();
+    return true;
+  };
+
+  /** Buffer bytes a request holds: its write payload, or its read reply. */
+  #bufferBytesFor(h: RequestHeader): number {
+    if (h.length === 0 || h.length > L.REQUEST_BYTES_MAX) return 0;
+    if (h.type === C.NBD_CMD_WRITE) return h.length;
+    if (h.type !== C.NBD_CMD_READ) return 0;
+    const prefix = this.#structured ? OFFSET_DATA_PREFIX_BYTES : C.NBD_SIMPLE_REPLY_BYTES;
+    return replyAllocationBytes(prefix + h.length);
+  }
+
+  #holdFor(wait: Wait): false {
+    this.#wait = wait;
+    this.#pauseReading();
+    return false;
+  }
+
+  #onGranted(bytes: number): void {
+    this.#grantedBytes = bytes;
+    this.#wake();
+  }
+
+  /** Offers the held header again; reading resumes unless it is held once more. */
+  #wake(): void {
+    if (this.#wait === Wait.None || this.#closed) return;
+    this.#wait = Wait.None;
+    this.#decoder.resume();
+    if (!this.#decoder.held) this.#resumeReading();
+  }
+
   #onRequest(h: RequestHeader, payload: Buffer[] | null, oversize: boolean): void {
     const e = this.#export!;
+    const bytes = this.#admittedBytes;
+    this.#admittedBytes = 0;
     if (h.type === C.NBD_CMD_DISC) {
       this.#decoder.stop();
       return this.#closeAfterInFlight();
     }
+    const req: InFlightRequest = {
+      command: C.COMMAND_NAMES[h.type] ?? `command ${h.type}`,
+      offset: h.offset,
+      length: h.length,
+      startMs: Date.now(),
+      bytes,
+    };
+    this.#inFlight.add(req);
+    const done = (): void => this.#replyWritten(req);
     const refusal = this.#refusal(e, h, oversize);
     if (refusal) {
       if (payload) for (const piece of payload) slabTracker.release(piece);
-      return this.#replyError(h, refusal[0], refusal[1]);
+      this.#giveBytes(req);
+      return this.#replyError(h, refusal[0], refusal[1], done);
     }
-    const bytes = h.type === C.NBD_CMD_READ || h.type === C.NBD_CMD_WRITE ? h.length : 0;
-    this.#inFlightRequests++;
-    this.#inFlightBytes += bytes;
-    if (this.#inFlightRequests >= L.IN_FLIGHT_REQUESTS_MAX || this.#inFlightBytes >= L.IN_FLIGHT_BYTES_MAX) {
-      this.#pauseReading();
-    }
-    this.#run(e.node, h, payload).then(
-      () => this.#requestDone(bytes, payload),
+    this.#running++;
+    this.#run(e.node, h, payload, done).then(
+      () => this.#requestDone(req, h, payload),
       (err) => {
         // Only a bug gets here: #run answers operating errors itself.
         this.#log.error({ err: String(err) }, "request handler failed");
-        this.#requestDone(bytes, payload);
+        this.#requestDone(req, h, payload);
         this.#destroy();
       },
     );
@@ -407,11 +555,12 @@ export class NbdConnection {
     return null;
   }
 
-  async #run(node: BlockNode, h: RequestHeader, payload: Buffer[] | null): Promise<void> {
+  /** Runs one request and sends its reply; `done` goes with the final reply buffer. */
+  async #run(node: BlockNode, h: RequestHeader, payload: Buffer[] | null, done: () => void): Promise<void> {
     try {
       switch (h.type) {
         case C.NBD_CMD_READ:
-          return await this.#read(node, h);
+          return await this.#read(node, h, done);
         case C.NBD_CMD_WRITE:
           await node.write(h.offset, payload!, writeFlags(h.flags));
           break;
@@ -432,9 +581,9 @@ export class NbdConnection {
           await node.cache(h.offset, h.length);
           break;
         case C.NBD_CMD_BLOCK_STATUS:
-          return await this.#blockStatus(node, h);
+          return await this.#blockStatus(node, h, done);
       }
-      this.#send(encodeSimpleReply(0, h.cookieHi, h.cookieLo));
+      this.#send(encodeSimpleReply(0, h.cookieHi, h.cookieLo), done);
     } catch (err) {
       const be = toBlockError(err);
       if (be.code !== "ENOTSUP" && be.code !== "EINVAL" && be.code !== "ENOSPC") {
@@ -443,11 +592,11 @@ export class NbdConnection {
           "request failed",
         );
       }
-      this.#replyError(h, be.code, be.message);
+      this.#replyError(h, be.code, be.message, done);
     }
   }
 
-  async #read(node: BlockNode, h: RequestHeader): Promise<void> {
+  async #read(node: BlockNode, h: RequestHeader, done: () => void): Promise<void> {
     if (!this.#structured) {
       const buf = takeReplyBuffer(C.NBD_SIMPLE_REPLY_BYTES + h.length);
       try {
@@ -457,7 +606,10 @@ export class NbdConnection {
         throw err;
       }
       writeSimpleReply(buf, 0, 0, h.cookieHi, h.cookieLo);
-      return this.#send(buf, () => giveReplyBuffer(buf));
+      return this.#send(buf, () => {
+        giveReplyBuffer(buf);
+        done();
+      });
     }
     if (
       h.length >= L.SPARSE_READ_BYTES_MIN &&
@@ -465,7 +617,7 @@ export class NbdConnection {
       node.driver.capabilities.blockStatus
     ) {
       const extents = await node.blockStatus(h.offset, h.length);
-      if (extents.some((x) => x.zero)) return this.#sparseRead(node, h, extents);
+      if (extents.some((x) => x.zero)) return this.#sparseRead(node, h, extents, done);
     }
     const buf = takeReplyBuffer(OFFSET_DATA_PREFIX_BYTES + h.length);
     try {
@@ -475,11 +627,14 @@ export class NbdConnection {
       throw err;
     }
     writeOffsetDataPrefix(buf, 0, C.NBD_REPLY_FLAG_DONE, h.cookieHi, h.cookieLo, h.offset, h.length);
-    this.#send(buf, () => giveReplyBuffer(buf));
+    this.#send(buf, () => {
+      giveReplyBuffer(buf);
+      done();
+    });
   }
 
   /** A read answered chunk by chunk: holes as OFFSET_HOLE, data as OFFSET_DATA, DONE on the last. */
-  async #sparseRead(node: BlockNode, h: RequestHeader, extents: Extent[]): Promise<void> {
+  async #sparseRead(node: BlockNode, h: RequestHeader, extents: Extent[], done: () => void): Promise<void> {
     const chunks: Buffer[] = [];
     const end = h.offset + h.length;
     let pos = h.offset;
@@ -501,15 +656,15 @@ export class NbdConnection {
       writeOffsetDataPrefix(buf, 0, 0, h.cookieHi, h.cookieLo, pos, end - pos);
       chunks.push(buf);
     }
-    const last = chunks[chunks.length - 1];
-    last.writeUInt16BE(C.NBD_REPLY_FLAG_DONE, 4);
-    for (const c of chunks) this.#send(c);
+    chunks[chunks.length - 1].writeUInt16BE(C.NBD_REPLY_FLAG_DONE, 4);
+    this.#sendChunks(chunks, done);
   }
 
-  async #blockStatus(node: BlockNode, h: RequestHeader): Promise<void> {
+  async #blockStatus(node: BlockNode, h: RequestHeader, done: () => void): Promise<void> {
     const oneOnly = (h.flags & C.NBD_CMD_FLAG_REQ_ONE) !== 0;
     const size = node.size();
-    if (h.offset >= size) {
+    // The spec: a request past the end of the export SHOULD fail with EINVAL.
+    if (h.offset + h.length > size) {
       throw new BlockError("EINVAL", `block status out of range: offset ${h.offset} length ${h.length}`);
     }
     // One chunk per chosen context; the last carries DONE.
@@ -521,7 +676,13 @@ export class NbdConnection {
       chunks.push(encodeBlockStatusChunk(0, h.cookieHi, h.cookieLo, ctx.id, out));
     }
     chunks[chunks.length - 1].writeUInt16BE(C.NBD_REPLY_FLAG_DONE, 4);
-    for (const c of chunks) this.#send(c);
+    this.#sendChunks(chunks, done);
+  }
+
+  /** Sends a reply's chunks in order; `done` runs once the socket has taken the last one. */
+  #sendChunks(chunks: Buffer[], done: () => void): void {
+    for (let i = 0; i < chunks.length - 1; i++) this.#send(chunks[i]);
+    this.#send(chunks[chunks.length - 1], done);
   }
 
   async #allocationDescriptors(node: BlockNode, h: RequestHeader): Promise<StatusDescriptor[]> {
@@ -537,42 +698,51 @@ export class NbdConnection {
     return descriptors;
   }
 
-  #replyError(h: RequestHeader, code: BlockError["code"], message: string): void {
+  #replyError(h: RequestHeader, code: BlockError["code"], message: string, done: () => void): void {
     const errno = NBD_ERRNO[code];
     this.#log.debug({ command: C.COMMAND_NAMES[h.type] ?? h.type, errno, message }, "request refused");
     if (this.#structured && (h.type === C.NBD_CMD_READ || h.type === C.NBD_CMD_BLOCK_STATUS)) {
-      this.#send(encodeErrorChunk(errno, message, h.cookieHi, h.cookieLo));
+      this.#send(encodeErrorChunk(errno, message, h.cookieHi, h.cookieLo), done);
     } else {
-      this.#send(encodeSimpleReply(errno, h.cookieHi, h.cookieLo));
+      this.#send(encodeSimpleReply(errno, h.cookieHi, h.cookieLo), done);
     }
   }
 
-  #requestDone(bytes: number, payload: Buffer[] | null): void {
-    // The request has ended (after every hook): its payload buffers may be reused.
+  /** The request has ended at the node (after every hook): its payload may be reused. */
+  #requestDone(req: InFlightRequest, h: RequestHeader, payload: Buffer[] | null): void {
     if (payload) for (const piece of payload) slabTracker.release(piece);
-    this.#inFlightRequests--;
-    this.#inFlightBytes -= bytes;
-    this.#maybeResumeReading();
-    if (this.#inFlightRequests === 0 && this.#idleWaiters.length > 0) {
+    // A write's budget is its payload, free now; a read's is its reply, free once sent.
+    if (h.type === C.NBD_CMD_WRITE) this.#giveBytes(req);
+    this.#running--;
+    if (this.#running === 0 && this.#idleWaiters.length > 0) {
       const waiters = this.#idleWaiters;
       this.#idleWaiters = [];
       for (const w of waiters) w();
     }
   }
 
-  /** Reading resumes once requests, their bytes and the unsent replies are well below their bounds. */
-  readonly #maybeResumeReading = (): void => {
-    if (
-      this.#readingPaused &&
-      !this.#closing &&
-      this.#inFlightRequests < L.IN_FLIGHT_REQUESTS_MAX / 2 &&
-      this.#inFlightBytes < L.IN_FLIGHT_BYTES_MAX / 2 &&
-      this.#socket.writableLength < L.REPLY_BACKLOG_BYTES_MAX / 2
-    ) {
-      this.#readingPaused = false;
-      this.#socket.resume();
-    }
-  };
+  #giveBytes(req: InFlightRequest): void {
+    if (req.bytes === 0) return;
+    const n = req.bytes;
+    req.bytes = 0;
+    this.#account.give(n);
+    if (this.#wait === Wait.Slot) this.#wake();
+  }
+
+  /** The socket has taken the request's final reply (or dropped it): the request is answered. */
+  #replyWritten(req: InFlightRequest): void {
+    if (!this.#inFlight.delete(req)) return;
+    this.#slots--;
+    this.#lastActivityMs = this.#lastWriteMs = Date.now();
+    this.#giveBytes(req);
+    if (this.#wait === Wait.Slot) this.#wake();
+  }
+
+  #resumeReading(): void {
+    if (!this.#readingPaused || this.#closed) return;
+    this.#readingPaused = false;
+    this.#socket.resume();
+  }
 
   #pauseReading(): void {
     if (this.#readingPaused) return;
@@ -589,12 +759,12 @@ export class NbdConnection {
       onWritten?.();
       return;
     }
+    if (s.writableLength === 0) this.#lastWriteMs = Date.now();
     if (buf.length >= L.REPLY_DIRECT_BYTES_MIN) {
       // Large replies go at once (after what is corked, keeping order) so the socket drains while
       // the next request reads the disk.
       if (this.#corked) this.#uncork();
       s.write(buf, onWritten);
-      this.#checkBacklog();
       return;
     }
     if (!this.#corked) {
@@ -608,18 +778,10 @@ export class NbdConnection {
   readonly #uncork = (): void => {
     this.#corked = false;
     if (!this.#socket.destroyed) this.#socket.uncork();
-    this.#checkBacklog();
   };
 
-  /** A client that does not read its replies stops being read from until the replies drain. */
-  #checkBacklog(): void {
-    if (this.#socket.writableLength < L.REPLY_BACKLOG_BYTES_MAX || this.#closing) return;
-    this.#pauseReading();
-    this.#socket.once("drain", this.#maybeResumeReading);
-  }
-
   #whenIdle(): Promise<void> {
-    if (this.#inFlightRequests === 0) return Promise.resolve();
+    if (this.#running === 0) return Promise.resolve();
     return new Promise((resolve) => this.#idleWaiters.push(resolve));
   }
 
@@ -633,10 +795,10 @@ export class NbdConnection {
     this.#closing = true;
     this.#log.debug({ why }, "closing");
     this.#decoder.stop();
-    if (this.#readingPaused) {
-      this.#readingPaused = false;
-      this.#socket.resume();
-    }
+    // A request held for admission is dropped with the rest of the input.
+    this.#wait = Wait.None;
+    this.#account.unwait();
+    this.#resumeReading();
   }
 
   #endSocket(): void {
@@ -662,7 +824,11 @@ export class NbdConnection {
     this.#closing = true;
     if (this.#handshakeTimer) clearTimeout(this.#handshakeTimer);
     this.#decoder.stop();
-    this.#onClosed(this);
+    this.#wait = Wait.None;
+    // Replies still queued are lost with the socket: give back everything at once.
+    this.#inFlight.clear();
+    this.#account.close();
+    this.#directory.onClosed(this);
   }
 }
 

@@ -13,19 +13,44 @@ export const OPTION_BYTES_MAX = 64 * KiB;
 export const OPTIONS_PER_CONNECTION_MAX = 256;
 /** A client silent in the handshake for this long is dropped (qemu-nbd uses 10 s too). */
 export const HANDSHAKE_TIMEOUT_MS = 10_000;
-/** Connections served at once; more are refused at accept. */
+/**
+ * Connections in transmission at once. When all are taken, a client that finishes its handshake
+ * evicts the connection idle longest (idle for IDLE_EVICT_MIN_MS at least), or is refused.
+ */
 export const CONNECTIONS_MAX = 128;
-/** Per connection: stop reading from the socket while this many requests are in flight... */
+/** A connection must have been idle this long to be evicted for a new one. */
+export const IDLE_EVICT_MIN_MS = 5_000;
+/**
+ * Handshakes in progress at once, counted apart from CONNECTIONS_MAX. A new connection past it
+ * evicts the oldest unfinished handshake, so clients stuck in (or stalling) the handshake cannot keep
+ * an honest client, which finishes its handshake in milliseconds, out.
+ */
+export const HANDSHAKES_MAX = 32;
+/**
+ * Per connection: requests admitted and not yet answered (their final reply not yet taken by the
+ * socket). The next request waits unstarted in the decoder, with the socket paused.
+ */
 export const IN_FLIGHT_REQUESTS_MAX = 256;
-/** ...or this many payload and reply bytes are held in memory. */
-export const IN_FLIGHT_BYTES_MAX = 128 * MiB;
+/** Per connection: buffer bytes (write payloads, read replies) held at once; one request may pass it. */
+export const CONNECTION_BUFFER_BYTES_MAX = 64 * MiB;
+/** The daemon-wide budget for write payloads and read replies (`--max-buffer-memory`), by default... */
+export const BUFFER_MEMORY_DEFAULT_BYTES = 256 * MiB;
+/** ...and at least (two largest requests and the reserved shares). */
+export const BUFFER_MEMORY_MIN_BYTES = 80 * MiB;
+/** Per connection, set aside from the budget (at most half of it in all): small requests never wait. */
+export const BUFFER_RESERVED_BYTES = 1 * MiB;
+/**
+ * A client that leaves replies unread, or a write payload unfinished, for this long is dropped: it
+ * holds budget that other clients wait for. (Reading replies slowly is fine: any progress counts.)
+ */
+export const PEER_STALL_TIMEOUT_MS = 30_000;
+/** How often the server looks for stalled peers. */
+export const STALL_CHECK_INTERVAL_MS = 1_000;
 /** Reads at least this big ask the driver for holes and answer them with OFFSET_HOLE chunks. */
 export const SPARSE_READ_BYTES_MIN = 64 * KiB;
 /** Block status answers carry at most this many descriptors. */
 export const BLOCK_STATUS_DESCRIPTORS_MAX = 1024;
 /** Replies at least this big are written at once instead of waiting for the end of the loop turn. */
 export const REPLY_DIRECT_BYTES_MIN = 128 * KiB;
-/** Unsent reply bytes past which the connection stops reading requests (a client not reading). */
-export const REPLY_BACKLOG_BYTES_MAX = 64 * MiB;
 /** After our side of a connection has ended, the client has this long to close its side. */
 export const CLOSE_LINGER_MS = 5_000;

@@ -1,28 +1,63 @@
 /**
  * The NBD server: listens on a unix socket or TCP, holds the exports, and owns the connections. It
- * bounds the number of connections and shuts down cleanly (in-flight requests finish first).
+ * bounds handshakes and transmission connections separately (a full server evicts the oldest
+ * unfinished handshake, or the connection idle longest, rather than lock everyone out), holds the
+ * daemon-wide buffer budget the connections share, drops peers that stall, and shuts down cleanly
+ * (in-flight requests finish first).
  */
 import * as fs from "node:fs";
 import * as net from "node:net";
 import type { Logger } from "../../core/log.js";
-import { NbdConnection, type ExportDirectory, type NbdExport } from "./connection.js";
-import { CONNECTIONS_MAX } from "./limits.js";
+import { BufferBudget } from "./buffer-budget.js";
+import { NbdConnection, type ConnectionHost, type InFlightRequest, type NbdExport } from "./connection.js";
+import * as L from "./limits.js";
 import { startReading } from "./socket-reader.js";
+
+export interface NbdServerOptions {
+  /** The daemon-wide budget for request and reply buffers (`--max-buffer-memory`). */
+  readonly bufferMemoryBytes?: number;
+}
+
+/** One connection as `x-query-nbd-connections` shows it. */
+export interface ConnectionInfo {
+  readonly id: number;
+  readonly export: string | null;
+  readonly ageMs: number;
+  readonly inFlight: ReadonlyArray<InFlightRequest & { readonly ageMs: number }>;
+  readonly unsentBytes: number;
+}
 
 export type ListenAddress =
   | { readonly type: "unix"; readonly path: string }
   | { readonly type: "inet"; readonly host: string; readonly port: number };
 
-export class NbdServer implements ExportDirectory {
+export class NbdServer implements ConnectionHost {
   readonly #exports = new Map<string, NbdExport>();
+  /** Every open connection; the two sets below split them by phase. */
   readonly #connections = new Set<NbdConnection>();
+  /** Connections still in the handshake, oldest first (Set order is insertion order). */
+  readonly #handshaking = new Set<NbdConnection>();
+  readonly #transmitting = new Set<NbdConnection>();
   readonly #servers: net.Server[] = [];
   readonly #log: Logger;
   readonly #unixPaths: string[] = [];
+  readonly budget: BufferBudget;
+  readonly #stallTimer: NodeJS.Timeout;
   #nextConnectionId = 1;
+  #evictions = 0;
 
-  constructor(log: Logger) {
+  constructor(log: Logger, options: NbdServerOptions = {}) {
     this.#log = log;
+    const bytes = options.bufferMemoryBytes ?? L.BUFFER_MEMORY_DEFAULT_BYTES;
+    if (bytes < L.BUFFER_MEMORY_MIN_BYTES) {
+      throw new Error(`buffer memory ${bytes} is below the minimum of ${L.BUFFER_MEMORY_MIN_BYTES} bytes`);
+    }
+    this.budget = new BufferBudget(bytes, L.CONNECTIONS_MAX + L.HANDSHAKES_MAX, L.BUFFER_RESERVED_BYTES);
+    this.#stallTimer = setInterval(() => {
+      const now = Date.now();
+      for (const c of this.#transmitting) c.checkStalled(now);
+    }, L.STALL_CHECK_INTERVAL_MS);
+    this.#stallTimer.unref();
   }
 
   addExport(e: NbdExport): void {
@@ -44,6 +79,58 @@ export class NbdServer implements ExportDirectory {
 
   get connectionCount(): number {
     return this.#connections.size;
+  }
+
+  /** Connections evicted so far (handshake bound or idle eviction). */
+  get evictions(): number {
+    return this.#evictions;
+  }
+
+  /** Every connection with its requests received and not yet answered. */
+  connections(): ConnectionInfo[] {
+    const now = Date.now();
+    return [...this.#connections].map((c) => ({
+      id: c.id,
+      export: c.exportName,
+      ageMs: now - c.acceptedMs,
+      inFlight: c.inFlight().map((r) => ({ ...r, ageMs: now - r.startMs })),
+      unsentBytes: c.unsentBytes,
+    }));
+  }
+
+  enterTransmission(c: NbdConnection): boolean {
+    if (this.#transmitting.size >= L.CONNECTIONS_MAX && !this.#evictIdlest()) {
+      this.#log.warn({ max: L.CONNECTIONS_MAX }, "client refused: every connection is busy");
+      return false;
+    }
+    this.#handshaking.delete(c);
+    this.#transmitting.add(c);
+    return true;
+  }
+
+  /** Evicts the connection idle longest, if one has been idle IDLE_EVICT_MIN_MS or more. */
+  #evictIdlest(): boolean {
+    const now = Date.now();
+    let best: NbdConnection | null = null;
+    let bestIdle = L.IDLE_EVICT_MIN_MS - 1;
+    for (const c of this.#transmitting) {
+      const idle = c.idleMs(now);
+      if (idle > bestIdle) {
+        best = c;
+        bestIdle = idle;
+      }
+    }
+    if (best === null) return false;
+    this.#evictions++;
+    best.evict(`idle for ${bestIdle} ms while the server is full`);
+    this.#transmitting.delete(best);
+    return true;
+  }
+
+  onClosed(c: NbdConnection): void {
+    this.#connections.delete(c);
+    this.#handshaking.delete(c);
+    this.#transmitting.delete(c);
   }
 
   /** Starts listening; resolves with the bound address (the real port when 0 was asked). */
@@ -68,25 +155,29 @@ export class NbdServer implements ExportDirectory {
   }
 
   #accept(accepted: net.Socket): void {
-    if (this.#connections.size >= CONNECTIONS_MAX) {
-      this.#log.warn({ max: CONNECTIONS_MAX }, "connection refused: too many connections");
-      accepted.destroy();
-      return;
+    if (this.#handshaking.size >= L.HANDSHAKES_MAX) {
+      // The oldest unfinished handshake makes room: a client that is still negotiating after the
+      // newer ones arrived is the likeliest to be stuck or hostile, and an honest one can retry.
+      const oldest = this.#handshaking.values().next().value as NbdConnection;
+      this.#handshaking.delete(oldest);
+      this.#evictions++;
+      oldest.evict(`handshake not finished; ${L.HANDSHAKES_MAX} handshakes in progress`);
     }
     const id = this.#nextConnectionId++;
     const log = this.#log.child({ conn: id });
     log.debug({}, "connected");
     let connection: NbdConnection | null = null;
     const socket = startReading(accepted, (chunk) => connection!.onData(chunk));
-    connection = new NbdConnection(id, socket, this, log, (closed) => {
-      this.#connections.delete(closed);
-      log.debug({}, "disconnected");
-    });
+    // TCP only: a peer that vanished without a FIN is found by keepalive probes.
+    if (socket.remoteAddress !== undefined) socket.setKeepAlive(true, L.PEER_STALL_TIMEOUT_MS);
+    connection = new NbdConnection(id, socket, this, this.budget.open(), log);
     this.#connections.add(connection);
+    this.#handshaking.add(connection);
   }
 
   /** Stops accepting, lets every connection finish its in-flight requests, then closes them. */
   async close(): Promise<void> {
+    clearInterval(this.#stallTimer);
     const closing = this.#servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
     await Promise.all([...this.#connections].map((c) => c.shutdown()));
     await Promise.all(closing);

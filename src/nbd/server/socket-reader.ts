@@ -26,12 +26,22 @@ export const READ_SLAB_BYTES = 2 * MiB;
 export const READ_SPACE_MIN_BYTES = 256 * KiB;
 /** Idle slabs kept for reuse, across all connections. */
 export const FREE_SLABS_MAX = 16;
+/**
+ * Slabs alive at once, across all connections (64 MiB). Each connection keeps one as its current
+ * slab, so without this bound 128 connections would pin 256 MiB of read buffers. Past it, reads go
+ * into small one-shot buffers that the garbage collector takes back.
+ */
+export const SLABS_MAX = 32;
+/** The size of a one-shot read buffer, used when every slab is taken. */
+export const FALLBACK_READ_BYTES = 64 * KiB;
 
 interface Slab {
   readonly buf: Buffer;
   /** Chunks buffered by a decoder plus payload pieces held by requests. */
   refs: number;
   current: boolean;
+  /** A one-shot buffer outside the pool: used for one read, then left to the garbage collector. */
+  readonly oneShot: boolean;
 }
 
 class SlabPool {
@@ -39,19 +49,28 @@ class SlabPool {
   readonly #free: Slab[] = [];
 
   acquire(): Slab {
-    const s = this.#free.pop() ?? this.#create();
+    const s =
+      this.#free.pop() ??
+      (this.#bySlab.size < SLABS_MAX
+        ? this.#create()
+        : { buf: Buffer.allocUnsafe(FALLBACK_READ_BYTES), refs: 0, current: false, oneShot: true });
     s.current = true;
     return s;
   }
 
   #create(): Slab {
-    const s: Slab = { buf: Buffer.allocUnsafeSlow(READ_SLAB_BYTES), refs: 0, current: false };
+    const s: Slab = { buf: Buffer.allocUnsafeSlow(READ_SLAB_BYTES), refs: 0, current: false, oneShot: false };
     this.#bySlab.set(s.buf.buffer, s);
     return s;
   }
 
+  get liveSlabs(): number {
+    return this.#bySlab.size;
+  }
+
   retire(s: Slab): void {
     s.current = false;
+    if (s.oneShot) return;
     if (s.refs === 0) this.#recycle(s);
   }
 
@@ -73,6 +92,11 @@ class SlabPool {
 
 const pool = new SlabPool();
 
+/** Slabs alive now (for tests and the memory figures). */
+export function liveSlabs(): number {
+  return pool.liveSlabs;
+}
+
 /** What the connection uses to retain and release the buffers it reads. */
 export const slabTracker: ChunkTracker = {
   retain: (b) => pool.retain(b),
@@ -85,7 +109,8 @@ class SlabReader {
   #pos = 0;
 
   next(): Buffer {
-    if (READ_SLAB_BYTES - this.#pos < READ_SPACE_MIN_BYTES) {
+    const slab = this.#slab;
+    if (slab.oneShot ? this.#pos > 0 : READ_SLAB_BYTES - this.#pos < READ_SPACE_MIN_BYTES) {
       pool.retire(this.#slab);
       this.#slab = pool.acquire();
       this.#pos = 0;

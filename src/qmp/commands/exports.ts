@@ -81,6 +81,25 @@ export function exportCommands(graph: BlockGraph): QmpCommandDef[] {
       },
     }),
     defineCommand({
+      // drivetap's own: each NBD connection with the requests it has received and not yet answered
+      // (their final reply not yet taken by the socket), for telling a server stall from a client's.
+      name: "x-query-nbd-connections",
+      args: {},
+      handler: () =>
+        (graph.nbdServer?.connections() ?? []).map((c) => ({
+          id: c.id,
+          export: c.export,
+          "age-ms": c.ageMs,
+          "x-in-flight": c.inFlight.map((r) => ({
+            command: r.command,
+            offset: r.offset,
+            length: r.length,
+            "age-ms": r.ageMs,
+          })),
+          "x-unsent-bytes": c.unsentBytes,
+        })),
+    }),
+    defineCommand({
       name: "query-block-exports",
       args: {},
       handler: () =>

@@ -154,8 +154,13 @@ export function stallVerdict(server: ServerView, guest: GuestHeartbeat | null): 
   const held = server.connections.flatMap((c) => c["x-in-flight"]);
   const oldMs = Math.max(0, ...held.map((r) => r["age-ms"]));
   const unsent = server.connections.reduce((n, c) => n + c["x-unsent-bytes"], 0);
-  if (held.length > 0 && oldMs >= SERVER_STALL_AGE_MS)
-    return `SERVER STALL: the server has received ${held.length} requests it has not answered, the oldest ${oldMs} ms ago; ${guestText}`;
+  if (held.length > 0 && oldMs >= SERVER_STALL_AGE_MS) {
+    const unread =
+      guestHolds !== null && guestHolds > held.length
+        ? ` (the other ${guestHolds - held.length} never reached the server: they wait in QEMU, whose NBD client sends at most 16 at a time, or in the socket)`
+        : "";
+    return `SERVER STALL: the server has received ${held.length} requests it has not answered, the oldest ${oldMs} ms ago; ${guestText}${unread}`;
+  }
   if (unsent > 0)
     return `SERVER SIDE: replies are written but ${unsent} bytes are not yet sent on the socket (QEMU is not reading?); ${guestText}`;
   if (guestHolds !== null && guestHolds > 0)

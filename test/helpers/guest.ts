@@ -118,27 +118,56 @@ export async function queryNbdConnections(qmp: QmpClient): Promise<ServerView> {
   }
 }
 
-/** The guest's own view, from its last heartbeat line. */
+/** The guest's own view of its disk, from one heartbeat line. */
 export interface GuestHeartbeat {
   readonly uptimeS: number;
   readonly inFlightReads: number;
   readonly inFlightWrites: number;
+  /** Requests the guest has seen completed: reads + writes + discards + flushes (/sys/block/vda/stat). */
+  readonly completed: number;
   readonly line: string;
 }
 
-export function lastHeartbeat(console: string): GuestHeartbeat | null {
-  const re = /DRIVETAP-GUEST: hb uptime ([\d.]+) inflight (\d+) (\d+)/g;
-  let last: GuestHeartbeat | null = null;
+export function heartbeats(console: string): GuestHeartbeat[] {
+  const re = /DRIVETAP-GUEST: hb uptime ([\d.]+) inflight (\d+) (\d+) stat ([\d ]*)/g;
+  const out: GuestHeartbeat[] = [];
   for (const m of console.matchAll(re)) {
     const end = console.indexOf("\n", m.index);
-    last = {
+    // Fields 1, 5, 12 and 16 of the stat file count completed reads, writes, discards and flushes.
+    const stat = m[4].trim().split(/\s+/).map(Number);
+    const completed = [0, 4, 11, 15].reduce((n, i) => n + (stat[i] || 0), 0);
+    out.push({
       uptimeS: Number(m[1]),
       inFlightReads: Number(m[2]),
       inFlightWrites: Number(m[3]),
+      completed,
       line: console.slice(m.index, end < 0 ? undefined : end).trim(),
-    };
+    });
   }
-  return last;
+  return out;
+}
+
+export function lastHeartbeat(console: string): GuestHeartbeat | null {
+  return heartbeats(console).pop() ?? null;
+}
+
+/**
+ * Spans (guest seconds) in which the guest had requests in flight and saw none complete, longest
+ * first: a guest-side stall even while the server stays busy (with a mirror's copy, for example).
+ * `current` is the span still open at the last heartbeat (0 if none).
+ */
+export function guestWaits(beats: readonly GuestHeartbeat[]): { longestS: number; currentS: number } {
+  let longestS = 0;
+  let since: GuestHeartbeat | null = null;
+  for (let i = 0; i < beats.length; i++) {
+    const b = beats[i];
+    const stuck = b.inFlightReads + b.inFlightWrites > 0 && since !== null && b.completed === since.completed;
+    if (stuck) longestS = Math.max(longestS, b.uptimeS - since!.uptimeS);
+    else since = b.inFlightReads + b.inFlightWrites > 0 ? b : null;
+  }
+  const last = beats[beats.length - 1];
+  const currentS = since && last && last !== since ? last.uptimeS - since.uptimeS : 0;
+  return { longestS: Math.round(longestS * 100) / 100, currentS: Math.round(currentS * 100) / 100 };
 }
 
 /** Which side holds the stall, from the server's and the guest's view. */
@@ -241,6 +270,8 @@ export interface GuestResult {
   readonly code: number | null;
   readonly signal: NodeJS.Signals | null;
   readonly console: string;
+  /** QEMU's own messages (bad arguments, a missing ROM, an NBD connection it could not make). */
+  readonly stderr: string;
   readonly durationMs: number;
   /** The `DRIVETAP-GUEST: ` lines, without the prefix. */
   readonly markers: string[];
@@ -329,6 +360,11 @@ export async function startGuest(opts: GuestOptions): Promise<RunningGuest> {
     sampling = true;
     const elapsedMs = Date.now() - startedMs;
     if (elapsedMs > budgetMs) resolveStall!(`the guest run exceeded its budget of ${budgetMs} ms`);
+    const waits = guestWaits(heartbeats(text));
+    if (waits.currentS * 1000 > stallMs)
+      resolveStall!(
+        `the guest has had requests in flight and seen none complete for ${waits.currentS} s (its heartbeats), ${elapsedMs} ms into the run`,
+      );
     withTimeout(nodeOps(qmp, nodeName), DIAG_QMP_TIMEOUT_MS, "query-named-block-nodes")
       .then((ops) => {
         if (ops !== lastOps) {
@@ -348,7 +384,7 @@ export async function startGuest(opts: GuestOptions): Promise<RunningGuest> {
     const report = await stallReport(qmp, text, nodeName);
     qemu.proc.kill("SIGKILL");
     throw new Error(
-      `guest stalled: ${reason}\n${report}\n--- guest console (last ${CONSOLE_TAIL_LINES} lines, full log ${consolePath}) ---\n${consoleTail(text)}`,
+      `guest stalled: ${reason}\n${report}\nQEMU stderr: ${qemu.stderr().trim() || "(empty)"}\n--- guest console (last ${CONSOLE_TAIL_LINES} lines, full log ${consolePath}) ---\n${consoleTail(text)}`,
     );
   });
 
@@ -356,6 +392,7 @@ export async function startGuest(opts: GuestOptions): Promise<RunningGuest> {
     code: r.code,
     signal: r.signal,
     console: text,
+    stderr: r.stderr,
     durationMs: Date.now() - startedMs,
     markers: text
       .replace(/\r/g, "")
@@ -413,7 +450,7 @@ export async function startGuest(opts: GuestOptions): Promise<RunningGuest> {
 /** Fails unless QEMU exited 0 after the guest's "result ok"; the message carries the console's tail. */
 export function assertGuestOk(r: GuestResult): void {
   const result = r.markers.filter((m) => m.startsWith("result ")).pop();
-  const msg = `guest ${result ?? "printed no result"} (QEMU exited ${r.code ?? r.signal} after ${r.durationMs} ms)\n--- guest console (last ${CONSOLE_TAIL_LINES} lines) ---\n${consoleTail(r.console)}`;
+  const msg = `guest ${result ?? "printed no result"} (QEMU exited ${r.code ?? r.signal} after ${r.durationMs} ms)\nQEMU stderr: ${r.stderr.trim() || "(empty)"}\n--- guest console (last ${CONSOLE_TAIL_LINES} lines) ---\n${consoleTail(r.console)}`;
   assert.equal(result, "result ok", msg);
   assert.equal(r.code, 0, msg);
   for (const step of ["step mkfs", "step fill", "step fstrim", "step fio", "step check"])
@@ -423,9 +460,15 @@ export function assertGuestOk(r: GuestResult): void {
     );
 }
 
-/** The guest's fio summary: "fio rc 0 NAME;ERR;READ_KIB;READ_IOPS;READ_MS;WRITE_KIB;WRITE_IOPS;WRITE_MS". */
-export function fioSummary(r: GuestResult): string {
-  return r.markers.find((m) => m.startsWith("fio rc ")) ?? "no fio summary";
+/**
+ * One line on a finished run: its duration, the guest's fio summary ("fio rc 0 NAME;ERR;READ_KIB;
+ * READ_IOPS;READ_MS;WRITE_KIB;WRITE_IOPS;WRITE_MS") and the longest the guest waited with requests
+ * in flight and none completing.
+ */
+export function describeRun(r: GuestResult): string {
+  const fio = r.markers.find((m) => m.startsWith("fio rc ")) ?? "no fio summary";
+  const waits = guestWaits(heartbeats(r.console));
+  return `guest run ${r.durationMs} ms; ${fio}; longest guest wait with requests in flight and none completing: ${waits.longestS} s (2 s heartbeats)`;
 }
 
 /** e2fsck -fn on an image file: exit 0 (clean) or the test fails with its output. */

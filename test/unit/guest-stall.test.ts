@@ -5,7 +5,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { lastHeartbeat, stallVerdict, type ServerView } from "../helpers/guest.js";
+import { guestWaits, heartbeats, lastHeartbeat, stallVerdict, type ServerView } from "../helpers/guest.js";
 
 const console = [
   "DRIVETAP-GUEST: step fio",
@@ -56,4 +56,27 @@ test("stallVerdict names the side holding the stall", () => {
     stallVerdict({ connections: null, unavailable: "CommandNotFound: x" }, null),
     /^UNKNOWN which side: .*CommandNotFound: x.*no heartbeat/,
   );
+});
+
+test("guestWaits measures spans with requests in flight and no completion", () => {
+  const hb = (uptime: number, inflight: number, completed: number): string =>
+    `DRIVETAP-GUEST: hb uptime ${uptime} inflight 0 ${inflight} stat ${completed} 0 0 0 0 0 0 0 ${inflight} 0 0 0 0 0 0 0 0`;
+  const beats = heartbeats(
+    [
+      hb(2, 0, 10),
+      hb(4, 32, 100),
+      hb(6, 32, 100),
+      hb(8, 32, 100),
+      hb(10, 32, 500),
+      hb(12, 32, 500),
+      hb(14, 32, 500),
+    ].join("\n") + "\n",
+  );
+  assert.equal(beats[1].completed, 100);
+  assert.deepEqual(guestWaits(beats), { longestS: 4, currentS: 4 });
+  assert.deepEqual(guestWaits(beats.slice(0, 5)), { longestS: 4, currentS: 0 });
+  assert.deepEqual(guestWaits(heartbeats([hb(2, 0, 1), hb(4, 0, 1), hb(6, 0, 1)].join("\n"))), {
+    longestS: 0,
+    currentS: 0,
+  });
 });

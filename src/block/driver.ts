@@ -11,6 +11,14 @@ export interface DriverCapabilities {
   readonly fua: "native" | "emulate";
   /** Whether pdiscard does anything; discard is advisory, so a no-op is always correct. */
   readonly discard: boolean;
+  /**
+   * A promise that a successful pdiscard leaves the whole range reading as zeros. Jobs rely on it
+   * (stream, mirror: the target must read what the source reads), so set it only where it always
+   * holds. It may turn false while the driver is open (the file driver learns that its filesystem
+   * cannot punch holes) but never turns true, so a caller that reads it after the discard returned
+   * and still sees true knows that discard zeroed.
+   */
+  readonly discardZeroes: boolean;
   /** Whether blockStatus can report holes; otherwise everything is data. */
   readonly blockStatus: boolean;
 }

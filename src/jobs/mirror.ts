@@ -10,7 +10,8 @@
  *   reports as zero are written as zeroes, without reading.
  * - copy-mode write-blocking: every write, write-zeroes, discard and flush is duplicated to the target
  *   with the writer's buffers before the guest is answered, with stream's ordering (a serialising hook).
- *   Discards are forwarded, not dropped.
+ *   Discards are not dropped: one the source zeroes reaches the target as write-zeroes, because a
+ *   target may ignore a discard (target-op.ts has the rule).
  * - copy-mode background: writes only mark the bitmap until READY; after READY they are also forwarded
  *   without blocking the guest (a copy of the data), as long as the bytes in flight stay under buf-size;
  *   past that bound, or when a forward would overlap a copy or another forward, the write falls back
@@ -25,7 +26,7 @@ import { rangesOverlap } from "../core/ranges.js";
 import { MiB } from "../core/units.js";
 import { DirtyBitmap } from "../io/dirty-bitmap.js";
 import type { TrackedRequest, WriteHook } from "../io/tracked-request.js";
-import { applyToTarget, isTargetOutage } from "./target-op.js";
+import { applyToTarget, isTargetOutage, sourceDiscard } from "./target-op.js";
 import { BackupJobBase, type BackupOptions } from "./backup-common.js";
 
 export type CopyMode = "background" | "write-blocking";
@@ -189,7 +190,10 @@ export class MirrorJob extends BackupJobBase {
       if (this.#duplicating()) this.#pending.set(req, this.#targetOp(req, req.data));
       return;
     }
-    if (!this.#duplicating()) {
+    const discard = req.kind === "discard" ? sourceDiscard(this.source) : null;
+    if (discard === "unchanged") return; // the source keeps its data, so the target keeps its own
+    if (!this.#duplicating() || discard === "unknown") {
+      // A copy of the range waits (lockRange) until this request has ended.
       this.#markDirty(req.offset, req.length);
       return;
     }
@@ -209,7 +213,9 @@ export class MirrorJob extends BackupJobBase {
       if (targetError) this.#targetFailed(targetError);
       return;
     }
-    if (sourceError || targetError) {
+    // The target was zeroed, but the source's discard may have kept its data after all.
+    const sourceKept = req.kind === "discard" && sourceDiscard(this.source) !== "zeroes";
+    if (sourceError || targetError || sourceKept) {
       // One side (or both) may now differ from the other: copy again from the source.
       this.#markDirty(req.offset, req.length);
       if (targetError) this.#targetFailed(targetError);
@@ -231,7 +237,11 @@ export class MirrorJob extends BackupJobBase {
       if (this.ready && !this.#degraded && !this.paused) void this.target.flush().catch(() => undefined);
       return;
     }
+    // The source's discard is done: what it left decides (target-op.ts).
+    const discard = req.kind === "discard" && !sourceError ? sourceDiscard(this.source) : null;
+    if (discard === "unchanged") return;
     const canForward =
+      discard !== "unknown" &&
       !sourceError &&
       !this.#contended.has(req) &&
       this.ready &&

@@ -7,6 +7,8 @@
  *   land on the target in the order they land on the source.
  * - Parallelism: the target write starts in before() and is awaited in after(), so source and target
  *   writes run at the same time; the guest is answered after both.
+ * - Discards: the target must read what the source reads, and a discard may leave data behind, so a
+ *   discard the source zeroes reaches the target as write-zeroes (target-op.ts has the rule).
  * - Durability: guest flushes and FUA are forwarded to the target.
  * - Divergence: if exactly one side fails, the range is marked in a dirty bitmap and repaired later by
  *   copying from the source (the only time the source is read). While the job is paused (by the user
@@ -20,7 +22,7 @@ import { rangesOverlap } from "../core/ranges.js";
 import { MiB } from "../core/units.js";
 import { DirtyBitmap } from "../io/dirty-bitmap.js";
 import type { TrackedRequest, WriteHook } from "../io/tracked-request.js";
-import { applyToTarget, isTargetOutage } from "./target-op.js";
+import { applyToTarget, isTargetOutage, sourceDiscard } from "./target-op.js";
 import { BACKUP_CLUSTER_BYTES, BackupJobBase, type BackupOptions } from "./backup-common.js";
 
 /** One repair copies at most this much. */
@@ -106,7 +108,10 @@ export class StreamJob extends BackupJobBase {
       return this.#repair.done.then(() => this.#before(req));
     }
     this.#hooked.add(req);
-    if (!this.#duplicating()) {
+    const discard = req.kind === "discard" ? sourceDiscard(this.source) : null;
+    if (discard === "unchanged") return; // the source keeps its data, so the target keeps its own
+    if (!this.#duplicating() || discard === "unknown") {
+      // A repair copies the range once this request has ended (it waits for #hooked).
       this.dirty.setRange(req.offset, req.length);
       this.#updateProgress();
       return;
@@ -127,8 +132,10 @@ export class StreamJob extends BackupJobBase {
         if (targetError) this.#targetFailed(targetError);
         return;
       }
-      if (!op) return; // not duplicated: already marked dirty
-      if (sourceError || targetError) {
+      if (!op) return; // not duplicated: already marked dirty, or a discard that changed nothing
+      // The target was zeroed, but the source's discard may have kept its data after all.
+      const sourceKept = req.kind === "discard" && sourceDiscard(this.source) !== "zeroes";
+      if (sourceError || targetError || sourceKept) {
         // One side (or both) may now differ from the other: repair from the source.
         this.dirty.setRange(req.offset, req.length);
         this.#updateProgress();

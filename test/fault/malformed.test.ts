@@ -11,7 +11,12 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as C from "../../src/nbd/protocol/constants.js";
-import { encodeClientFlags, encodeExportRequest, encodeOption } from "../../src/nbd/protocol/codec.js";
+import {
+  encodeClientFlags,
+  encodeExportRequest,
+  encodeMetaContextRequest,
+  encodeOption,
+} from "../../src/nbd/protocol/codec.js";
 import {
   CONNECTIONS_MAX,
   HANDSHAKE_TIMEOUT_MS,
@@ -375,6 +380,76 @@ describe("malformed NBD clients", () => {
       );
       await assertRoundTrip(bad, 4096);
       await bad.disconnect();
+    });
+  });
+
+  test("writes at offsets of 2^53 and beyond: ENOSPC (past the end), not EINVAL", async () => {
+    await withWitness(async () => {
+      const { client: bad } = await openExport(daemon.socket);
+      cleanupLater.push(bad);
+      for (const offset of [2 ** 53, 2 ** 53 + 4096, 2 ** 63, 2 ** 64 - 4096]) {
+        const cookie = bad.sendRequest({
+          type: C.NBD_CMD_WRITE,
+          offset,
+          length: 4096,
+          payload: Buffer.alloc(4096, 0x31),
+        });
+        const r = await bad.readSimpleReply();
+        assert.deepEqual([r.cookie, r.error], [cookie, ENOSPC], `write at ${offset}`);
+        const z = bad.sendRequest({ type: C.NBD_CMD_WRITE_ZEROES, offset, length: 4096 });
+        const rz = await bad.readSimpleReply();
+        assert.deepEqual([rz.cookie, rz.error], [z, ENOSPC], `write-zeroes at ${offset}`);
+      }
+      await assertRoundTrip(bad, 4096);
+      await bad.disconnect();
+    });
+  });
+
+  test("FUA is accepted on every command (the export advertises SEND_FUA), and ignored where it means nothing", async () => {
+    await withWitness(async () => {
+      const { client: c, go } = await openExport(daemon.socket, { structured: true });
+      cleanupLater.push(c);
+      assert.ok(go.transmissionFlags & C.NBD_FLAG_SEND_FUA, "SEND_FUA is advertised");
+      const FUA = C.NBD_CMD_FLAG_FUA;
+      let cookie = c.sendRequest({ type: C.NBD_CMD_FLUSH, flags: FUA, length: 0 });
+      let r = await c.readSimpleReply();
+      assert.deepEqual([r.cookie, r.error], [cookie, 0], "FLUSH with FUA");
+      cookie = c.sendRequest({ type: C.NBD_CMD_CACHE, flags: FUA, offset: 0, length: 4096 });
+      r = await c.readSimpleReply();
+      assert.deepEqual([r.cookie, r.error], [cookie, 0], "CACHE with FUA");
+      cookie = c.sendRequest({ type: C.NBD_CMD_READ, flags: FUA, offset: 0, length: 4096 });
+      let chunk = await c.readChunk();
+      assert.equal(chunk.cookie, cookie);
+      assert.ok(
+        chunk.type === C.NBD_REPLY_TYPE_OFFSET_DATA || chunk.type === C.NBD_REPLY_TYPE_OFFSET_HOLE,
+        `READ with FUA answered with data, got chunk type ${chunk.type}`,
+      );
+      assert.ok(chunk.flags & C.NBD_REPLY_FLAG_DONE);
+      await c.disconnect();
+      // BLOCK_STATUS with FUA needs a meta context.
+      const b = await RawNbd.connect(daemon.socket);
+      cleanupLater.push(b);
+      await b.handshake();
+      await b.structuredReplies();
+      b.sendOption(C.NBD_OPT_SET_META_CONTEXT, encodeMetaContextRequest("", [C.BASE_ALLOCATION]));
+      for (;;) if ((await b.readOptionReply()).type === C.NBD_REP_ACK) break;
+      await b.go("");
+      cookie = b.sendRequest({ type: C.NBD_CMD_BLOCK_STATUS, flags: FUA, offset: 0, length: 65536 });
+      chunk = await b.readChunk();
+      assert.equal(chunk.cookie, cookie);
+      assert.equal(chunk.type, C.NBD_REPLY_TYPE_BLOCK_STATUS, "BLOCK_STATUS with FUA is answered");
+      // Past the end: EINVAL (the spec's SHOULD), also when only the end runs past.
+      for (const [offset, length] of [
+        [IMAGE_BYTES - 4096, 8192],
+        [IMAGE_BYTES, 4096],
+      ]) {
+        cookie = b.sendRequest({ type: C.NBD_CMD_BLOCK_STATUS, offset, length });
+        chunk = await b.readChunk();
+        assert.equal(chunk.cookie, cookie);
+        assert.equal(chunk.type, C.NBD_REPLY_TYPE_ERROR, `BLOCK_STATUS at ${offset}+${length} is an error`);
+        assert.equal(chunk.data.readUInt32BE(0), EINVAL, `BLOCK_STATUS at ${offset}+${length}: EINVAL`);
+      }
+      await b.disconnect();
     });
   });
 

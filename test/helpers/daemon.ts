@@ -3,7 +3,16 @@
  * temp directory, and waits for its "ready at" line. Interop and fault tests drive it with real clients.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { closeSync, ftruncateSync, mkdtempSync, openSync, readSync, rmSync, writeFileSync } from "node:fs";
+import {
+  closeSync,
+  ftruncateSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  readSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -25,6 +34,8 @@ export interface StartOptions {
   /** Listen on TCP (args must carry --port) instead of the default temp unix socket. */
   readonly tcp?: boolean;
   readonly readyTimeoutMs?: number;
+  /** Runs the daemon under `ulimit -v` (bytes), so that a leak fails the test instead of the machine. */
+  readonly addressSpaceBytes?: number;
 }
 
 export interface RunningDaemon {
@@ -54,7 +65,19 @@ export async function startDaemon(opts: StartOptions = {}): Promise<RunningDaemo
   if (opts.image !== undefined) args.push(opts.image);
   if (!opts.tcp) args.push("--socket", socket);
   args.push(...(opts.args ?? []));
-  const proc = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] });
+  const proc =
+    opts.addressSpaceBytes === undefined
+      ? spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] })
+      : spawn(
+          "/bin/sh",
+          [
+            "-c",
+            `ulimit -v ${Math.floor(opts.addressSpaceBytes / 1024)} && exec "$0" "$@"`,
+            process.execPath,
+            ...args,
+          ],
+          { stdio: ["ignore", "pipe", "pipe"] },
+        );
 
   let out = "";
   let err = "";
@@ -166,6 +189,14 @@ export async function startDaemon(opts: StartOptions = {}): Promise<RunningDaemo
   };
 }
 
+/** The daemon's peak and current resident memory (VmHWM, VmRSS) in bytes, from /proc. */
+export function memoryOf(daemon: RunningDaemon): { peakBytes: number; rssBytes: number } {
+  const status = readFileSync(`/proc/${daemon.proc.pid}/status`, "utf8");
+  const kib = (field: string): number =>
+    Number(new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(status)![1]) * 1024;
+  return { peakBytes: kib("VmHWM"), rssBytes: kib("VmRSS") };
+}
+
 export interface ServedImage {
   readonly daemon: RunningDaemon;
   /** The temp directory holding the image (removed after the test). */
@@ -180,7 +211,7 @@ export interface ServedImage {
 export async function serveTempImage(
   t: Pick<TestContext, "after">,
   sizeBytes: number,
-  opts: { args?: readonly string[]; content?: Buffer } = {},
+  opts: { args?: readonly string[]; content?: Buffer; addressSpaceBytes?: number; tcp?: boolean } = {},
 ): Promise<ServedImage> {
   const dir = mkdtempSync(join(tmpdir(), "drivetap-img-"));
   const started: RunningDaemon[] = [];
@@ -189,7 +220,12 @@ export async function serveTempImage(
     rmSync(dir, { recursive: true, force: true });
   });
   const image = makeImage(join(dir, "disk.img"), sizeBytes, opts.content);
-  const daemon = await startDaemon({ image, args: opts.args });
+  const daemon = await startDaemon({
+    image,
+    args: opts.args,
+    addressSpaceBytes: opts.addressSpaceBytes,
+    tcp: opts.tcp,
+  });
   started.push(daemon);
   return { daemon, dir, image };
 }

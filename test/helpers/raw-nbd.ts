@@ -102,9 +102,10 @@ export class RawNbd {
     );
   }
 
-  static connect(path: string, timeoutMs = READ_TIMEOUT_MS): Promise<RawNbd> {
+  /** Connects to a unix socket path, or to TCP options (host, port, localAddress). */
+  static connect(path: string | net.NetConnectOpts, timeoutMs = READ_TIMEOUT_MS): Promise<RawNbd> {
     return new Promise((resolve, reject) => {
-      const s = net.createConnection(path);
+      const s = typeof path === "string" ? net.createConnection(path) : net.createConnection(path);
       const timer = setTimeout(() => {
         s.destroy();
         reject(new Error(`connect to ${path} timed out`));
@@ -330,7 +331,7 @@ export class RawNbd {
 
 /** Connects, negotiates (optionally structured replies) and enters transmission on `name`. */
 export async function openExport(
-  socketPath: string,
+  socketPath: string | net.NetConnectOpts,
   opts: { name?: string; structured?: boolean } = {},
 ): Promise<{ client: RawNbd; go: GoResult }> {
   const client = await RawNbd.connect(socketPath);

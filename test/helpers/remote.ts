@@ -77,12 +77,17 @@ export async function startTarget(
   };
 }
 
-/** qemu-nbd serving a raw image, writeback cache, up to 8 clients, staying up between clients. */
+/**
+ * qemu-nbd serving a raw image, writeback cache, up to 8 clients, staying up between clients. With
+ * `discard: "ignore"` (qemu-nbd's default) it advertises TRIM but keeps the data.
+ */
 export function startQemuNbd(
   t: Pick<TestContext, "after">,
   image: string,
   socket: string,
+  opts: { discard?: "unmap" | "ignore" } = {},
 ): Promise<RemoteTarget> {
+  const discard = opts.discard === "ignore" ? [] : ["--discard=unmap"];
   return startTarget(t, "qemu-nbd", socket, "qemu-nbd", [
     "-f",
     "raw",
@@ -92,7 +97,7 @@ export function startQemuNbd(
     "-e",
     "8",
     "--cache=writeback",
-    "--discard=unmap",
+    ...discard,
     image,
   ]);
 }

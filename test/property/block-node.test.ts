@@ -42,7 +42,13 @@ interface Call {
   done: boolean;
 }
 
-const NATIVE: DriverCapabilities = { zeroes: "native", fua: "native", discard: true, blockStatus: false };
+const NATIVE: DriverCapabilities = {
+  zeroes: "native",
+  fua: "native",
+  discard: true,
+  discardZeroes: true,
+  blockStatus: false,
+};
 
 /**
  * A RAM driver that logs every call when it is entered, can hold any call on a promise the test
@@ -529,6 +535,7 @@ describe("emulation", () => {
     zeroes: "emulate",
     fua: "emulate",
     discard: false,
+    discardZeroes: false,
     blockStatus: false,
   };
 
@@ -675,7 +682,7 @@ class ScheduledDriver implements BlockDriver {
   constructor(size: number, s: fc.Scheduler, zeroes: "native" | "emulate") {
     this.mem = Buffer.alloc(size);
     this.#s = s;
-    this.capabilities = { zeroes, fua: "native", discard: true, blockStatus: false };
+    this.capabilities = { zeroes, fua: "native", discard: true, discardZeroes: true, blockStatus: false };
   }
   async #inTwoHalves(offset: number, src: Buffer | null, length: number, what: string): Promise<void> {
     const mid = length >> 1;

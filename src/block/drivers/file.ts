@@ -8,7 +8,8 @@
  * requests above SYNC_IO_BYTES_MAX always use the threadpool. flush (fdatasync) always does.
  *
  * Discard, write-zeroes and block status use the native addon (fallocate, SEEK_DATA/SEEK_HOLE) when it
- * is built; without it, zeroes are emulated by the node, discard is a no-op, and all is data.
+ * is built; without it, zeroes are emulated by the node, discard is a no-op, and all is data. Discard
+ * promises zeros (capabilities.discardZeroes) only while hole punching works.
  */
 import * as fs from "node:fs";
 import { performance } from "node:perf_hooks";
@@ -46,16 +47,23 @@ export class FileDriver implements BlockDriver {
   readonly #asyncOnly: boolean;
   #asyncUntilMs = 0;
   #closed = false;
+  /** The filesystem answered EOPNOTSUPP to a punch hole: discard keeps the data from now on. */
+  #punchUnsupported = false;
 
   private constructor(path: string, fd: number, size: number, asyncOnly: boolean) {
     this.path = path;
     this.#fd = fd;
     this.#size = size;
     this.#asyncOnly = asyncOnly;
+    const punchWorks = (): boolean => native !== null && !this.#punchUnsupported;
     this.capabilities = {
       zeroes: native ? "native" : "emulate",
       fua: "emulate",
       discard: native !== null,
+      // A punched hole reads as zeros. Until the filesystem says it cannot punch, discard zeroes.
+      get discardZeroes(): boolean {
+        return punchWorks();
+      },
       blockStatus: native !== null,
     };
   }
@@ -145,7 +153,11 @@ export class FileDriver implements BlockDriver {
 
   async pwriteZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
     if (!native) throw new BlockError("ENOTSUP", "write-zeroes needs the native addon");
-    let r = flags.mayTrim ? native.punchHole(this.#fd, offset, length) : -EOPNOTSUPP;
+    let r = -EOPNOTSUPP;
+    if (flags.mayTrim) {
+      r = native.punchHole(this.#fd, offset, length);
+      if (r === -EOPNOTSUPP) this.#punchUnsupported = true;
+    }
     if (r < 0) r = native.zeroRange(this.#fd, offset, length);
     if (r === -EOPNOTSUPP) throw new BlockError("ENOTSUP", "filesystem cannot zero a range in place");
     if (r < 0) throw fromLinuxErrno(-r, "fallocate");
@@ -154,8 +166,11 @@ export class FileDriver implements BlockDriver {
   async pdiscard(offset: number, length: number): Promise<void> {
     if (!native) return;
     const r = native.punchHole(this.#fd, offset, length);
-    // Discard is advisory: a filesystem without hole punching keeps the data, which is allowed.
-    if (r < 0 && r !== -EOPNOTSUPP) throw fromLinuxErrno(-r, "fallocate(PUNCH_HOLE)");
+    // Discard is advisory: a filesystem without hole punching keeps the data, which is allowed, but
+    // from now on discard no longer promises zeros (capabilities.discardZeroes turns false before
+    // this returns, so a job that checks it afterwards sees the truth).
+    if (r === -EOPNOTSUPP) this.#punchUnsupported = true;
+    else if (r < 0) throw fromLinuxErrno(-r, "fallocate(PUNCH_HOLE)");
   }
 
   /**

@@ -175,6 +175,9 @@ export class JournalDriver implements BlockDriver {
     zeroes: "native",
     fua: "native",
     discard: true,
+    // Reads are zeros, and replay writes zeros for a discard entry; a stream job records a discard
+    // only when the source read zeros after it (jobs/target-op.ts).
+    discardZeroes: true,
     blockStatus: true,
   };
   readonly path: string;

@@ -13,6 +13,8 @@ export class MemoryDriver implements BlockDriver {
     zeroes: "native",
     fua: "native",
     discard: true,
+    // Whole chunks are freed and partial ones zero-filled: every discarded byte reads as zero.
+    discardZeroes: true,
     blockStatus: true,
   };
   readonly #size: number;

@@ -7,6 +7,8 @@ export class NullDriver implements BlockDriver {
     zeroes: "native",
     fua: "native",
     discard: true,
+    // It reads zeros whatever was done to it.
+    discardZeroes: true,
     blockStatus: true,
   };
   readonly #size: number;

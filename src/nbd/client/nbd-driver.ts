@@ -78,6 +78,8 @@ export class NbdDriver implements BlockDriver {
       zeroes: this.#flags & C.NBD_FLAG_SEND_WRITE_ZEROES ? "native" : "emulate",
       fua: this.#flags & C.NBD_FLAG_SEND_FUA ? "native" : "emulate",
       discard: (this.#flags & C.NBD_FLAG_SEND_TRIM) !== 0,
+      // NBD_CMD_TRIM is advisory: a server may keep the data (qemu-nbd does without --discard=unmap).
+      discardZeroes: false,
       blockStatus: this.#blockStatus,
     };
     this.#watch(conn);

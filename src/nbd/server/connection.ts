@@ -144,6 +144,7 @@ export class NbdConnection {
   readonly acceptedMs = Date.now();
   #lastActivityMs = Date.now();
   #lastReadMs = Date.now();
+  #receivedBytes = 0;
   /** When the socket last took reply bytes, or when its queue went from empty to not empty. */
   #lastWriteMs = Date.now();
 
@@ -186,6 +187,15 @@ export class NbdConnection {
   /** Requests received and not yet answered, oldest first. */
   inFlight(): readonly InFlightRequest[] {
     return [...this.#inFlight];
+  }
+
+  /** Bytes received from the peer so far, and when the last arrived (accept time before any). */
+  get receivedBytes(): number {
+    return this.#receivedBytes;
+  }
+
+  get lastInputMs(): number {
+    return this.#lastReadMs;
   }
 
   get unsentBytes(): number {
@@ -234,6 +244,7 @@ export class NbdConnection {
   /** Feeds bytes read from the socket (the server decides how the socket is read). */
   onData(chunk: Buffer): void {
     this.#lastReadMs = Date.now();
+    this.#receivedBytes += chunk.length;
     try {
       this.#decoder.push(chunk);
     } catch (err) {

@@ -22,10 +22,12 @@ export const CONNECTIONS_MAX = 128;
 export const IDLE_EVICT_MIN_MS = 5_000;
 /**
  * Handshakes in progress at once, counted apart from CONNECTIONS_MAX. A new connection past it
- * evicts the oldest unfinished handshake, so clients stuck in (or stalling) the handshake cannot keep
- * an honest client, which finishes its handshake in milliseconds, out.
+ * evicts the handshake silent longest (one that has sent nothing first), so clients stuck in (or
+ * stalling) the handshake cannot keep out an honest client, which answers within a round trip.
  */
-export const HANDSHAKES_MAX = 32;
+export const HANDSHAKES_MAX = 128;
+/** TCP: handshakes in progress from one peer address; past it, that address's own are evicted. */
+export const HANDSHAKES_PER_ADDRESS_MAX = 16;
 /**
  * Per connection: requests admitted and not yet answered (their final reply not yet taken by the
  * socket). The next request waits unstarted in the decoder, with the socket paused.

@@ -38,6 +38,9 @@ export class NbdServer implements ConnectionHost {
   /** Connections still in the handshake, oldest first (Set order is insertion order). */
   readonly #handshaking = new Set<NbdConnection>();
   readonly #transmitting = new Set<NbdConnection>();
+  /** TCP handshakes by the peer's address. */
+  readonly #handshakesByAddress = new Map<string, Set<NbdConnection>>();
+  readonly #addressOf = new Map<NbdConnection, string>();
   readonly #servers: net.Server[] = [];
   readonly #log: Logger;
   readonly #unixPaths: string[] = [];
@@ -103,7 +106,7 @@ export class NbdServer implements ConnectionHost {
       this.#log.warn({ max: L.CONNECTIONS_MAX }, "client refused: every connection is busy");
       return false;
     }
-    this.#handshaking.delete(c);
+    this.#forgetHandshake(c);
     this.#transmitting.add(c);
     return true;
   }
@@ -127,9 +130,39 @@ export class NbdServer implements ConnectionHost {
     return true;
   }
 
+  /**
+   * Makes room for a new handshake. The victim is the handshake that has sent nothing for the
+   * longest time, preferring those that have sent nothing at all: an honest client answers the
+   * greeting within a round trip and keeps sending, while a stalled or hostile one falls behind.
+   */
+  #evictHandshake(among: Iterable<NbdConnection>): void {
+    let victim: NbdConnection | null = null;
+    for (const c of among) {
+      if (
+        victim === null ||
+        (c.receivedBytes === 0 && victim.receivedBytes > 0) ||
+        ((c.receivedBytes === 0) === (victim.receivedBytes === 0) && c.lastInputMs < victim.lastInputMs)
+      )
+        victim = c;
+    }
+    this.#forgetHandshake(victim!);
+    this.#evictions++;
+    victim!.evict(`handshake not finished; ${L.HANDSHAKES_MAX} handshakes in progress`);
+  }
+
+  #forgetHandshake(c: NbdConnection): void {
+    this.#handshaking.delete(c);
+    const address = this.#addressOf.get(c);
+    if (address === undefined) return;
+    this.#addressOf.delete(c);
+    const set = this.#handshakesByAddress.get(address)!;
+    set.delete(c);
+    if (set.size === 0) this.#handshakesByAddress.delete(address);
+  }
+
   onClosed(c: NbdConnection): void {
     this.#connections.delete(c);
-    this.#handshaking.delete(c);
+    this.#forgetHandshake(c);
     this.#transmitting.delete(c);
   }
 
@@ -155,13 +188,15 @@ export class NbdServer implements ConnectionHost {
   }
 
   #accept(accepted: net.Socket): void {
-    if (this.#handshaking.size >= L.HANDSHAKES_MAX) {
-      // The oldest unfinished handshake makes room: a client that is still negotiating after the
-      // newer ones arrived is the likeliest to be stuck or hostile, and an honest one can retry.
-      const oldest = this.#handshaking.values().next().value as NbdConnection;
-      this.#handshaking.delete(oldest);
-      this.#evictions++;
-      oldest.evict(`handshake not finished; ${L.HANDSHAKES_MAX} handshakes in progress`);
+    // TCP: one address gets at most HANDSHAKES_PER_ADDRESS_MAX of the handshake slots, so a flood
+    // from one host churns only its own share. (Unix sockets have no address; their access control
+    // is the socket file's mode.)
+    const address = accepted.remoteAddress;
+    const fromAddress = address === undefined ? undefined : this.#handshakesByAddress.get(address);
+    if (fromAddress !== undefined && fromAddress.size >= L.HANDSHAKES_PER_ADDRESS_MAX) {
+      this.#evictHandshake(fromAddress);
+    } else if (this.#handshaking.size >= L.HANDSHAKES_MAX) {
+      this.#evictHandshake(this.#handshaking);
     }
     const id = this.#nextConnectionId++;
     const log = this.#log.child({ conn: id });
@@ -173,6 +208,12 @@ export class NbdServer implements ConnectionHost {
     connection = new NbdConnection(id, socket, this, this.budget.open(), log);
     this.#connections.add(connection);
     this.#handshaking.add(connection);
+    if (address !== undefined) {
+      this.#addressOf.set(connection, address);
+      let set = this.#handshakesByAddress.get(address);
+      if (!set) this.#handshakesByAddress.set(address, (set = new Set()));
+      set.add(connection);
+    }
   }
 
   /** Stops accepting, lets every connection finish its in-flight requests, then closes them. */

@@ -32,7 +32,7 @@ function accepts(socket: string): Promise<boolean> {
   });
 }
 
-export async function startTarget(
+async function startTarget(
   t: Pick<TestContext, "after">,
   what: string,
   socket: string,

@@ -17,7 +17,7 @@
 import assert from "node:assert/strict";
 import * as net from "node:net";
 import { join } from "node:path";
-import { test } from "node:test";
+import { test, type TestContext } from "node:test";
 import { makeImage } from "../helpers/daemon.js";
 import {
   assertFsckClean,
@@ -28,7 +28,7 @@ import {
   type RunningGuest,
 } from "../helpers/guest.js";
 import { blockJob, jobEvent, MiB, pollUntil, serveWithQmp, type QmpDaemon } from "../helpers/jobs.js";
-import { assertIdentical, cancelInSync, startTarget, type RemoteTarget } from "../helpers/remote.js";
+import { assertIdentical, cancelInSync, startQemuNbd, type RemoteTarget } from "../helpers/remote.js";
 import { run } from "../helpers/run.js";
 
 const DISK_BYTES = 256 * MiB;
@@ -42,23 +42,11 @@ function bootGuest(d: QmpDaemon, extra: { stallMs?: number } = {}): Promise<Runn
 }
 
 /**
- * qemu-nbd as it comes: no --discard=unmap, so it accepts TRIM and does nothing. A mirror target that
- * must end equal to its source cannot rely on the target's discard.
+ * qemu-nbd as it comes (no --discard=unmap): it accepts TRIM and keeps the data, so a mirror target
+ * that must end equal to its source cannot rely on the target's discard.
  */
-function startDefaultQemuNbd(
-  t: Parameters<typeof startTarget>[0],
-  image: string,
-  socket: string,
-): Promise<RemoteTarget> {
-  return startTarget(t, "qemu-nbd", socket, "qemu-nbd", [
-    "-t",
-    "-f",
-    "raw",
-    "--cache=writeback",
-    "-k",
-    socket,
-    image,
-  ]);
+function startDefaultQemuNbd(t: TestContext, image: string, socket: string): Promise<RemoteTarget> {
+  return startQemuNbd(t, image, socket, { discard: "ignore" });
 }
 
 async function mirrorTo(d: QmpDaemon, socket: string, extra: Record<string, unknown> = {}): Promise<void> {
@@ -93,7 +81,7 @@ interface TapLog {
 }
 
 /** A tap on disk0 read by this process; it records every write, zero and discard the guest makes. */
-async function recordTap(t: Parameters<typeof startTarget>[0], d: QmpDaemon): Promise<TapLog> {
+async function recordTap(t: TestContext, d: QmpDaemon): Promise<TapLog> {
   const path = join(d.dir, "tap.sock");
   await d.qmp.execute("x-tap-add", { "node-name": "disk0", path, "ring-records": 65536 });
   const log: TapLog = { records: [], dropped: 0 };

@@ -384,7 +384,7 @@ export async function startGuest(opts: GuestOptions): Promise<RunningGuest> {
     const report = await stallReport(qmp, text, nodeName);
     qemu.proc.kill("SIGKILL");
     throw new Error(
-      `guest stalled: ${reason}\n${report}\nQEMU stderr: ${qemu.stderr().trim() || "(empty)"}\n--- guest console (last ${CONSOLE_TAIL_LINES} lines, full log ${consolePath}) ---\n${consoleTail(text)}`,
+      `guest stalled: ${reason}\n${report}\nQEMU stderr: ${qemu.stderr().trim() || "(empty)"}\n--- guest console (last ${CONSOLE_TAIL_LINES} lines) ---\n${consoleTail(text)}`,
     );
   });
 

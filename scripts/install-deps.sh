@@ -2,7 +2,10 @@
 # Installs the Debian packages the tests and benchmarks drive drivetap with, if any is missing.
 # Safe to run again: it does nothing when everything is there. Uses sudo when not root.
 set -euo pipefail
-PACKAGES=(qemu-utils libnbd-bin python3-libnbd fio nbdkit fuse3 e2fsprogs mount chromium iproute2)
+# The guest tests (test/interop/guest.test.ts, scripts/guest-image.sh) boot a Debian kernel under QEMU
+# with busybox, e2fsprogs, fstrim (util-linux) and fio in its initramfs.
+PACKAGES=(qemu-utils libnbd-bin python3-libnbd fio nbdkit fuse3 e2fsprogs mount chromium iproute2
+  qemu-system-x86 busybox-static util-linux)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

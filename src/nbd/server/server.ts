@@ -2,9 +2,9 @@
  * The NBD server: listens on a unix socket or TCP, holds the exports, and owns the connections. It
  * bounds the number of connections and shuts down cleanly (in-flight requests finish first).
  */
-import * as fs from "node:fs";
 import * as net from "node:net";
 import type { Logger } from "../../core/log.js";
+import { listenUnix, type OwnedSocket } from "../../core/unix-socket.js";
 import { NbdConnection, type ExportDirectory, type NbdExport } from "./connection.js";
 import { CONNECTIONS_MAX } from "./limits.js";
 import { startReading } from "./socket-reader.js";
@@ -18,7 +18,7 @@ export class NbdServer implements ExportDirectory {
   readonly #connections = new Set<NbdConnection>();
   readonly #servers: net.Server[] = [];
   readonly #log: Logger;
-  readonly #unixPaths: string[] = [];
+  readonly #unixPaths: OwnedSocket[] = [];
   #nextConnectionId = 1;
 
   constructor(log: Logger) {
@@ -51,16 +51,18 @@ export class NbdServer implements ExportDirectory {
     const server = net.createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: true }, (socket) =>
       this.#accept(socket),
     );
-    if (address.type === "unix") removeStaleSocket(address.path);
-    await new Promise<void>((resolve, reject) => {
-      server.once("error", reject);
-      if (address.type === "unix") server.listen(address.path, () => resolve());
-      else server.listen(address.port, address.host, () => resolve());
-    });
+    // A live server's socket is refused, a stale one replaced; at close only our own is removed.
+    const owned = address.type === "unix" ? await listenUnix(server, address.path) : null;
+    if (address.type === "inet") {
+      await new Promise<void>((resolve, reject) => {
+        server.once("error", reject);
+        server.listen(address.port, address.host, () => resolve());
+      });
+    }
     server.on("error", (err) => this.#log.error({ err: err.message }, "listener error"));
     this.#servers.push(server);
     if (address.type === "unix") {
-      this.#unixPaths.push(address.path);
+      this.#unixPaths.push(owned!);
       return address;
     }
     const bound = server.address() as net.AddressInfo;
@@ -90,14 +92,6 @@ export class NbdServer implements ExportDirectory {
     const closing = this.#servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
     await Promise.all([...this.#connections].map((c) => c.shutdown()));
     await Promise.all(closing);
-    for (const p of this.#unixPaths) removeStaleSocket(p);
-  }
-}
-
-function removeStaleSocket(path: string): void {
-  try {
-    if (fs.statSync(path).isSocket()) fs.unlinkSync(path);
-  } catch {
-    // Not there: nothing to remove.
+    for (const owned of this.#unixPaths) owned.release();
   }
 }

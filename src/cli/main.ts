@@ -100,6 +100,10 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
       "drivetap: warning: the native addon is missing, so the image is not locked: other programs can open it\n",
     );
   }
+  // Before the ready line: a supervisor may signal as soon as it reads it.
+  process.on("SIGINT", () => stop("SIGINT"));
+  process.on("SIGTERM", () => stop("SIGTERM"));
+  followNpx(() => stop("SIGTERM"));
   const what = image === undefined ? `built-in ${formatSize(opts.size)} sparse memory disk` : image;
   process.stdout.write(
     `drivetap: serving ${daemon.node.name} (${what}, ${daemon.node.size()} bytes${config.readOnly ? ", read-only" : ""})\n` +
@@ -107,9 +111,6 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
       `drivetap: ready at ${daemon.uri}\n` +
       `drivetap: try: nbdinfo '${daemon.uri}'   (Ctrl-C stops; in-flight writes finish and are flushed)\n`,
   );
-  process.on("SIGINT", () => stop("SIGINT"));
-  process.on("SIGTERM", () => stop("SIGTERM"));
-  followNpx(() => stop("SIGTERM"));
 }
 
 /** How often a daemon started by npx checks that npx is still its parent. */

@@ -137,7 +137,12 @@ test("a writable alias of a --read-only export is refused by blockdev-add; reade
   );
 
   // A read-only alias shares what the export shares, so it is accepted, and it is really read-only.
-  await s.qmp.execute("blockdev-add", { driver: "file", "node-name": "r0", filename: link, "read-only": true });
+  await s.qmp.execute("blockdev-add", {
+    driver: "file",
+    "node-name": "r0",
+    filename: link,
+    "read-only": true,
+  });
   await s.qmp.execute("blockdev-add", { driver: "memory", "node-name": "scratch", size: SIZE_BYTES });
   await assertRefused(
     s,

@@ -1,4 +1,5 @@
-/* Linux calls Node's fs module lacks: fallocate (allocate, punch hole, zero range) and lseek SEEK_DATA/SEEK_HOLE.
+/* Linux calls Node's fs module lacks: fallocate (allocate, punch hole, zero range), lseek SEEK_DATA/SEEK_HOLE
+ * and open file description (OFD) byte-range locks, which image locking uses (block/drivers/image-lock.ts).
  * Each function returns a non-negative result or -errno; the TypeScript side maps errno to BlockError.
  * Also CRC-32C (the journal's checksum): SSE4.2's crc32 instruction when the CPU has it, else tables. */
 #define _GNU_SOURCE
@@ -59,6 +60,56 @@ static napi_value do_seek(napi_env env, napi_callback_info info, int whence) {
 
 static napi_value seek_data(napi_env env, napi_callback_info info) { return do_seek(env, info, SEEK_DATA); }
 static napi_value seek_hole(napi_env env, napi_callback_info info) { return do_seek(env, info, SEEK_HOLE); }
+
+/* ---- OFD byte-range locks --------------------------------------------------------------------------------
+ * Lock types cross the boundary as 0 = read (shared), 1 = write (exclusive), 2 = none, whatever the
+ * platform's F_RDLCK/F_WRLCK/F_UNLCK values are. OFD locks belong to the open file description, not
+ * the process: a second open() of the same file in this process conflicts with the first, and closing
+ * one descriptor leaves the locks of the others alone. */
+
+static short lock_type_from_js(int64_t t) {
+  return t == 0 ? F_RDLCK : t == 1 ? F_WRLCK : F_UNLCK;
+}
+
+static int64_t lock_type_to_js(short t) {
+  return t == F_RDLCK ? 0 : t == F_WRLCK ? 1 : 2;
+}
+
+static bool lock_args(napi_env env, napi_callback_info info, int *fd, struct flock *fl) {
+  size_t argc = 4;
+  napi_value argv[4];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 4) return false;
+  *fd = (int)arg_i64(env, argv[0]);
+  memset(fl, 0, sizeof(*fl));
+  fl->l_whence = SEEK_SET;
+  fl->l_start = (off_t)arg_i64(env, argv[1]);
+  fl->l_len = (off_t)arg_i64(env, argv[2]);
+  fl->l_type = lock_type_from_js(arg_i64(env, argv[3]));
+  return true;
+}
+
+/* ofdSetLock(fd, start, length, type): F_OFD_SETLK, never waits; 0, or -EAGAIN when another
+ * description holds a conflicting lock. Type 2 unlocks. */
+static napi_value ofd_set_lock(napi_env env, napi_callback_info info) {
+  int fd;
+  struct flock fl;
+  if (!lock_args(env, info, &fd, &fl)) return ret_i64(env, -EINVAL);
+  int r = fcntl(fd, F_OFD_SETLK, &fl);
+  if (r == 0) return ret_i64(env, 0);
+  /* POSIX allows EACCES for a conflict; callers test for one code. */
+  return ret_i64(env, errno == EACCES ? -EAGAIN : -errno);
+}
+
+/* ofdTestLock(fd, start, length, type): F_OFD_GETLK; the type of a lock that would conflict with
+ * taking `type` (0 or 1), 2 when none would, or -errno. Locks of this description never conflict. */
+static napi_value ofd_test_lock(napi_env env, napi_callback_info info) {
+  int fd;
+  struct flock fl;
+  if (!lock_args(env, info, &fd, &fl)) return ret_i64(env, -EINVAL);
+  if (fcntl(fd, F_OFD_GETLK, &fl) != 0) return ret_i64(env, -errno);
+  return ret_i64(env, lock_type_to_js(fl.l_type));
+}
 
 
 /* ---- CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) ----------------------------------------------
@@ -245,6 +296,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"allocate", NULL, allocate, NULL, NULL, NULL, napi_enumerable, NULL},
       {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_enumerable, NULL},
       {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"ofdSetLock", NULL, ofd_set_lock, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"ofdTestLock", NULL, ofd_test_lock, NULL, NULL, NULL, napi_enumerable, NULL},
       {"crc32c", NULL, crc32c, NULL, NULL, NULL, napi_enumerable, NULL},
       {"crc32cSoftware", NULL, crc32c_software, NULL, NULL, NULL, napi_enumerable, NULL},
       {"crc32cHardware", NULL, NULL, NULL, NULL, hardware, napi_enumerable, NULL},

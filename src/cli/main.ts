@@ -39,6 +39,7 @@ interface ServeOptions {
   exportName: string;
   nodeName: string;
   readOnly?: boolean;
+  forceShare?: boolean;
   size: number;
   description?: string;
   verbose?: boolean;
@@ -54,6 +55,11 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
   ) as unknown as Logger;
   if (opts.socket && opts.port !== undefined)
     throw new InvalidArgumentError("use --socket or --port, not both");
+  if (opts.forceShare && !opts.readOnly) {
+    throw new InvalidArgumentError(
+      "--force-share needs --read-only (force-share=on can only be used with read-only images)",
+    );
+  }
   let daemonRef: Daemon | null = null;
   let stopping = false;
   const stop = (signal: string): void => {
@@ -75,6 +81,7 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
     image,
     sizeBytes: opts.size,
     readOnly: opts.readOnly ?? false,
+    forceShare: opts.forceShare ?? false,
     exportName: opts.exportName,
     nodeName: opts.nodeName,
     description: opts.description,
@@ -90,6 +97,15 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
   daemonRef = await Daemon.start(config);
   const daemon = daemonRef;
   log.debug({ native: FileDriver.nativeAvailable }, "file driver native addon");
+  if (daemon.node.driver instanceof FileDriver && !daemon.node.driver.locked) {
+    process.stderr.write(
+      "drivetap: warning: the native addon is missing, so the image is not locked: other programs can open it\n",
+    );
+  }
+  // Before the ready line: a supervisor may signal as soon as it reads it.
+  process.on("SIGINT", () => stop("SIGINT"));
+  process.on("SIGTERM", () => stop("SIGTERM"));
+  followNpx(() => stop("SIGTERM"));
   const what = image === undefined ? `built-in ${formatSize(opts.size)} sparse memory disk` : image;
   process.stdout.write(
     `drivetap: serving ${daemon.node.name} (${what}, ${daemon.node.size()} bytes${config.readOnly ? ", read-only" : ""})\n` +
@@ -97,9 +113,6 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
       `drivetap: ready at ${daemon.uri}\n` +
       `drivetap: try: nbdinfo '${daemon.uri}'   (Ctrl-C stops; in-flight writes finish and are flushed)\n`,
   );
-  process.on("SIGINT", () => stop("SIGINT"));
-  process.on("SIGTERM", () => stop("SIGTERM"));
-  followNpx(() => stop("SIGTERM"));
 }
 
 /** How often a daemon started by npx checks that npx is still its parent. */
@@ -138,6 +151,11 @@ program
   .option("--export-name <name>", "NBD export name", "")
   .option("--node-name <name>", "block node name", "disk0")
   .option("--read-only", "refuse writes")
+  .option(
+    "--force-share",
+    "with --read-only: let other programs open the image even for writing (QEMU's force-share); " +
+      "by default the image is locked against other writers",
+  )
   .option("--size <size>", "size of the built-in disk", sizeOption, parseSize(DEFAULT_SIZE))
   .option("--description <text>", "export description shown to clients")
   .option(

@@ -23,6 +23,8 @@ export interface ServeConfig {
   /** Size of the built-in disk (memory or null driver). */
   readonly sizeBytes: number;
   readonly readOnly: boolean;
+  /** QEMU's force-share for the image: let every other user in (read-only serving only). */
+  readonly forceShare?: boolean;
   readonly exportName: string;
   readonly nodeName: string;
   readonly description?: string;
@@ -43,7 +45,13 @@ export const NULL_IMAGE = "null-co://";
 function openDriver(config: ServeConfig): BlockDriver {
   if (config.image === undefined) return new MemoryDriver(config.sizeBytes);
   if (config.image === NULL_IMAGE) return new NullDriver(config.sizeBytes);
-  return FileDriver.open(config.image, { readOnly: config.readOnly, asyncOnly: config.asyncIo });
+  // Takes the image locks: an image another drivetap, qemu-nbd or QEMU uses in a conflicting way is
+  // refused here, before any socket is touched.
+  return FileDriver.open(config.image, {
+    readOnly: config.readOnly,
+    asyncOnly: config.asyncIo,
+    forceShare: config.forceShare,
+  });
 }
 
 /** The URI a client connects to. */

@@ -1,9 +1,15 @@
 /**
  * The graph: the registry of block nodes, NBD exports and jobs that commands act on. It knows who
  * uses a node (an export, a job, a parent node), so a node in use cannot be deleted or taken twice.
+ * It also knows which file each node has open, by device and inode, so no second path, symlink or
+ * hard link to a served image can be opened in a way that node does not allow.
  * QMP commands act on this graph, never on the daemon.
  */
-import * as path from "node:path";
+import type { BlockDriver } from "../block/driver.js";
+import { FileDriver, fileIdAt, type FileId } from "../block/drivers/file.js";
+import { permissionConflict, type ImagePermissions } from "../block/drivers/image-lock.js";
+import { JournalDriver } from "../block/drivers/journal.js";
+import { FilterDriver } from "../block/filters/filter.js";
 import { EventBus } from "../core/events.js";
 import { silentLogger, type Logger } from "../core/log.js";
 import type { BlockNode } from "../io/block-node.js";
@@ -31,6 +37,22 @@ interface NodeEntry {
   readonly internal: boolean;
   /** A user holding the node alone (a job's target): nobody else may claim it meanwhile. */
   exclusive: string | null;
+  /** The file the node's own driver stack has open, and what that open holds and shares. */
+  readonly file: OpenFile | null;
+}
+
+interface OpenFile {
+  readonly id: FileId;
+  readonly permissions: ImagePermissions;
+}
+
+/** The file a driver stack opened itself (not through a child node, which is registered on its own). */
+function openFileOf(driver: BlockDriver): OpenFile | null {
+  if (driver instanceof FileDriver || driver instanceof JournalDriver) {
+    return { id: driver.fileId, permissions: driver.permissions };
+  }
+  if (driver instanceof FilterDriver && driver.ownsNext) return openFileOf(driver.next);
+  return null;
 }
 
 export interface ExportRecord {
@@ -63,7 +85,8 @@ export class BlockGraph {
 
   addNode(node: BlockNode, info: NodeInfo = { driver: node.driver.driverName }, internal = false): void {
     if (this.#nodes.has(node.name)) throw new Error(`Duplicate nodes with node-name='${node.name}'`);
-    this.#nodes.set(node.name, { node, info, users: new Map(), internal, exclusive: null });
+    const file = openFileOf(node.driver);
+    this.#nodes.set(node.name, { node, info, users: new Map(), internal, exclusive: null, file });
     // A node layered on a child (raw over a node name) is not where its image's bitmaps live.
     if (!internal && info.filename !== undefined && info.child === undefined) {
       this.bitmaps.load(node, info.filename);
@@ -106,12 +129,35 @@ export class BlockGraph {
     if (e.exclusive === user) e.exclusive = null;
   }
 
-  /** Names of the nodes whose image is this file (resolved path). */
+  /**
+   * Names of the nodes that have open the file `filename` names, compared by device and inode after
+   * following links, so `dir/../img`, a symlink and a hard link all count. None if it does not exist.
+   */
   nodesUsingFile(filename: string): string[] {
-    const want = path.resolve(filename);
-    return [...this.#nodes.entries()]
-      .filter(([, e]) => e.info.filename !== undefined && path.resolve(e.info.filename) === want)
-      .map(([name]) => name);
+    const id = fileIdAt(filename);
+    return id === undefined ? [] : this.nodesWithFile(id);
+  }
+
+  nodesWithFile(id: FileId): string[] {
+    return [...this.#nodes.entries()].filter(([, e]) => e.file?.id === id).map(([name]) => name);
+  }
+
+  /**
+   * Refuses to open file `id` with `want` when a node already has it open and the two would conflict
+   * (the same rule as the lock bytes, so it holds without the native addon too). Names the node.
+   */
+  checkFileOpen(id: FileId, want: ImagePermissions, filename: string): void {
+    for (const [name, e] of this.#nodes) {
+      if (e.file?.id !== id) continue;
+      const c = permissionConflict(want, e.file.permissions);
+      if (!c) continue;
+      const why =
+        c.conflict === "unshared"
+          ? `node '${name}' has '${filename}' open and does not share "${c.permission}"`
+          : `node '${name}' holds "${c.permission}" on '${filename}'`;
+      const lock = c.conflict === "unshared" ? `"${c.permission}"` : `shared "${c.permission}"`;
+      throw new GraphError(`Failed to get ${lock} lock: ${why}`);
+    }
   }
 
   usersOf(nodeName: string): string[] {

@@ -4,7 +4,8 @@
  */
 import * as fs from "node:fs";
 import type { BlockDriver } from "../block/driver.js";
-import { FileDriver } from "../block/drivers/file.js";
+import { FileDriver, fileIdAt } from "../block/drivers/file.js";
+import { ImageLockError, imagePermissions, type ImagePermissions } from "../block/drivers/image-lock.js";
 import { JournalDriver } from "../block/drivers/journal.js";
 import { MemoryDriver } from "../block/drivers/memory.js";
 import { NullDriver } from "../block/drivers/null.js";
@@ -43,6 +44,57 @@ function size(o: BlockdevOptions, where: string): number {
   return v;
 }
 
+function flag(o: BlockdevOptions, key: string, where: string): boolean {
+  const v = o[key];
+  if (v === undefined) return false;
+  if (typeof v !== "boolean") {
+    throw new NodeOptionError(`Invalid parameter type for '${where}${key}', expected: boolean`);
+  }
+  return v;
+}
+
+/**
+ * Opens a file-backed driver only if no node of the graph has that file open in a conflicting way
+ * (checked by device and inode before the open, so nothing is created, truncated or written, and
+ * again on the descriptor after it, in case the path changed meanwhile). The open itself takes the
+ * image locks, which keep other processes out.
+ */
+function openChecked<D extends BlockDriver & { readonly fileId: string }>(
+  graph: BlockGraph,
+  filename: string,
+  want: ImagePermissions,
+  openDriver: () => D,
+): D {
+  const before = fileIdAt(filename);
+  try {
+    if (before !== undefined) graph.checkFileOpen(before, want, filename);
+  } catch (err) {
+    throw new NodeOptionError((err as Error).message);
+  }
+  let driver: D;
+  try {
+    driver = openDriver();
+  } catch (err) {
+    if (err instanceof ImageLockError)
+      throw new NodeOptionError(`Could not open '${filename}': ${err.message}`);
+    throw err;
+  }
+  if (driver.fileId !== before) {
+    try {
+      graph.checkFileOpen(driver.fileId, want, filename);
+    } catch (err) {
+      void driver.close();
+      throw new NodeOptionError((err as Error).message);
+    }
+  }
+  return driver;
+}
+
+/** Options a parent passes down to the file it opens inline (raw's force-share reaches its file). */
+interface Inherited {
+  readonly forceShare: boolean;
+}
+
 /** Opens the driver stack described by `o`; `nodeName` names the node for messages and claims. */
 function open(
   graph: BlockGraph,
@@ -50,6 +102,7 @@ function open(
   readOnly: boolean,
   where: string,
   parent: string,
+  inherited: Inherited = { forceShare: false },
 ): Opened {
   const driver = str(o, "driver", where);
   switch (driver) {
@@ -57,17 +110,26 @@ function open(
       const filename = str(o, "filename", where);
       if (!fs.existsSync(filename))
         throw new NodeOptionError(`Could not open '${filename}': No such file or directory`);
-      return { driver: FileDriver.open(filename, { readOnly }), info: { driver: "file", filename } };
+      const forceShare = flag(o, "force-share", where) || inherited.forceShare;
+      if (forceShare && !readOnly) {
+        throw new NodeOptionError("force-share=on can only be used with read-only images");
+      }
+      const want = imagePermissions({ readOnly, forceShare });
+      const driver = openChecked(graph, filename, want, () =>
+        FileDriver.open(filename, { readOnly, forceShare }),
+      );
+      return { driver, info: { driver: "file", filename } };
     }
     case "journal": {
       // A write-only stream target that records every write (block/drivers/journal.ts).
       const filename = str(o, "filename", where);
       const data = o.data === undefined ? undefined : o.data === true;
       const sizeBytes = o.size === undefined ? undefined : size(o, where);
-      return {
-        driver: JournalDriver.open(filename, { data, size: sizeBytes }),
-        info: { driver: "journal", filename },
-      };
+      const want = imagePermissions({ readOnly: false, resize: true });
+      const driver = openChecked(graph, filename, want, () =>
+        JournalDriver.open(filename, { data, size: sizeBytes }),
+      );
+      return { driver, info: { driver: "journal", filename } };
     }
     case "memory":
       return { driver: new MemoryDriver(size(o, where)), info: { driver: "memory" } };
@@ -82,6 +144,8 @@ function open(
       if (typeof child === "string") {
         const node = graph.getNode(child);
         if (!node) throw new NodeOptionError(`Cannot find device='' nor node-name='${child}'`);
+        // Writes to the parent reach the child's driver directly: a read-only child stays read-only.
+        if (node.readOnly && !readOnly) throw new NodeOptionError(`Block node '${child}' is read-only`);
         try {
           graph.claim(child, `node:${parent}`, `child of ${parent}`, true);
         } catch (err) {
@@ -91,7 +155,9 @@ function open(
         owns = false;
         info = { driver, child, filename: graph.nodeInfo(child)?.filename };
       } else if (child && typeof child === "object") {
-        const inner = open(graph, child as BlockdevOptions, readOnly, `${where}file.`, parent);
+        const inner = open(graph, child as BlockdevOptions, readOnly, `${where}file.`, parent, {
+          forceShare: flag(o, "force-share", where) || inherited.forceShare,
+        });
         next = inner.driver;
         info = { driver, filename: inner.info.filename };
       } else {

@@ -5,12 +5,12 @@
  * out-of-band execution). Events go to every negotiated client. Commands are registered by the layers
  * above; the server itself provides only `qmp_capabilities`, `query-version` and `query-commands`.
  */
-import * as fs from "node:fs";
 import * as net from "node:net";
 import { assert } from "../core/assert.js";
 import { BlockError } from "../core/errors.js";
 import type { Logger } from "../core/log.js";
 import { MiB } from "../core/units.js";
+import { listenUnix, type OwnedSocket } from "../core/unix-socket.js";
 import { encodeQmp, QmpInputSplitter, type QmpInput } from "./codec.js";
 import { QmpError, qmpErrorFrom } from "./errors.js";
 import { validateArgs, type ArgsSpec, type FieldSpec, type InferArgs } from "./schema.js";
@@ -103,7 +103,7 @@ export class QmpServer {
   readonly #commands = new Map<string, QmpCommandDef>();
   readonly #clients = new Set<QmpClient>();
   #server: net.Server | null = null;
-  #path: string | null = null;
+  #socket: OwnedSocket | null = null;
   #nextClientId = 1;
   #closing: Promise<void> | null = null;
 
@@ -128,31 +128,18 @@ export class QmpServer {
   }
 
   /**
-   * Listens on a unix socket: removes a stale socket file first and makes the socket owner-only
-   * (0600) as soon as it exists. The mode is set just after bind, so put the socket in a directory
-   * only the daemon's user can enter when other local users must be kept out entirely.
+   * Listens on a unix socket (core/unix-socket.ts: a live server's path is refused, a stale socket
+   * replaced) and makes it owner-only (0600) before it appears at `path`. The socket exists under a
+   * temporary name with the default mode for a moment, so put it in a directory only the daemon's
+   * user can enter when other local users must be kept out entirely.
    */
   async listen(path: string): Promise<void> {
     assert(this.#server === null && this.#closing === null, "QmpServer.listen called twice or after close");
     const server = net.createServer({ allowHalfOpen: true }, (socket) => this.#accept(socket));
-    removeStaleSocket(path);
-    await new Promise<void>((resolve, reject) => {
-      server.once("error", reject);
-      server.listen(path, () => {
-        server.off("error", reject);
-        try {
-          fs.chmodSync(path, 0o600);
-        } catch (err) {
-          server.close();
-          reject(err);
-          return;
-        }
-        resolve();
-      });
-    });
+    // A live server's socket is refused, a stale one replaced; at close only our own is removed.
+    this.#socket = await listenUnix(server, path, { mode: 0o600 });
     server.on("error", (err) => this.#log.error({ err: err.message }, "QMP listener error"));
     this.#server = server;
-    this.#path = path;
     this.#log.debug({ path }, "QMP listening");
   }
 
@@ -187,7 +174,7 @@ export class QmpServer {
     await Promise.all([...this.#clients].map((c) => c.running));
     for (const client of this.#clients) hangUp(client);
     await listenerClosed;
-    if (this.#path !== null) removeStaleSocket(this.#path);
+    this.#socket?.release();
   }
 
   /** Makes room for one more client if the server is full; false if every client is busy. */
@@ -407,12 +394,4 @@ function hangUp(client: QmpClient): void {
   timer.unref();
   socket.once("close", () => clearTimeout(timer));
   socket.end(() => socket.destroy());
-}
-
-function removeStaleSocket(path: string): void {
-  try {
-    if (fs.statSync(path).isSocket()) fs.unlinkSync(path);
-  } catch {
-    // Not there: nothing to remove.
-  }
 }

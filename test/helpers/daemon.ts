@@ -33,6 +33,8 @@ export interface StartOptions {
   readonly args?: readonly string[];
   /** Listen on TCP (args must carry --port) instead of the default temp unix socket. */
   readonly tcp?: boolean;
+  /** Listen on this unix socket instead of one in a fresh temp dir (tests of socket ownership). */
+  readonly socket?: string;
   readonly readyTimeoutMs?: number;
   /** Runs the daemon under `ulimit -v` (bytes), so that a leak fails the test instead of the machine. */
   readonly addressSpaceBytes?: number;
@@ -60,7 +62,7 @@ export interface RunningDaemon {
 
 export async function startDaemon(opts: StartOptions = {}): Promise<RunningDaemon> {
   const dir = mkdtempSync(join(tmpdir(), "drivetap-sock-"));
-  const socket = opts.tcp ? "" : join(dir, "nbd.sock");
+  const socket = opts.tcp ? "" : (opts.socket ?? join(dir, "nbd.sock"));
   const args = [CLI, "serve"];
   if (opts.image !== undefined) args.push(opts.image);
   if (!opts.tcp) args.push("--socket", socket);

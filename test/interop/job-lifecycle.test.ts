@@ -427,7 +427,8 @@ test("bad backup arguments get QMP errors and leave no job, node or file behind"
       "target is source file",
       "drive-backup",
       { "job-id": "x", device: "disk0", target: d.image, sync: "full" },
-      "Source and target cannot be the same",
+      // QEMU's text, then which node has the file (test/fault/image-safety.test.ts tries other names).
+      `Source and target cannot be the same: '${d.image}' is the image of node 'disk0'`,
     ],
     [
       "busy target",

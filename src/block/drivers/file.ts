@@ -10,6 +10,9 @@
  * Discard, write-zeroes and block status use the native addon (fallocate, SEEK_DATA/SEEK_HOLE) when it
  * is built; without it, zeroes are emulated by the node, discard is a no-op, and all is data. Discard
  * promises zeros (capabilities.discardZeroes) only while hole punching works.
+ *
+ * Every open locks the image in QEMU's scheme (image-lock.ts) before the driver exists, and records the
+ * file's identity (device and inode), so the graph can tell that two paths name one file.
  */
 import * as fs from "node:fs";
 import { performance } from "node:perf_hooks";
@@ -23,6 +26,8 @@ import {
   type ZeroFlags,
 } from "../driver.js";
 import { fdatasyncAsync, readAsync, remainingIov, writevAsync } from "./fs-async.js";
+import { assert } from "../../core/assert.js";
+import { BLK_PERM_RESIZE, imagePermissions, lockImage, type ImagePermissions } from "./image-lock.js";
 import { ENXIO, EOPNOTSUPP, native } from "./native.js";
 
 export const SYNC_IO_BYTES_MAX = 128 * KiB;
@@ -36,24 +41,62 @@ export interface FileDriverOptions {
   readonly readOnly?: boolean;
   /** Force threadpool I/O for every request (for comparison in benchmarks). */
   readonly asyncOnly?: boolean;
+  /** QEMU's force-share: let others hold every permission. Read-only opens only (QEMU's rule). */
+  readonly forceShare?: boolean;
+  /**
+   * Create the file if missing (never truncating it here) and hold the resize permission, for a job
+   * target the caller then sizes with truncate() once the lock is held.
+   */
+  readonly create?: boolean;
+}
+
+/** A file's identity: device and inode, whatever path or link reached it. */
+export type FileId = string;
+
+export function fileIdOf(st: fs.BigIntStats): FileId {
+  return `${st.dev}:${st.ino}`;
+}
+
+/** The identity of the file `path` names (links followed), or undefined if there is none. */
+export function fileIdAt(path: string): FileId | undefined {
+  try {
+    return fileIdOf(fs.statSync(path, { bigint: true }));
+  } catch {
+    return undefined;
+  }
 }
 
 export class FileDriver implements BlockDriver {
   readonly driverName = "file";
   readonly capabilities: DriverCapabilities;
   readonly path: string;
+  /** Device and inode of the open file. */
+  readonly fileId: FileId;
+  /** The permissions this open holds and shares; `locked` says whether they are locked on the file. */
+  readonly permissions: ImagePermissions;
+  readonly locked: boolean;
   readonly #fd: number;
-  readonly #size: number;
+  #size: number;
   readonly #asyncOnly: boolean;
   #asyncUntilMs = 0;
   #closed = false;
   /** The filesystem answered EOPNOTSUPP to a punch hole: discard keeps the data from now on. */
   #punchUnsupported = false;
 
-  private constructor(path: string, fd: number, size: number, asyncOnly: boolean) {
+  private constructor(
+    path: string,
+    fd: number,
+    st: fs.BigIntStats,
+    asyncOnly: boolean,
+    permissions: ImagePermissions,
+    locked: boolean,
+  ) {
     this.path = path;
+    this.fileId = fileIdOf(st);
+    this.permissions = permissions;
+    this.locked = locked;
     this.#fd = fd;
-    this.#size = size;
+    this.#size = Number(st.size);
     this.#asyncOnly = asyncOnly;
     const punchWorks = (): boolean => native !== null && !this.#punchUnsupported;
     this.capabilities = {
@@ -68,22 +111,53 @@ export class FileDriver implements BlockDriver {
     };
   }
 
+  /**
+   * Opens and locks the image. A lock conflict throws ImageLockError (QEMU's message); the file is
+   * then closed untouched, and other opens of it keep their locks (they are per open description).
+   */
   static open(path: string, options: FileDriverOptions = {}): FileDriver {
+    const readOnly = options.readOnly ?? false;
+    if (options.forceShare && !readOnly) {
+      throw new BlockError("EINVAL", "force-share=on can only be used with read-only images");
+    }
+    const { O_RDONLY, O_RDWR, O_CREAT } = fs.constants;
     let fd: number;
     try {
-      fd = fs.openSync(path, options.readOnly ? "r" : "r+");
+      fd = fs.openSync(path, readOnly ? O_RDONLY : O_RDWR | (options.create ? O_CREAT : 0), 0o644);
     } catch (err) {
       throw toBlockError(err);
     }
-    const st = fs.fstatSync(fd);
-    if (!st.isFile()) {
+    try {
+      const st = fs.fstatSync(fd, { bigint: true });
+      if (!st.isFile()) throw new BlockError("EINVAL", `${path}: not a regular file`);
+      const permissions = imagePermissions({
+        readOnly,
+        forceShare: options.forceShare,
+        resize: options.create,
+      });
+      const locked = lockImage(fd, path, permissions);
+      return new FileDriver(path, fd, st, options.asyncOnly ?? false, permissions, locked);
+    } catch (err) {
       fs.closeSync(fd);
-      throw new BlockError("EINVAL", `${path}: not a regular file`);
+      throw toBlockError(err);
     }
-    return new FileDriver(path, fd, st.size, options.asyncOnly ?? false);
   }
 
-  /** Whether the native addon (fallocate, SEEK_DATA) is in use. */
+  /** Sets the file's length (a job target being created; needs an open made with `create`). */
+  truncate(sizeBytes: number): void {
+    assert(
+      (this.permissions.perm & BLK_PERM_RESIZE) !== 0,
+      "FileDriver.truncate without the resize permission",
+    );
+    try {
+      fs.ftruncateSync(this.#fd, sizeBytes);
+    } catch (err) {
+      throw toBlockError(err);
+    }
+    this.#size = sizeBytes;
+  }
+
+  /** Whether the native addon (fallocate, SEEK_DATA, image locks) is in use. */
   static get nativeAvailable(): boolean {
     return native !== null;
   }

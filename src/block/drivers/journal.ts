@@ -27,6 +27,8 @@ import { performance } from "node:perf_hooks";
 import { BlockError, toBlockError } from "../../core/errors.js";
 import { KiB, MiB } from "../../core/units.js";
 import type { BlockDriver, DriverCapabilities, Extent, WriteFlags, ZeroFlags } from "../driver.js";
+import { fileIdOf, type FileId } from "./file.js";
+import { imagePermissions, lockImage, type ImagePermissions } from "./image-lock.js";
 import {
   decodeEntryAt,
   decodeFileHeader,
@@ -57,6 +59,8 @@ export const SCAN_CHUNK_BYTES = 4 * MiB;
 
 /** JournalScan.stopReason when onEntry asked to stop (nothing is wrong with the journal). */
 export const SCAN_STOPPED_BY_CALLER = "stopped by caller";
+/** A journal writes and grows its file, and lets others only read it. */
+const JOURNAL_PERMISSIONS = imagePermissions({ readOnly: false, resize: true });
 
 export interface JournalOptions {
   /** Store each write's data (replayable); false stores its SHA-256. Only used when creating. */
@@ -181,6 +185,9 @@ export class JournalDriver implements BlockDriver {
     blockStatus: true,
   };
   readonly path: string;
+  /** Device and inode of the journal file, and the image permissions its open holds (it appends). */
+  readonly fileId: FileId;
+  readonly permissions: ImagePermissions = JOURNAL_PERMISSIONS;
   readonly header: FileHeader;
   readonly #fd: number;
   #appendAt: number;
@@ -199,6 +206,7 @@ export class JournalDriver implements BlockDriver {
 
   private constructor(path: string, fd: number, header: FileHeader, appendAt: number, nextSeq: number) {
     this.path = path;
+    this.fileId = fileIdOf(fs.fstatSync(fd, { bigint: true }));
     this.#fd = fd;
     this.header = header;
     this.#appendAt = appendAt;
@@ -221,6 +229,8 @@ export class JournalDriver implements BlockDriver {
       throw toBlockError(err);
     }
     try {
+      // Locked before anything is written: a journal named like a served image must not touch it.
+      lockImage(fd, path, JOURNAL_PERMISSIONS);
       if (created || fs.fstatSync(fd).size === 0) {
         if (options.size === undefined)
           throw new BlockError("EINVAL", `${path}: size is required to create a journal`);

@@ -1,7 +1,8 @@
 /**
- * Loader for the optional native addon (native/drivetap_native.c): fallocate and SEEK_DATA/SEEK_HOLE,
- * which Node's fs lacks, and a hardware CRC-32C. When the addon did not build, `native` is null: the
- * file driver falls back to portable I/O and block/crc32c.ts to TypeScript (see docs/ARCHITECTURE.md).
+ * Loader for the optional native addon (native/drivetap_native.c): fallocate, SEEK_DATA/SEEK_HOLE and
+ * OFD byte-range locks, which Node's fs lacks, and a hardware CRC-32C. When the addon did not build,
+ * `native` is null: the file driver falls back to portable I/O, images are not locked, and
+ * block/crc32c.ts uses TypeScript (see docs/ARCHITECTURE.md).
  */
 import { createRequire } from "node:module";
 import { fileURLToPath } from "node:url";
@@ -15,6 +16,14 @@ export interface NativeCalls {
   allocate(fd: number, offset: number, length: number): number;
   seekData(fd: number, offset: number): number;
   seekHole(fd: number, offset: number): number;
+  /**
+   * OFD byte-range locks (fcntl F_OFD_SETLK / F_OFD_GETLK). Lock types: LOCK_READ, LOCK_WRITE,
+   * LOCK_NONE (unlock). Set never waits: -EAGAIN means another open file description holds a
+   * conflicting lock. Test returns the conflicting lock's type, LOCK_NONE if there is none, or -errno.
+   * Optional: an addon built before locking was added lacks them.
+   */
+  ofdSetLock?(fd: number, start: number, length: number, type: number): number;
+  ofdTestLock?(fd: number, start: number, length: number, type: number): number;
   /**
    * CRC-32C of the buffers, continuing `seed` (0 to start). Optional: an addon built before it was
    * added lacks it (and the two below).
@@ -41,4 +50,8 @@ function load(): NativeCalls | null {
 export const native: NativeCalls | null = load();
 
 export const ENXIO = 6;
+export const EAGAIN = 11;
+export const LOCK_READ = 0;
+export const LOCK_WRITE = 1;
+export const LOCK_NONE = 2;
 export const EOPNOTSUPP = 95;

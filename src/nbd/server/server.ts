@@ -5,9 +5,9 @@
  * daemon-wide buffer budget the connections share, drops peers that stall, and shuts down cleanly
  * (in-flight requests finish first).
  */
-import * as fs from "node:fs";
 import * as net from "node:net";
 import type { Logger } from "../../core/log.js";
+import { listenUnix, type OwnedSocket } from "../../core/unix-socket.js";
 import { BufferBudget } from "./buffer-budget.js";
 import { NbdConnection, type ConnectionHost, type InFlightRequest, type NbdExport } from "./connection.js";
 import * as L from "./limits.js";
@@ -43,7 +43,7 @@ export class NbdServer implements ConnectionHost {
   readonly #addressOf = new Map<NbdConnection, string>();
   readonly #servers: net.Server[] = [];
   readonly #log: Logger;
-  readonly #unixPaths: string[] = [];
+  readonly #unixPaths: OwnedSocket[] = [];
   readonly budget: BufferBudget;
   readonly #stallTimer: NodeJS.Timeout;
   #nextConnectionId = 1;
@@ -171,16 +171,18 @@ export class NbdServer implements ConnectionHost {
     const server = net.createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: true }, (socket) =>
       this.#accept(socket),
     );
-    if (address.type === "unix") removeStaleSocket(address.path);
-    await new Promise<void>((resolve, reject) => {
-      server.once("error", reject);
-      if (address.type === "unix") server.listen(address.path, () => resolve());
-      else server.listen(address.port, address.host, () => resolve());
-    });
+    // A live server's socket is refused, a stale one replaced; at close only our own is removed.
+    const owned = address.type === "unix" ? await listenUnix(server, address.path) : null;
+    if (address.type === "inet") {
+      await new Promise<void>((resolve, reject) => {
+        server.once("error", reject);
+        server.listen(address.port, address.host, () => resolve());
+      });
+    }
     server.on("error", (err) => this.#log.error({ err: err.message }, "listener error"));
     this.#servers.push(server);
     if (address.type === "unix") {
-      this.#unixPaths.push(address.path);
+      this.#unixPaths.push(owned!);
       return address;
     }
     const bound = server.address() as net.AddressInfo;
@@ -222,14 +224,6 @@ export class NbdServer implements ConnectionHost {
     const closing = this.#servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
     await Promise.all([...this.#connections].map((c) => c.shutdown()));
     await Promise.all(closing);
-    for (const p of this.#unixPaths) removeStaleSocket(p);
-  }
-}
-
-function removeStaleSocket(path: string): void {
-  try {
-    if (fs.statSync(path).isSocket()) fs.unlinkSync(path);
-  } catch {
-    // Not there: nothing to remove.
+    for (const owned of this.#unixPaths) owned.release();
   }
 }

@@ -53,6 +53,8 @@ const blockdevAddArgs = {
   size: { type: "int", min: 0, optional: true },
   "read-only": { type: "bool", optional: true },
   "auto-read-only": { type: "bool", optional: true },
+  /** file (and raw over an inline file): share every permission; read-only nodes only (QEMU's rule). */
+  "force-share": { type: "bool", optional: true },
   discard: { type: "enum", values: ["ignore", "unmap"], optional: true },
   cache: { type: "any", optional: true },
   "detect-zeroes": { type: "enum", values: ["off", "on", "unmap"], optional: true },

@@ -1,8 +1,11 @@
 /**
  * What drive-backup and drive-mirror share: the target file named by the command. `absolute-paths`
  * creates (or recreates) a sparse raw image of the source's size, as qemu-img create would;
- * `existing` opens the file as it is. A file another node has open is refused, since writing it
- * would destroy that node's data.
+ * `existing` opens the file as it is. A file any node has open is refused, since writing it would
+ * destroy that node's data. "The same file" means the same device and inode, whatever path, symlink
+ * or hard link names it. The order keeps a refused target untouched: identity check by stat, open
+ * without truncating, image locks (another process serving it refuses here), identity check on the
+ * open descriptor, and only then the truncation that recreates it.
  */
 import * as fs from "node:fs";
 import * as path from "node:path";
@@ -32,31 +35,42 @@ export async function openDriveTarget(
   if (mode === "existing" && !existed) {
     throw new QmpError("GenericError", `Could not open '${filename}': No such file or directory`);
   }
-  const usedBy = graph.nodesUsingFile(filename);
-  if (usedBy.includes(source.name))
-    throw new QmpError("GenericError", "Source and target cannot be the same");
-  if (usedBy.length > 0) {
-    throw new QmpError("GenericError", `'${filename}' is in use by node '${usedBy[0]}'`);
+  const refuseInUse = (usedBy: string[]): void => {
+    if (usedBy.includes(source.name)) {
+      throw new QmpError(
+        "GenericError",
+        `Source and target cannot be the same: '${filename}' is the image of node '${source.name}'`,
+      );
+    }
+    if (usedBy.length > 0) {
+      throw new QmpError("GenericError", `'${filename}' is in use by node '${usedBy[0]}'`);
+    }
+  };
+  refuseInUse(graph.nodesUsingFile(filename));
+  let driver: FileDriver;
+  try {
+    driver = FileDriver.open(filename, { create: mode === "absolute-paths" });
+  } catch (err) {
+    if (!existed) fs.rmSync(filename, { force: true });
+    throw new QmpError("GenericError", `Could not open '${filename}': ${(err as Error).message}`);
   }
   let created = false;
-  if (mode === "absolute-paths") {
-    try {
-      fs.writeFileSync(filename, "");
-      fs.truncateSync(filename, size);
-      created = true;
-    } catch (err) {
-      throw new QmpError("GenericError", `Could not create '${filename}': ${(err as Error).message}`);
-    }
-  }
   const removeCreated = (): void => {
     if (created && !existed) fs.rmSync(filename, { force: true });
   };
-  let driver: FileDriver;
   try {
-    driver = FileDriver.open(filename);
+    // The path may have been pointed elsewhere between the stat and the open.
+    refuseInUse(graph.nodesWithFile(driver.fileId));
+    if (mode === "absolute-paths") {
+      created = true;
+      driver.truncate(0);
+      driver.truncate(size);
+    }
   } catch (err) {
-    removeCreated();
-    throw new QmpError("GenericError", `Could not open '${filename}': ${(err as Error).message}`);
+    await driver.close();
+    if (!existed) fs.rmSync(filename, { force: true });
+    if (err instanceof QmpError) throw err;
+    throw new QmpError("GenericError", `Could not create '${filename}': ${(err as Error).message}`);
   }
   if (driver.size() !== size) {
     await driver.close();

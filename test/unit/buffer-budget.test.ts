@@ -106,7 +106,8 @@ describe("reply buffers", () => {
   test("a 32 MiB read reply takes 32 MiB + 64 KiB, not 64 MiB", () => {
     assert.equal(replyAllocationBytes(32 * MiB + 16), 32 * MiB + 64 * KiB);
     assert.equal(replyAllocationBytes(1 * MiB + 16), 1 * MiB + 64 * KiB);
-    assert.equal(replyAllocationBytes(4096 + 16), 4096 + 16);
+    assert.equal(replyAllocationBytes(4096 + 16), 8192, "small replies: 4 KiB steps");
+    assert.equal(replyAllocationBytes(512 + 16), 512 + 16, "tiny replies are plain allocations");
     const b = takeReplyBuffer(32 * MiB + 16);
     assert.equal(b.length, 32 * MiB + 16);
     assert.equal(b.buffer.byteLength, 32 * MiB + 64 * KiB);
@@ -123,5 +124,12 @@ describe("reply buffers", () => {
     giveReplyBuffer(smaller);
     const tiny = takeReplyBuffer(1 * MiB);
     assert.notEqual(tiny.buffer, first.buffer, "a 1 MiB reply does not take a 32 MiB buffer");
+  });
+
+  test("4 KiB read replies are recycled (fresh memory costs page faults inside pread)", () => {
+    const a = takeReplyBuffer(4096 + 16);
+    giveReplyBuffer(a);
+    const b = takeReplyBuffer(4096 + 16);
+    assert.equal(b.buffer, a.buffer);
   });
 });

@@ -112,7 +112,7 @@ export class BudgetAccount {
   readonly #budget: BufferBudget;
   heldBytes = 0;
   wantedBytes = 0;
-  #onGranted: (() => void) | null = null;
+  #onGranted: ((bytes: number) => void) | null = null;
   #closed = false;
 
   constructor(budget: BufferBudget) {
@@ -120,10 +120,10 @@ export class BudgetAccount {
   }
 
   /**
-   * Takes n bytes now (true), or queues for them and returns false; onGranted then runs once they are
-   * held. One request at a time: the caller does not ask again before onGranted.
+   * Takes n bytes now (true), or queues for them and returns false; onGranted(n) then runs once they
+   * are held. One request at a time: the caller does not ask again before onGranted.
    */
-  take(n: number, onGranted: () => void): boolean {
+  take(n: number, onGranted: (bytes: number) => void): boolean {
     assert(!this.#closed && this.#onGranted === null, "budget take while closed or already waiting");
     if (this.#budget.tryTake(this, n)) return true;
     this.wantedBytes = n;
@@ -135,9 +135,10 @@ export class BudgetAccount {
   /** Called by the budget when a queued request is granted. */
   granted(): void {
     const cb = this.#onGranted!;
+    const n = this.wantedBytes;
     this.#onGranted = null;
     this.wantedBytes = 0;
-    cb();
+    cb(n);
   }
 
   give(n: number): void {

@@ -10,58 +10,74 @@
  */
 import { KiB, MiB } from "../../core/units.js";
 
-/** Replies smaller than this are plain allocations (small ones come from Node's own pool). */
-export const POOLED_REPLY_BYTES_MIN = 64 * KiB;
 /**
- * Idle bytes the pool keeps: room for two of the largest replies (32 MiB + a header, rounded up), so
- * that clients doing the largest reads reuse buffers instead of leaving 32 MiB of garbage per read.
- * Garbage is what the buffer budget cannot see: it lives until the next full collection.
+ * Replies smaller than this are plain allocations. A 4 KiB read's reply (4 KiB and a header) is
+ * past Node's own buffer pool, so without recycling every small read allocates fresh memory, and
+ * reading into fresh memory costs page faults inside pread: 4 KiB QD32 reads measured 20-25% slower.
+ */
+export const POOLED_REPLY_BYTES_MIN = 4 * KiB;
+/** Classes below this are kept apart, so that small buffers cannot crowd out the large ones. */
+const LARGE_CLASS_BYTES_MIN = 1 * MiB;
+/** Idle bytes kept in small classes. */
+export const REPLY_POOL_SMALL_IDLE_BYTES_MAX = 8 * MiB;
+/**
+ * Idle bytes kept in large classes: room for two of the largest replies (32 MiB + a header, rounded
+ * up), so that clients doing the largest reads reuse buffers instead of leaving 32 MiB of garbage per
+ * read. Garbage is what the buffer budget cannot see: it lives until the next full collection.
  */
 export const REPLY_POOL_IDLE_BYTES_MAX = 2 * (32 * MiB + 64 * KiB);
 
-const CLASS_GRANULE_BYTES = 64 * KiB;
+const free = new Map<number, Buffer[]>();
+let smallIdleBytes = 0;
+let largeIdleBytes = 0;
 
-/** Idle buffers, each whole (byteOffset 0, length = its class), smallest first. */
-const idle: Buffer[] = [];
-let idleBytes = 0;
-
-/** The allocation a reply of n bytes gets (what the buffer budget counts). */
+/** The allocation a reply of n bytes gets (what the buffer budget counts): 4 KiB steps below 64 KiB, 64 KiB steps above. */
 export function replyAllocationBytes(n: number): number {
   if (n < POOLED_REPLY_BYTES_MIN) return n;
-  return Math.ceil(n / CLASS_GRANULE_BYTES) * CLASS_GRANULE_BYTES;
+  const granule = n < 64 * KiB ? 4 * KiB : 64 * KiB;
+  return Math.ceil(n / granule) * granule;
+}
+
+function pop(cls: number): Buffer | undefined {
+  const b = free.get(cls)?.pop();
+  if (b === undefined) return undefined;
+  if (cls < LARGE_CLASS_BYTES_MIN) smallIdleBytes -= cls;
+  else largeIdleBytes -= cls;
+  return b;
 }
 
 /**
- * A buffer of exactly n bytes, backed by a pooled allocation when n is large: the smallest idle
- * buffer that holds n and is at most twice its size, else a new one of n's class.
+ * A buffer of exactly n bytes, backed by a pooled allocation: an idle one of n's class, or for large
+ * replies one of up to twice the size, else a new one of n's class.
  */
 export function takeReplyBuffer(n: number): Buffer {
   if (n < POOLED_REPLY_BYTES_MIN) return Buffer.allocUnsafe(n);
   const cls = replyAllocationBytes(n);
-  for (let i = 0; i < idle.length; i++) {
-    const b = idle[i];
-    if (b.length < cls) continue;
-    if (b.length > 2 * cls) break;
-    idle.splice(i, 1);
-    idleBytes -= b.length;
-    return b.subarray(0, n);
+  let whole = pop(cls);
+  if (whole === undefined && cls >= LARGE_CLASS_BYTES_MIN) {
+    for (const [size, list] of free) {
+      if (size > cls && size <= 2 * cls && list.length > 0) {
+        whole = pop(size);
+        break;
+      }
+    }
   }
-  return Buffer.allocUnsafeSlow(cls).subarray(0, n);
+  return (whole ?? Buffer.allocUnsafeSlow(cls)).subarray(0, n);
 }
 
 /** Gives a buffer from takeReplyBuffer back once nothing reads it any more. */
 export function giveReplyBuffer(b: Buffer): void {
   if (b.length < POOLED_REPLY_BYTES_MIN || b.byteOffset !== 0) return;
-  const whole = Buffer.from(b.buffer, 0, b.buffer.byteLength);
-  const size = whole.length;
-  if (size % CLASS_GRANULE_BYTES !== 0 || size > REPLY_POOL_IDLE_BYTES_MAX) return;
-  // Over the bound: the smallest idle buffers make room (large ones are the costly ones to remake).
-  while (idleBytes + size > REPLY_POOL_IDLE_BYTES_MAX && idle.length > 0 && idle[0].length < size) {
-    idleBytes -= idle.shift()!.length;
+  const size = b.buffer.byteLength;
+  if (size !== replyAllocationBytes(size)) return;
+  if (size < LARGE_CLASS_BYTES_MIN) {
+    if (smallIdleBytes + size > REPLY_POOL_SMALL_IDLE_BYTES_MAX) return;
+    smallIdleBytes += size;
+  } else {
+    if (largeIdleBytes + size > REPLY_POOL_IDLE_BYTES_MAX) return;
+    largeIdleBytes += size;
   }
-  if (idleBytes + size > REPLY_POOL_IDLE_BYTES_MAX) return;
-  let i = 0;
-  while (i < idle.length && idle[i].length < size) i++;
-  idle.splice(i, 0, whole);
-  idleBytes += size;
+  let list = free.get(size);
+  if (!list) free.set(size, (list = []));
+  list.push(Buffer.from(b.buffer, 0, size));
 }

@@ -6,6 +6,7 @@
  * (in-flight requests finish first).
  */
 import * as net from "node:net";
+import { coarseNowMs } from "../../core/coarse-clock.js";
 import type { Logger } from "../../core/log.js";
 import { listenUnix, type OwnedSocket } from "../../core/unix-socket.js";
 import { BufferBudget } from "./buffer-budget.js";
@@ -57,7 +58,7 @@ export class NbdServer implements ConnectionHost {
     }
     this.budget = new BufferBudget(bytes, L.CONNECTIONS_MAX + L.HANDSHAKES_MAX, L.BUFFER_RESERVED_BYTES);
     this.#stallTimer = setInterval(() => {
-      const now = Date.now();
+      const now = coarseNowMs();
       for (const c of this.#transmitting) c.checkStalled(now);
     }, L.STALL_CHECK_INTERVAL_MS);
     this.#stallTimer.unref();
@@ -91,7 +92,7 @@ export class NbdServer implements ConnectionHost {
 
   /** Every connection with its requests received and not yet answered. */
   connections(): ConnectionInfo[] {
-    const now = Date.now();
+    const now = coarseNowMs();
     return [...this.#connections].map((c) => ({
       id: c.id,
       export: c.exportName,
@@ -113,7 +114,7 @@ export class NbdServer implements ConnectionHost {
 
   /** Evicts the connection idle longest, if one has been idle IDLE_EVICT_MIN_MS or more. */
   #evictIdlest(): boolean {
-    const now = Date.now();
+    const now = coarseNowMs();
     let best: NbdConnection | null = null;
     let bestIdle = L.IDLE_EVICT_MIN_MS - 1;
     for (const c of this.#transmitting) {

@@ -206,19 +206,31 @@ async function benchServers(servers: readonly Server[], dir: string, image: stri
     ...names.filter((n) => n !== "drivetap").map((n) => `vs ${n}`),
   ];
   const rows = WORKLOADS.map((w) => {
-    const med = names.map((n) => median(results.get(`${n}/${w.name}`) ?? [NaN]));
-    const dt = med[names.indexOf("drivetap")];
+    const runs = names.map((n) => results.get(`${n}/${w.name}`) ?? [NaN]);
+    const dt = runs[names.indexOf("drivetap")];
+    // Ratios are taken round by round (the servers ran back to back in each), then summarised.
     const ratios = names
       .filter((n) => n !== "drivetap")
-      .map((n) => `${(dt / med[names.indexOf(n)]).toFixed(2)}x`);
-    return [`${w.name} (${w.unit})`, ...med.map((v) => v.toFixed(0)), ...ratios];
+      .map((n) => {
+        const other = runs[names.indexOf(n)];
+        const perRound = dt.map((v, i) => v / other[i]);
+        return spread(perRound, 2, "x");
+      });
+    return [`${w.name} (${w.unit})`, ...runs.map((r) => spread(r, 0, "")), ...ratios];
   });
   console.log(
-    `\nfio ioengine=nbd, unix socket, ${SIZE} bytes raw image, ${RUNTIME_S}s per run, median of ${ROUNDS} interleaved rounds`,
+    `\nfio ioengine=nbd, unix socket, ${SIZE} bytes raw image, ${RUNTIME_S}s per run, ${ROUNDS} interleaved rounds; median (min-max), ratios per round`,
   );
   printTable(header, rows);
   if (names.includes("drivetap"))
     console.log(`\ndrivetap peak RSS: ${(drivetapRss / 1048576).toFixed(0)} MiB`);
+}
+
+/** "median (min-max)" of a series. */
+function spread(xs: number[], digits: number, unit: string): string {
+  const f = (v: number): string => v.toFixed(digits) + unit;
+  if (xs.length < 2) return f(median(xs));
+  return `${f(median(xs))} (${f(Math.min(...xs))}-${f(Math.max(...xs))})`;
 }
 
 await main();

@@ -114,6 +114,13 @@ export function median(xs: number[]): number {
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 }
 
+/** "median (min-max)" of a series. */
+export function spread(xs: number[], digits: number, unit: string): string {
+  const f = (v: number): string => v.toFixed(digits) + unit;
+  if (xs.length < 2) return f(median(xs));
+  return `${f(median(xs))} (${f(Math.min(...xs))}-${f(Math.max(...xs))})`;
+}
+
 /** Prints a markdown table with padded columns. */
 export function printTable(header: readonly string[], rows: readonly (readonly string[])[]): void {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));

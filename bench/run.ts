@@ -3,7 +3,10 @@
  * interleaved round by round so that machine noise hits all servers alike. Prints medians and ratios,
  * and drivetap's peak RSS. Environment: BENCH_ROUNDS (default 3), BENCH_RUNTIME_S (default 5),
  * BENCH_SIZE (default 1G), BENCH_DIR (default a temp dir), BENCH_SERVERS (comma list to restrict),
- * BENCH_PARTS (comma list of "servers", "stream", "journal", "tap", "mirror"; default all).
+ * BENCH_PARTS (comma list of "servers", "tls", "stream", "journal", "tap", "mirror"; default all).
+ *
+ * The "tls" part (bench/tls.ts) runs two workloads over NBD with TLS (x509, certificates made by
+ * openssl for the run) against drivetap, qemu-nbd and nbdkit with the same certificates.
  *
  * The "stream" part measures the cost of a backup sync=stream job: the same fio workloads through
  * drivetap's export with no job and with a stream job to a local raw file, interleaved. The "journal"
@@ -28,11 +31,13 @@ import {
   peakRssBytes,
   printTable,
   qemuNbdArgs,
+  spread,
   runFio,
   stopProcess,
   waitForSocket,
 } from "./common.js";
 import { benchMirror, selectedMirrorDaemons } from "./mirror.js";
+import { benchTls } from "./tls.js";
 
 interface Server {
   readonly name: string;
@@ -149,9 +154,9 @@ async function benchStream(dir: string, image: string, targetKind: StreamTarget)
 
 async function main(): Promise<void> {
   need("fio");
-  const parts = (process.env.BENCH_PARTS ?? "servers,stream,journal,tap,mirror").split(",");
+  const parts = (process.env.BENCH_PARTS ?? "servers,tls,stream,journal,tap,mirror").split(",");
   for (const part of parts)
-    if (!["servers", "stream", "journal", "tap", "mirror"].includes(part))
+    if (!["servers", "tls", "stream", "journal", "tap", "mirror"].includes(part))
       throw new Error(`BENCH_PARTS: unknown part "${part}"`);
   const only = process.env.BENCH_SERVERS?.split(",");
   const servers = SERVERS.filter((s) => !only || only.includes(s.name));
@@ -164,6 +169,7 @@ async function main(): Promise<void> {
     if (fill.status !== 0) throw new Error("could not create the image");
 
     if (parts.includes("servers")) await benchServers(servers, dir, image);
+    if (parts.includes("tls")) await benchTls(dir, image, only);
     if (parts.includes("stream")) await benchStream(dir, image, "file");
     if (parts.includes("journal")) await benchStream(dir, image, "journal");
     if (parts.includes("tap")) await benchStream(dir, image, "tap");
@@ -224,13 +230,6 @@ async function benchServers(servers: readonly Server[], dir: string, image: stri
   printTable(header, rows);
   if (names.includes("drivetap"))
     console.log(`\ndrivetap peak RSS: ${(drivetapRss / 1048576).toFixed(0)} MiB`);
-}
-
-/** "median (min-max)" of a series. */
-function spread(xs: number[], digits: number, unit: string): string {
-  const f = (v: number): string => v.toFixed(digits) + unit;
-  if (xs.length < 2) return f(median(xs));
-  return `${f(median(xs))} (${f(Math.min(...xs))}-${f(Math.max(...xs))})`;
 }
 
 await main();

@@ -24,10 +24,14 @@ function tlsFailed(message: string): BlockError {
 }
 
 /** The server's answer to NBD_OPT_STARTTLS: only an ACK lets the handshake go on. */
-export function checkStartTlsReply(type: number, data: Buffer): void {
+export function checkStartTlsReply(replyType: number, data: Buffer): void {
+  // The error constants are signed 32-bit numbers; the decoder reads the field unsigned.
+  const type = replyType | 0;
   if (type === C.NBD_REP_ACK) return;
-  if (type === C.NBD_REP_ERR_UNSUP) {
-    throw new BlockError("ENOTCONN", "server does not support TLS (it refused NBD_OPT_STARTTLS)");
+  // The spec's answer is ERR_UNSUP; qemu-nbd without --tls-creds answers ERR_POLICY.
+  if (type === C.NBD_REP_ERR_UNSUP || type === C.NBD_REP_ERR_POLICY) {
+    const said = data.length > 0 ? `: ${data.toString("utf8")}` : "";
+    throw new BlockError("ENOTCONN", `server does not support TLS (it refused NBD_OPT_STARTTLS${said})`);
   }
   if (!(type & C.NBD_REP_FLAG_ERROR)) throw new ProtocolError(`reply ${type} to NBD_OPT_STARTTLS`);
   const why = data.toString("utf8") || `error 0x${(type >>> 0).toString(16)}`;
@@ -60,6 +64,18 @@ export function upgradeToTls(socket: net.Socket, t: ClientTls): Promise<tls.TLSS
       resolve(secure);
     });
   });
+}
+
+/** What the server probably refused when it closed the TLS connection without saying why. */
+function closedHint(t: ClientTls): string {
+  const creds = t.creds;
+  if (creds.kind === "psk") {
+    return `the server closed the connection: it does not know PSK identity '${creds.username}' or has another key for it`;
+  }
+  if (!creds.cert) {
+    return `the server closed the connection: it may require a client certificate (${creds.dir} has no client-cert.pem)`;
+  }
+  return `the server closed the connection: it may not accept the client certificate ${creds.dir}/client-cert.pem`;
 }
 
 /** A TLS error (during or right after the handshake) as a BlockError that says what to fix. */
@@ -108,7 +124,17 @@ export function describeTlsError(err: Error, t: ClientTls): BlockError {
     case "ERR_SSL_TLSV1_ALERT_DECRYPTION_FAILED":
       if (creds.kind === "psk") hint = `the PSK key for '${identity}' is not the server's key`;
       break;
+    case "ECONNRESET":
+    case "EPIPE":
+    case "ECONNABORTED":
+    case "ERR_SSL_CLIENT_DISCONNECTED":
+      // GnuTLS servers (qemu-nbd, nbdkit) often just close on a credential they refuse, without an
+      // alert that would say which: name what our side presented.
+      hint = closedHint(t);
+      break;
   }
+  if (hint === undefined && /disconnected before secure TLS connection/i.test(err.message))
+    hint = closedHint(t);
   const why = err.message.replace(/^error:[0-9A-F]+:SSL routines::/, "");
   return tlsFailed(hint ? `${hint} (${why})` : why);
 }

@@ -4,8 +4,9 @@
 set -euo pipefail
 # The guest tests (test/interop/guest.test.ts, scripts/guest-image.sh) boot a Debian kernel under QEMU
 # with busybox, e2fsprogs, fstrim (util-linux) and fio in its initramfs.
+# openssl makes the TLS tests' certificates (test/helpers/tls-client-certs.ts).
 PACKAGES=(qemu-utils libnbd-bin python3-libnbd fio nbdkit fuse3 e2fsprogs mount chromium iproute2
-  qemu-system-x86 busybox-static util-linux)
+  qemu-system-x86 busybox-static util-linux openssl)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,6 +1,7 @@
 /**
  * `drivetap mirror`: mirrors a served disk to a file (drive-mirror) or to a remote NBD export
- * (blockdev-add driver=nbd, then blockdev-mirror), shows the bulk copy's progress until
+ * (blockdev-add driver=nbd, then blockdev-mirror; nbds:// and nbds+unix:// URIs go over TLS with
+ * credentials created by object-add from --tls-creds or --tls-psk), shows the bulk copy's progress until
  * BLOCK_JOB_READY, and then either returns with the job keeping the target in sync, or, with
  * --complete, pivots the served disk onto the target and waits for the job to end. Ctrl-C before
  * READY cancels the job. Exit 0 on success, 1 on a failure, 130 after Ctrl-C.
@@ -31,11 +32,25 @@ interface MirrorOptions {
   speed?: number;
   complete?: boolean;
   socket?: string;
+  tlsCreds?: string;
+  tlsPsk?: string;
+  tlsUsername?: string;
+  tlsHostname?: string;
 }
 
-/** The nbd node's `server` and `export` for an NBD URI (nbd+unix:///EXPORT?socket=P, nbd://H[:P]/EXPORT). */
-export function nbdTargetFromUri(uri: string): Record<string, unknown> | null {
-  if (!/^nbd(\+unix)?:\/\//.test(uri)) return null;
+/** What an NBD URI names: the nbd node's `server` and `export`, and whether it asks for TLS. */
+export interface NbdTarget {
+  readonly options: Record<string, unknown>;
+  readonly tls: boolean;
+}
+
+/**
+ * The nbd node's `server` and `export` for an NBD URI: nbd+unix:///EXPORT?socket=P or
+ * nbd://H[:P]/EXPORT, and their TLS forms nbds+unix:// and nbds:// (the URI scheme libnbd and
+ * QEMU use for "TLS required").
+ */
+export function nbdTargetFromUri(uri: string): NbdTarget | null {
+  if (!/^nbds?(\+unix)?:\/\//.test(uri)) return null;
   let u: URL;
   try {
     u = new URL(uri);
@@ -43,12 +58,41 @@ export function nbdTargetFromUri(uri: string): Record<string, unknown> | null {
     throw new CliFailure(`not an NBD URI: ${uri}`);
   }
   const exportName = decodeURIComponent(u.pathname.replace(/^\//, ""));
-  if (u.protocol === "nbd+unix:") {
+  const tls = u.protocol.startsWith("nbds");
+  if (u.protocol.endsWith("+unix:")) {
     const socket = u.searchParams.get("socket");
-    if (!socket) throw new CliFailure(`an nbd+unix URI needs ?socket=PATH: ${uri}`);
-    return { server: { type: "unix", path: path.resolve(socket) }, export: exportName };
+    if (!socket) throw new CliFailure(`an ${u.protocol.slice(0, -1)} URI needs ?socket=PATH: ${uri}`);
+    return { options: { server: { type: "unix", path: path.resolve(socket) }, export: exportName }, tls };
   }
-  return { server: { type: "inet", host: u.hostname, port: u.port || "10809" }, export: exportName };
+  // An IPv6 literal comes bracketed.
+  const host = u.hostname.replace(/^\[(.*)\]$/, "$1");
+  return { options: { server: { type: "inet", host, port: u.port || "10809" }, export: exportName }, tls };
+}
+
+/** object-add arguments for the client credentials the TLS options name, or null without them. */
+export function tlsObjectFromOptions(
+  id: string,
+  opts: Pick<MirrorOptions, "tlsCreds" | "tlsPsk" | "tlsUsername">,
+): Record<string, unknown> | null {
+  if (opts.tlsCreds !== undefined && opts.tlsPsk !== undefined) {
+    throw new CliFailure("give either --tls-creds (x509) or --tls-psk, not both");
+  }
+  if (opts.tlsUsername !== undefined && opts.tlsPsk === undefined) {
+    throw new CliFailure("--tls-username goes with --tls-psk");
+  }
+  if (opts.tlsCreds !== undefined) {
+    return { "qom-type": "tls-creds-x509", id, dir: path.resolve(opts.tlsCreds), endpoint: "client" };
+  }
+  if (opts.tlsPsk !== undefined) {
+    return {
+      "qom-type": "tls-creds-psk",
+      id,
+      dir: path.resolve(opts.tlsPsk),
+      endpoint: "client",
+      ...(opts.tlsUsername !== undefined ? { username: opts.tlsUsername } : {}),
+    };
+  }
+  return null;
 }
 
 function sizeOption(value: string): number {
@@ -76,8 +120,32 @@ async function mirrorAction(opts: MirrorOptions): Promise<number> {
   if (opts.speed !== undefined) common.speed = opts.speed;
   const remote = nbdTargetFromUri(opts.target);
   const nodeName = `${jobId}-target`;
+  const credsId = `${jobId}-tls`;
+  const tlsObject = tlsObjectFromOptions(credsId, opts);
+  if (remote?.tls && !tlsObject) {
+    throw new CliFailure(`${opts.target} asks for TLS: give --tls-creds DIR or --tls-psk FILE`);
+  }
+  if (!remote?.tls && (tlsObject || opts.tlsHostname !== undefined)) {
+    throw new CliFailure("TLS options need an nbds:// or nbds+unix:// target");
+  }
   if (remote) {
-    await client.execute("blockdev-add", { driver: "nbd", "node-name": nodeName, ...remote });
+    const tls: Record<string, unknown> = {};
+    if (tlsObject) {
+      await client.execute("object-add", tlsObject);
+      tls["tls-creds"] = credsId;
+      if (opts.tlsHostname !== undefined) tls["tls-hostname"] = opts.tlsHostname;
+    }
+    try {
+      await client.execute("blockdev-add", {
+        driver: "nbd",
+        "node-name": nodeName,
+        ...remote.options,
+        ...tls,
+      });
+    } catch (err) {
+      if (tlsObject) await client.execute("object-del", { id: credsId }).catch(() => undefined);
+      throw err;
+    }
   }
   let interrupted = false;
   process.on("SIGINT", () => {
@@ -156,8 +224,19 @@ export function addMirrorCommand(program: Command): void {
     .description("Mirror a disk to a file or an NBD export and keep it in sync (blockdev-mirror)")
     .requiredOption(
       "--target <file|uri>",
-      "a raw file to create, or nbd+unix:///EXPORT?socket=PATH, or nbd://HOST[:PORT]/EXPORT",
+      "a raw file to create, or nbd+unix:///EXPORT?socket=PATH, or nbd://HOST[:PORT]/EXPORT " +
+        "(nbds+unix://, nbds://: over TLS)",
     )
+    .option(
+      "--tls-creds <dir>",
+      "TLS with x509 certificates: a directory with ca-cert.pem (and client-cert.pem, client-key.pem)",
+    )
+    .option(
+      "--tls-psk <file>",
+      "TLS with a pre-shared key: a keys.psk file (identity:hexkey), or its directory",
+    )
+    .option("--tls-username <name>", "the PSK identity to use (default: qemu)")
+    .option("--tls-hostname <name>", "the name the server's certificate must carry (default: the URI's host)")
     .option("--device <node>", "the source node", "disk0")
     .option("--job-id <id>", "the job's id (default: the device name)")
     .addOption(
@@ -188,6 +267,9 @@ moves onto the target). Ctrl-C before READY cancels the job.
 Examples:
   drivetap mirror --target 'nbd+unix:///?socket=/run/remote.sock'
   drivetap mirror --target nbd://10.0.0.2/disk --copy-mode background --speed 100M
+  drivetap mirror --target nbds://backup.example:10809/disk --tls-creds /etc/pki/drivetap
+  drivetap mirror --target 'nbds+unix:///?socket=/run/remote.sock' --tls-psk /etc/drivetap/keys.psk \\
+      --tls-username drivetap
   drivetap mirror --target /new/disk.img --complete      # move the disk to a new file, live`,
     )
     .action((opts: MirrorOptions) => runAction("mirror", () => mirrorAction(opts)));

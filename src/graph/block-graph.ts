@@ -16,6 +16,7 @@ import type { BlockNode } from "../io/block-node.js";
 import { BitmapRegistry, type NamedBitmap } from "../io/named-bitmaps.js";
 import type { Job } from "../jobs/job.js";
 import type { NbdServer } from "../nbd/server/server.js";
+import { ObjectRegistry } from "./objects.js";
 
 /** A graph operation refused for a reason the user can fix (busy node, duplicate name). */
 export class GraphError extends Error {}
@@ -26,6 +27,8 @@ export interface NodeInfo {
   readonly filename?: string;
   /** Name of a child node this one is layered on. */
   readonly child?: string;
+  /** The id of the TLS credentials object the node uses (nbd with tls-creds); held while it exists. */
+  readonly tlsCreds?: string;
 }
 
 interface NodeEntry {
@@ -75,6 +78,8 @@ export class BlockGraph {
   /** Named dirty bitmaps of every node; persistent ones are loaded when their image is added. */
   readonly bitmaps: BitmapRegistry;
   readonly #exportReleases = new Map<string, Array<() => void>>();
+  /** object-add's objects (TLS credentials), which nodes name by id. */
+  readonly objects = new ObjectRegistry();
 
   constructor(log: Logger = silentLogger) {
     this.log = log;
@@ -171,6 +176,7 @@ export class BlockGraph {
     if (e.users.size > 0) throw new Error(`Node '${name}' is busy: ${[...e.users.values()].join(", ")}`);
     this.#nodes.delete(name);
     if (e.info.child) this.release(e.info.child, `node:${name}`);
+    if (e.info.tlsCreds) this.objects.release(e.info.tlsCreds, `node:${name}`);
     const child = e.info.child ? this.getNode(e.info.child) : undefined;
     if (child) this.bitmaps.move(name, child);
     else await this.bitmaps.close(name);
@@ -290,6 +296,7 @@ export class BlockGraph {
         firstError ??= err;
       }
       await e.node.close();
+      if (e.info.tlsCreds) this.objects.release(e.info.tlsCreds, `node:${e.node.name}`);
     }
     this.#nodes.clear();
     // A failed final flush means data may not be durable: the daemon must not exit 0.

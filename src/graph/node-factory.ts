@@ -1,6 +1,7 @@
 /**
  * Opens block nodes from blockdev-add options (QEMU's shapes): file, raw over a file child (inline
- * options or a node name), memory, null-co, journal, and the error-inject test filter.
+ * options or a node name), memory, null-co, journal, nbd (a remote export, optionally over TLS with
+ * `tls-creds` naming an object-add'ed credentials object), and the error-inject test filter.
  */
 import * as fs from "node:fs";
 import type { BlockDriver } from "../block/driver.js";
@@ -9,13 +10,14 @@ import { ImageLockError, imagePermissions, type ImagePermissions } from "../bloc
 import { JournalDriver } from "../block/drivers/journal.js";
 import { MemoryDriver } from "../block/drivers/memory.js";
 import { NullDriver } from "../block/drivers/null.js";
-import type { ServerAddress } from "../nbd/client/connection.js";
+import type { ClientTls, ServerAddress } from "../nbd/client/connection.js";
 import { NbdDriver } from "../nbd/client/nbd-driver.js";
 import { ErrorInjectDriver } from "../block/filters/error-inject.js";
 import { FilterDriver } from "../block/filters/filter.js";
 import { GiB } from "../core/units.js";
 import { BlockNode } from "../io/block-node.js";
 import type { BlockGraph, NodeInfo } from "./block-graph.js";
+import { ObjectError } from "./objects.js";
 
 export const NODE_NAME_PATTERN = /^[A-Za-z][A-Za-z0-9_.-]{0,127}$/;
 export const DEFAULT_VIRTUAL_SIZE = 1 * GiB;
@@ -205,11 +207,41 @@ function serverAddress(o: BlockdevOptions): ServerAddress {
   throw new NodeOptionError("Parameter 'server.type' should be 'unix' or 'inet'");
 }
 
-/** The remote driver: connects before the node exists, so blockdev-add fails if the server is down. */
-async function openNbd(graph: BlockGraph, o: BlockdevOptions): Promise<Opened> {
+/**
+ * The remote driver: connects before the node exists, so blockdev-add fails if the server is down
+ * or the TLS handshake fails. With `tls-creds`, the node holds the object (object-del refuses) from
+ * here on; the caller releases it if the node is not added after all.
+ */
+async function openNbd(graph: BlockGraph, o: BlockdevOptions, nodeName: string): Promise<Opened> {
   const server = serverAddress(o);
   const exportName = o.export === undefined ? "" : o.export;
   if (typeof exportName !== "string") throw new NodeOptionError("Parameter 'export' expects a string");
+  const credsId = o["tls-creds"];
+  const hostnameOption = o["tls-hostname"];
+  if (credsId !== undefined && typeof credsId !== "string") {
+    throw new NodeOptionError("Invalid parameter type for 'tls-creds', expected: string");
+  }
+  if (hostnameOption !== undefined && typeof hostnameOption !== "string") {
+    throw new NodeOptionError("Invalid parameter type for 'tls-hostname', expected: string");
+  }
+  let tls: ClientTls | undefined;
+  if (credsId !== undefined) {
+    try {
+      const object = graph.objects.tlsCreds(credsId, "client");
+      // QEMU checks the certificate against tls-hostname, else the inet host; over a unix socket
+      // without tls-hostname only the CA signature is checked.
+      tls = {
+        creds: object.creds,
+        hostname: hostnameOption ?? (server.type === "inet" ? server.host : undefined),
+      };
+      graph.objects.claim(credsId, `node:${nodeName}`, `node ${nodeName}`);
+    } catch (err) {
+      if (err instanceof ObjectError) throw new NodeOptionError(err.message);
+      throw err;
+    }
+  } else if (hostnameOption !== undefined) {
+    throw new NodeOptionError("tls-hostname can only be used with tls-creds");
+  }
   try {
     const driver = await NbdDriver.open({
       server,
@@ -217,11 +249,21 @@ async function openNbd(graph: BlockGraph, o: BlockdevOptions): Promise<Opened> {
       reconnectDelayMs: seconds(o, "reconnect-delay", 0),
       requestTimeoutMs: seconds(o, "x-request-timeout", 5),
       openTimeoutMs: seconds(o, "open-timeout", 10),
+      tls,
       log: graph.log,
     });
     const where = server.type === "unix" ? `unix:${server.path}` : `${server.host}:${server.port}`;
-    return { driver, info: { driver: "nbd", filename: `nbd+${where}/${exportName}` } };
+    const scheme = tls ? "nbds" : "nbd";
+    return {
+      driver,
+      info: {
+        driver: "nbd",
+        filename: `${scheme}+${where}/${exportName}`,
+        tlsCreds: credsId as string | undefined,
+      },
+    };
   } catch (err) {
+    if (credsId !== undefined) graph.objects.release(credsId, `node:${nodeName}`);
     throw new NodeOptionError(`Failed to connect to the NBD server: ${(err as Error).message}`);
   }
 }
@@ -233,11 +275,16 @@ export async function addNodeFromOptions(graph: BlockGraph, o: BlockdevOptions):
   if (!NODE_NAME_PATTERN.test(name)) throw new NodeOptionError(`Invalid node-name: '${name}'`);
   if (graph.getNode(name)) throw new NodeOptionError(`Duplicate nodes with node-name='${name}'`);
   let readOnly = o["read-only"] === true;
-  const { driver, info } = o.driver === "nbd" ? await openNbd(graph, o) : open(graph, o, readOnly, "", name);
+  const { driver, info } =
+    o.driver === "nbd" ? await openNbd(graph, o, name) : open(graph, o, readOnly, "", name);
   if (driver instanceof NbdDriver && driver.readOnly) readOnly = true;
   // The connect was awaited: the name may have been taken meanwhile.
   if (graph.getNode(name)) {
     await driver.close();
+    // The other node of that name may hold the same object under the same user id: keep its claim.
+    if (info.tlsCreds !== undefined && graph.nodeInfo(name)?.tlsCreds !== info.tlsCreds) {
+      graph.objects.release(info.tlsCreds, `node:${name}`);
+    }
     throw new NodeOptionError(`Duplicate nodes with node-name='${name}'`);
   }
   const node = new BlockNode(name, driver, { readOnly });

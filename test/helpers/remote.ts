@@ -1,7 +1,8 @@
 /**
  * Remote NBD targets for the client-driver and mirror tests: qemu-nbd over a raw image and nbdkit
  * (memory plugin, optionally behind filters), each on a unix socket, with kill -9 and restart on the
- * same socket. Readiness is awaited by connecting, never by sleeping.
+ * same socket, optionally requiring TLS (x509, with or without client certificates, or PSK). Readiness
+ * is awaited by connecting, never by sleeping.
  */
 import assert from "node:assert/strict";
 import * as net from "node:net";
@@ -77,18 +78,41 @@ async function startTarget(
   };
 }
 
+/** TLS a server requires: x509 from a QEMU-style dir (verifyPeer: demand a client certificate), or PSK. */
+export type ServerTls =
+  | { readonly kind: "x509"; readonly dir: string; readonly verifyPeer?: boolean }
+  | { readonly kind: "psk"; readonly dir: string };
+
+/** qemu-nbd's arguments for TLS: a credentials object and --tls-creds naming it. */
+function qemuNbdTlsArgs(tls: ServerTls | undefined): string[] {
+  if (!tls) return [];
+  const object =
+    tls.kind === "x509"
+      ? `tls-creds-x509,id=tls0,dir=${tls.dir},endpoint=server,verify-peer=${tls.verifyPeer ? "on" : "off"}`
+      : `tls-creds-psk,id=tls0,dir=${tls.dir},endpoint=server`;
+  return ["--object", object, "--tls-creds", "tls0"];
+}
+
+/** nbdkit's arguments to require TLS (x509 dir, or the keys.psk file). */
+export function nbdkitTlsArgs(tls: ServerTls): string[] {
+  if (tls.kind === "psk") return ["--tls=require", `--tls-psk=${tls.dir}/keys.psk`];
+  return ["--tls=require", `--tls-certificates=${tls.dir}`, ...(tls.verifyPeer ? ["--tls-verify-peer"] : [])];
+}
+
 /**
  * qemu-nbd serving a raw image, writeback cache, up to 8 clients, staying up between clients. With
- * `discard: "ignore"` (qemu-nbd's default) it advertises TRIM but keeps the data.
+ * `discard: "ignore"` (qemu-nbd's default) it advertises TRIM but keeps the data. With `tls`, it
+ * accepts only clients that negotiate TLS.
  */
 export function startQemuNbd(
   t: Pick<TestContext, "after">,
   image: string,
   socket: string,
-  opts: { discard?: "unmap" | "ignore" } = {},
+  opts: { discard?: "unmap" | "ignore"; tls?: ServerTls } = {},
 ): Promise<RemoteTarget> {
   const discard = opts.discard === "ignore" ? [] : ["--discard=unmap"];
   return startTarget(t, "qemu-nbd", socket, "qemu-nbd", [
+    ...qemuNbdTlsArgs(opts.tls),
     "-f",
     "raw",
     "-k",

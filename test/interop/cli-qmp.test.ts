@@ -455,6 +455,23 @@ test("the README's mirror example, pasted into a shell, survives the target's ki
   await assertNothingLeft(dir);
 });
 
+test("the README's TLS mirror example, pasted into a shell, mirrors to a qemu-nbd requiring TLS", async (t) => {
+  const script = seedScenario("## Mirror to a qemu-nbd that requires TLS");
+  for (const must of [
+    "openssl req -x509",
+    "qemu-nbd --object tls-creds-x509,id=tls0,dir=/tmp/tls/server,endpoint=server --tls-creds tls0",
+    "npx drivetap mirror --target 'nbds+unix:///?socket=/tmp/tls-remote.sock' --tls-creds /tmp/tls/client",
+    "qemu-img compare",
+  ]) {
+    assert.ok(script.includes(must), `the TLS example has ${JSON.stringify(must)}`);
+  }
+  const { dir, out, r } = await pasteIntoShell(t, script);
+  assertExit(r, 0, `the pasted example\n${out}\n${r.stderr}`);
+  assert.match(out, /mirror disk0 ready/);
+  assert.match(out, /Images are identical\./);
+  await assertNothingLeft(dir);
+});
+
 test("the README's pull-mode incremental example, pasted into a shell, maps exactly the written cluster", async (t) => {
   const script = seedScenario("## Dirty bitmaps and incremental backup");
   assert.ok(script.includes("nbdinfo --map=qemu:dirty-bitmap:b0"));

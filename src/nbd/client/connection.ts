@@ -1,6 +1,8 @@
 /**
- * One client connection to an NBD server: the fixed-newstyle handshake (structured replies,
- * base:allocation, NBD_OPT_GO with block sizes), then pipelined requests matched to replies by cookie.
+ * One client connection to an NBD server: the fixed-newstyle handshake (STARTTLS when TLS
+ * credentials are given, structured replies, base:allocation, NBD_OPT_GO with block sizes), then
+ * pipelined requests matched to replies by cookie. With TLS, everything after STARTTLS (the rest of
+ * the negotiation, requests, replies) goes through the TLS socket that wraps the TCP or unix one.
  * A connection never reconnects; when it ends, every request still waiting fails with ENOTCONN and
  * `closed` resolves. The driver above (nbd-driver.ts) owns reconnecting.
  */
@@ -18,6 +20,9 @@ import {
   encodeRequest,
 } from "../protocol/codec.js";
 import { ReplyDecoder, type ReplyMessage } from "../protocol/reply-decoder.js";
+import { checkStartTlsReply, describeTlsError, upgradeToTls, type ClientTls } from "./starttls.js";
+
+export type { ClientTls } from "./starttls.js";
 
 export type ServerAddress =
   | { readonly type: "unix"; readonly path: string }
@@ -62,14 +67,26 @@ class HandshakeReader {
   #buffered = 0;
   #wake: (() => void) | null = null;
   #ended: Error | null = null;
+  readonly #socket: net.Socket;
 
-  constructor(socket: net.Socket) {
-    socket.on("data", this.#onData);
-    socket.on("close", () => {
-      this.#ended ??= notConnected("the server closed the connection during the handshake");
+  /** `describeError` turns a socket error (a TLS alert after the handshake) into the reason given. */
+  constructor(socket: net.Socket, describeError: (err: Error) => Error = (e) => e) {
+    this.#socket = socket;
+    this.#onError = (err: Error): void => {
+      this.#ended ??= describeError(err);
       this.#wake?.();
-    });
+    };
+    socket.on("data", this.#onData);
+    socket.on("error", this.#onError);
+    socket.on("close", this.#onClose);
   }
+
+  readonly #onError: (err: Error) => void;
+
+  readonly #onClose = (): void => {
+    this.#ended ??= notConnected("the server closed the connection during the handshake");
+    this.#wake?.();
+  };
 
   readonly #onData = (b: Buffer): void => {
     this.#chunks.push(b);
@@ -77,8 +94,11 @@ class HandshakeReader {
     this.#wake?.();
   };
 
-  detach(socket: net.Socket): Buffer {
-    socket.off("data", this.#onData);
+  /** Stops reading; returns what was received but not read. */
+  detach(): Buffer {
+    this.#socket.off("data", this.#onData);
+    this.#socket.off("error", this.#onError);
+    this.#socket.off("close", this.#onClose);
     const rest = Buffer.concat(this.#chunks);
     this.#chunks = [];
     return rest;
@@ -95,6 +115,12 @@ class HandshakeReader {
     this.#buffered -= n;
     return all.subarray(0, n);
   }
+}
+
+/** The socket a handshake is running on and the reader taking its bytes. */
+interface Session {
+  socket: net.Socket;
+  reader: HandshakeReader | null;
 }
 
 export class NbdConnection {
@@ -141,34 +167,54 @@ export class NbdConnection {
     if (leftover.length > 0) decoder.push(leftover);
   }
 
-  /** Connects and negotiates; fails with ENOTCONN when the server is unreachable or refuses the export. */
-  static async open(address: ServerAddress, exportName: string, timeoutMs: number): Promise<NbdConnection> {
-    const socket =
+  /**
+   * Connects and negotiates (over TLS when `tls` is given); fails with ENOTCONN when the server is
+   * unreachable, refuses TLS or the export, or the TLS handshake fails.
+   */
+  static async open(
+    address: ServerAddress,
+    exportName: string,
+    timeoutMs: number,
+    tls?: ClientTls,
+  ): Promise<NbdConnection> {
+    const plain =
       address.type === "unix"
         ? net.createConnection({ path: address.path })
         : net.createConnection({ host: address.host, port: address.port });
-    socket.setNoDelay(true);
-    const timer = setTimeout(() => socket.destroy(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
+    plain.setNoDelay(true);
+    // The socket being negotiated on: the plain one, then the TLS one that wraps it.
+    const session: Session = { socket: plain, reader: null };
+    const timer = setTimeout(
+      () => session.socket.destroy(new Error(`no answer within ${timeoutMs} ms`)),
+      timeoutMs,
+    );
     try {
       await new Promise<void>((resolve, reject) => {
-        socket.once("connect", resolve);
-        socket.once("error", reject);
+        plain.once("connect", resolve);
+        plain.once("error", reject);
       });
-      const reader = new HandshakeReader(socket);
-      const info = await NbdConnection.#handshake(socket, reader, exportName);
+      plain.removeAllListeners("error");
+      // Once TLS wraps it, the outcome of the plain socket shows on the TLS socket.
+      plain.on("error", () => {});
+      session.reader = new HandshakeReader(plain);
+      const info = await NbdConnection.#handshake(session, exportName, tls);
       clearTimeout(timer);
-      socket.removeAllListeners("error");
-      socket.removeAllListeners("close");
-      return new NbdConnection(socket, info, reader.detach(socket));
+      const leftover = session.reader.detach();
+      return new NbdConnection(session.socket, info, leftover);
     } catch (err) {
       clearTimeout(timer);
-      socket.destroy();
+      session.reader?.detach();
+      session.socket.on("error", () => {});
+      session.socket.destroy();
+      plain.destroy();
       if (err instanceof BlockError) throw err;
       throw notConnected(`cannot connect to the NBD server: ${(err as Error).message}`);
     }
   }
 
-  static async #handshake(socket: net.Socket, reader: HandshakeReader, name: string): Promise<ExportInfo> {
+  static async #handshake(session: Session, name: string, tls: ClientTls | undefined): Promise<ExportInfo> {
+    let socket = session.socket;
+    let reader = session.reader!;
     const greeting = await reader.read(C.NBD_HANDSHAKE_BYTES);
     if (greeting.readBigUInt64BE(0) !== C.NBD_MAGIC) throw new ProtocolError("not an NBD server");
     if (greeting.readBigUInt64BE(8) !== C.NBD_IHAVEOPT) {
@@ -194,6 +240,18 @@ export class NbdConnection {
       }
     };
 
+    if (tls) {
+      const reply = (await option(C.NBD_OPT_STARTTLS)).at(-1)!;
+      checkStartTlsReply(reply.type, reply.data);
+      // The server speaks TLS next; anything already buffered would be plaintext it should not send.
+      if (reader.detach().length > 0) throw new ProtocolError("plaintext data after NBD_OPT_STARTTLS");
+      session.reader = null;
+      socket = session.socket = await upgradeToTls(socket, tls);
+      // A server that refuses our certificate says so after our side of the handshake is done (TLS
+      // 1.3), that is while we wait for the next option reply.
+      reader = session.reader = new HandshakeReader(socket, (err) => describeTlsError(err, tls));
+    }
+
     const structured = (await option(C.NBD_OPT_STRUCTURED_REPLY)).at(-1)!.type === C.NBD_REP_ACK;
     let allocationContext: number | null = null;
     if (structured) {
@@ -209,6 +267,9 @@ export class NbdConnection {
     }
     const replies = await option(C.NBD_OPT_GO, encodeExportRequest(name, [C.NBD_INFO_BLOCK_SIZE]));
     const last = replies.at(-1)!;
+    if ((last.type | 0) === C.NBD_REP_ERR_TLS_REQD) {
+      throw notConnected(`the NBD server requires TLS for export '${name}' (give tls-creds)`);
+    }
     if (last.type !== C.NBD_REP_ACK) {
       const why = last.data.toString("utf8") || `error 0x${(last.type >>> 0).toString(16)}`;
       // An unknown export or a refusal will not change by retrying soon, but the server may be

@@ -10,6 +10,8 @@
  *   connection within the same deadline; NBD writes are idempotent and the request path above keeps
  *   overlapping writes ordered, so re-sending is safe.
  * - `link` lets jobs see the state, so they can record what the target misses and resync later.
+ * - With `tls`, every connection (the first and each reconnect) runs STARTTLS with the same loaded
+ *   credentials; a TLS failure on reconnect is logged with its reason and retried like any other.
  */
 import { BlockError } from "../../core/errors.js";
 import { silentLogger, type Logger } from "../../core/log.js";
@@ -24,7 +26,7 @@ import {
   type ZeroFlags,
 } from "../../block/driver.js";
 import * as C from "../protocol/constants.js";
-import { NbdConnection, type ServerAddress } from "./connection.js";
+import { NbdConnection, type ClientTls, type ServerAddress } from "./connection.js";
 
 export const RECONNECT_BACKOFF_MIN_MS = 50;
 export const RECONNECT_BACKOFF_MAX_MS = 2000;
@@ -40,6 +42,8 @@ export interface NbdDriverOptions {
   readonly requestTimeoutMs: number;
   /** Connect plus handshake must finish within this. */
   readonly openTimeoutMs: number;
+  /** TLS credentials and the name to check: every connection negotiates STARTTLS. */
+  readonly tls?: ClientTls;
   readonly log?: Logger;
 }
 
@@ -90,7 +94,12 @@ export class NbdDriver implements BlockDriver {
 
   /** Connects; the first connection must succeed (as blockdev-add of an nbd node in QEMU). */
   static async open(options: NbdDriverOptions): Promise<NbdDriver> {
-    const conn = await NbdConnection.open(options.server, options.exportName, options.openTimeoutMs);
+    const conn = await NbdConnection.open(
+      options.server,
+      options.exportName,
+      options.openTimeoutMs,
+      options.tls,
+    );
     return new NbdDriver(conn, options);
   }
 
@@ -110,6 +119,11 @@ export class NbdDriver implements BlockDriver {
 
   get connected(): boolean {
     return this.#state === "connected";
+  }
+
+  /** Whether the connections run over TLS. */
+  get tls(): boolean {
+    return this.#options.tls !== undefined;
   }
 
   // ---- connection life ---------------------------------------------------------------------------
@@ -142,6 +156,7 @@ export class NbdDriver implements BlockDriver {
           this.#options.server,
           this.#options.exportName,
           this.#options.openTimeoutMs,
+          this.#options.tls,
         );
         if (this.#state !== "reconnecting") {
           conn.destroy("driver closed");
@@ -162,7 +177,12 @@ export class NbdDriver implements BlockDriver {
         failures++;
         if (failures === 1 || failures % 20 === 0) {
           this.#log.warn(
-            { err: (err as Error).message, failures, nextTryMs: delayMs },
+            {
+              server: describe(this.#options.server),
+              err: (err as Error).message,
+              failures,
+              nextTryMs: delayMs,
+            },
             "NBD reconnect failed",
           );
         }

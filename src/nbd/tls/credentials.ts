@@ -13,7 +13,7 @@
  */
 import * as fs from "node:fs";
 import * as path from "node:path";
-import type * as tls from "node:tls";
+import * as tls from "node:tls";
 
 export class TlsCredentialsError extends Error {}
 
@@ -168,8 +168,11 @@ export function clientTlsOptions(creds: TlsCredentials, hostname?: string): tls.
     key: creds.key,
     servername: hostname !== undefined && !/^[\d.:]+$/.test(hostname) ? hostname : undefined,
     rejectUnauthorized: creds.verifyPeer,
-    // QEMU checks the name only when tls-hostname is given (or the host is a name).
-    checkServerIdentity: hostname === undefined ? () => undefined : undefined,
+    // QEMU checks the name only when tls-hostname is given (or the host is a name). The name is
+    // passed explicitly: over an existing socket (and for an IP address, which gets no SNI) Node
+    // would otherwise check the certificate against "localhost".
+    checkServerIdentity: (_servername, cert) =>
+      hostname === undefined || !creds.verifyPeer ? undefined : tls.checkServerIdentity(hostname, cert),
   };
 }
 

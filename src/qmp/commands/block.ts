@@ -70,6 +70,10 @@ const blockdevAddArgs = {
   /** nbd: seconds a request waits for a lost connection to return (QEMU's name). */
   "reconnect-delay": { type: "number", optional: true },
   "open-timeout": { type: "number", optional: true },
+  /** nbd: the id of a tls-creds-x509/-psk object (client endpoint); the connection runs STARTTLS. */
+  "tls-creds": { type: "str", optional: true },
+  /** nbd: the name the server's certificate must carry (default: the inet host; unix: not checked). */
+  "tls-hostname": { type: "str", optional: true },
   /** nbd: seconds without a reply after which the link counts as dead (drivetap's). */
   "x-request-timeout": { type: "number", optional: true },
 } as const;

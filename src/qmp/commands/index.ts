@@ -8,6 +8,7 @@ import { exportCommands } from "./exports.js";
 import { jobCommands } from "./jobs.js";
 import { journalCommands } from "./journal.js";
 import { mirrorCommands } from "./mirror.js";
+import { objectCommands } from "./objects.js";
 import { tapCommands } from "./tap.js";
 import { verifyCommands } from "./verify.js";
 
@@ -20,6 +21,7 @@ export function registerCommands(server: QmpServer, graph: BlockGraph): void {
     ...bitmapCommands(graph),
     ...journalCommands(graph),
     ...mirrorCommands(graph),
+    ...objectCommands(graph),
     ...tapCommands(graph),
     ...verifyCommands(graph),
   ]) {

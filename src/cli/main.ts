@@ -8,6 +8,8 @@ import pino from "pino";
 import { FileDriver } from "../block/drivers/file.js";
 import { formatSize, parseSize } from "../core/units.js";
 import { Daemon, NULL_IMAGE, type ServeConfig } from "../daemon/daemon.js";
+import type { ServerTlsConfig, TlsMode } from "../nbd/server/tls-upgrade.js";
+import { loadPsk, loadX509 } from "../nbd/tls/credentials.js";
 import type { Logger } from "../core/log.js";
 import { addTapCommand } from "./tap.js";
 import { addJournalCommands } from "./journal-commands.js";
@@ -32,6 +34,17 @@ function portOption(value: string): number {
   return n;
 }
 
+function tlsModeOption(value: string): TlsMode {
+  if (value !== "off" && value !== "on" && value !== "require")
+    throw new InvalidArgumentError(`expected off, on or require, not ${value}`);
+  return value;
+}
+
+/** Repeatable: each occurrence adds one name (a DN has commas of its own, so no comma lists). */
+function collect(value: string, previous: string[] | undefined): string[] {
+  return [...(previous ?? []), value];
+}
+
 interface ServeOptions {
   socket?: string;
   port?: number;
@@ -46,6 +59,48 @@ interface ServeOptions {
   asyncIo?: boolean;
   qmp?: string;
   maxBufferMemory?: number;
+  tls?: TlsMode;
+  tlsCreds?: string;
+  tlsVerifyPeer?: boolean;
+  tlsPsk?: string;
+  tlsAuthz?: string[];
+}
+
+/**
+ * The TLS settings: credentials make TLS required unless `--tls on` (or `off`) says otherwise, as
+ * qemu-nbd requires TLS whenever it has credentials. Throws on combinations that mean nothing.
+ */
+function tlsConfig(opts: ServeOptions): ServerTlsConfig | undefined {
+  if (opts.tlsCreds !== undefined && opts.tlsPsk !== undefined)
+    throw new InvalidArgumentError("use --tls-creds or --tls-psk, not both");
+  if (opts.tlsVerifyPeer && opts.tlsCreds === undefined)
+    throw new InvalidArgumentError(
+      "--tls-verify-peer checks x509 client certificates: it needs --tls-creds DIR",
+    );
+  const haveCreds = opts.tlsCreds !== undefined || opts.tlsPsk !== undefined;
+  const mode = opts.tls ?? (haveCreds ? "require" : "off");
+  if (mode !== "off" && !haveCreds)
+    throw new InvalidArgumentError(`--tls ${mode} needs credentials: --tls-creds DIR or --tls-psk FILE`);
+  if (opts.tlsAuthz && mode === "off")
+    throw new InvalidArgumentError("--tls-authz needs TLS: --tls-creds DIR or --tls-psk FILE");
+  if (mode === "off") return undefined;
+  const authz = opts.tlsAuthz ?? null;
+  // A certificate subject means something only once the certificate is verified.
+  const creds =
+    opts.tlsPsk !== undefined
+      ? loadPsk(opts.tlsPsk, "server")
+      : loadX509(opts.tlsCreds!, "server", Boolean(opts.tlsVerifyPeer) || authz !== null);
+  return { mode, creds, authz };
+}
+
+/** A client command line that works against this server, for the "try:" line. */
+function tryCommand(uri: string, tls: ServerTlsConfig | undefined): string {
+  if (!tls) return `nbdinfo '${uri}'`;
+  const sep = uri.includes("?") ? "&" : "?";
+  if (tls.creds.kind === "x509") return `nbdinfo '${uri}${sep}tls-certificates=${tls.creds.dir}'`;
+  const identity = encodeURIComponent([...tls.creds.keys.keys()][0]);
+  const withUser = uri.replace(/^(nbds(?:\+unix)?:\/\/)/, `$1${identity}@`);
+  return `nbdinfo '${withUser}${sep}tls-psk-file=${tls.creds.file}'`;
 }
 
 async function serve(image: string | undefined, opts: ServeOptions): Promise<void> {
@@ -60,6 +115,7 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
       "--force-share needs --read-only (force-share=on can only be used with read-only images)",
     );
   }
+  const tls = tlsConfig(opts);
   let daemonRef: Daemon | null = null;
   let stopping = false;
   const stop = (signal: string): void => {
@@ -92,6 +148,7 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
     asyncIo: opts.asyncIo,
     qmpPath: opts.qmp,
     bufferMemoryBytes: opts.maxBufferMemory,
+    tls,
     onQuit: () => stop("quit"),
   };
   daemonRef = await Daemon.start(config);
@@ -111,7 +168,7 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
     `drivetap: serving ${daemon.node.name} (${what}, ${daemon.node.size()} bytes${config.readOnly ? ", read-only" : ""})\n` +
       (opts.qmp ? `drivetap: QMP at ${opts.qmp}\n` : "") +
       `drivetap: ready at ${daemon.uri}\n` +
-      `drivetap: try: nbdinfo '${daemon.uri}'   (Ctrl-C stops; in-flight writes finish and are flushed)\n`,
+      `drivetap: try: ${tryCommand(daemon.uri, tls)}   (Ctrl-C stops; in-flight writes finish and are flushed)\n`,
   );
 }
 
@@ -167,6 +224,30 @@ program
     "--max-buffer-memory <size>",
     "budget for NBD request and reply buffers, shared by every connection (default 192M, at least 80M)",
     sizeOption,
+  )
+  .option(
+    "--tls-creds <dir>",
+    "serve TLS with x509 credentials from DIR (QEMU's layout: ca-cert.pem, server-cert.pem, server-key.pem)",
+  )
+  .option(
+    "--tls-verify-peer",
+    "with --tls-creds: clients must present a certificate signed by DIR/ca-cert.pem",
+  )
+  .option(
+    "--tls-psk <file>",
+    "serve TLS-PSK (TLS 1.2) with the keys in FILE (keys.psk: identity:hexkey lines)",
+  )
+  .option(
+    "--tls <mode>",
+    "off, on (TLS offered, plaintext allowed) or require (every option before STARTTLS refused); " +
+      "default: require with credentials, off without",
+    tlsModeOption,
+  )
+  .option(
+    "--tls-authz <name>",
+    "accept only this TLS peer: a client certificate subject as `openssl x509 -noout -subject -nameopt RFC2253` " +
+      "prints it (implies --tls-verify-peer), or a PSK identity; repeat for more",
+    collect,
   )
   .option("--async-io", "always use threadpool I/O in the file driver (for comparison)")
   .option("-v, --verbose", "debug logs on stderr")

@@ -9,7 +9,9 @@ import { NullDriver } from "../block/drivers/null.js";
 import type { Logger } from "../core/log.js";
 import { BlockGraph } from "../graph/block-graph.js";
 import { BlockNode } from "../io/block-node.js";
+import { isIP } from "node:net";
 import { NbdServer, type ListenAddress } from "../nbd/server/server.js";
+import type { ServerTlsConfig } from "../nbd/server/tls-upgrade.js";
 import { registerCommands } from "../qmp/commands/index.js";
 import { defineCommand, QmpServer } from "../qmp/server.js";
 
@@ -34,6 +36,8 @@ export interface ServeConfig {
   readonly asyncIo?: boolean;
   /** The NBD server's budget for request and reply buffers (limits.ts has the default). */
   readonly bufferMemoryBytes?: number;
+  /** TLS for the NBD server (every export, those added over QMP too); omitted: TLS off. */
+  readonly tls?: ServerTlsConfig;
   /** Unix socket path for the QMP control socket. */
   readonly qmpPath?: string;
   /** Called when a QMP client sends `quit` (the CLI stops the daemon as for SIGTERM). */
@@ -54,12 +58,21 @@ function openDriver(config: ServeConfig): BlockDriver {
   });
 }
 
-/** The URI a client connects to. */
-export function nbdUri(address: ListenAddress, exportName: string): string {
+/** The URI a client connects to (`nbds` when the server offers TLS). */
+export function nbdUri(address: ListenAddress, exportName: string, tls = false): string {
   const name = encodeURIComponent(exportName);
-  if (address.type === "unix") return `nbd+unix:///${name}?socket=${address.path}`;
+  const scheme = tls ? "nbds" : "nbd";
+  if (address.type === "unix") return `${scheme}+unix:///${name}?socket=${address.path}`;
   const host = address.host.includes(":") ? `[${address.host}]` : address.host;
-  return `nbd://${host}:${address.port}/${name}`;
+  return `${scheme}://${host}:${address.port}/${name}`;
+}
+
+/** Loopback addresses and names: a listener there is reachable from this host only. */
+export function isLoopback(host: string): boolean {
+  if (host === "localhost") return true;
+  if (isIP(host) === 4) return host.startsWith("127.");
+  const h = host.toLowerCase();
+  return h === "::1" || h.startsWith("::ffff:127.");
 }
 
 export class Daemon {
@@ -95,6 +108,7 @@ export class Daemon {
     graph.addNode(node, { driver: driver.driverName === "null" ? "null-co" : driver.driverName, filename });
     const nbd = new NbdServer(config.log.child({ part: "nbd" }), {
       bufferMemoryBytes: config.bufferMemoryBytes,
+      tls: config.tls,
     });
     graph.attachNbdServer(nbd);
     graph.addExport({
@@ -107,6 +121,15 @@ export class Daemon {
     let qmp: QmpServer | null = null;
     try {
       const address = await nbd.listen(config.listen);
+      if (address.type === "inet" && !isLoopback(address.host) && nbd.tls?.required !== true) {
+        config.log.warn(
+          { host: address.host, port: address.port, tls: nbd.tls === null ? "off" : "on" },
+          nbd.tls === null
+            ? "serving TCP on a non-loopback address without TLS: anyone who can reach it can read and write the disk (--tls-creds or --tls-psk)"
+            : "serving TCP on a non-loopback address with TLS optional (--tls on): plaintext clients can still read and write the disk",
+        );
+      }
+      if (nbd.tls) config.log.info({ tls: nbd.tls.describe() }, "TLS");
       if (config.qmpPath) {
         qmp = new QmpServer({ log: config.log.child({ part: "qmp" }), version: DRIVETAP_VERSION });
         registerCommands(qmp, graph);
@@ -127,7 +150,7 @@ export class Daemon {
         await qmp.listen(config.qmpPath);
       }
       config.log.info({ node: node.name, driver: driver.driverName, size: driver.size() }, "serving");
-      return new Daemon(graph, nbd, qmp, node, address, nbdUri(address, config.exportName));
+      return new Daemon(graph, nbd, qmp, node, address, nbdUri(address, config.exportName, nbd.tls !== null));
     } catch (err) {
       await nbd.close();
       await graph.closeAll();

@@ -6,6 +6,7 @@
  * Also here: a sniffing proxy that decodes what a real client (qemu-io) sends, to check request flags.
  */
 import * as net from "node:net";
+import * as tls from "node:tls";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
 import assert from "node:assert/strict";
@@ -67,7 +68,8 @@ export class EofError extends Error {
 }
 
 export class RawNbd {
-  readonly socket: net.Socket;
+  /** The connection's socket; after startTls, the TLS socket over it. */
+  socket: net.Socket;
   #chunks: Buffer[] = [];
   #buffered = 0;
   #ended = false;
@@ -78,6 +80,10 @@ export class RawNbd {
 
   private constructor(socket: net.Socket) {
     this.socket = socket;
+    this.#closed = this.#listen(socket);
+  }
+
+  #listen(socket: net.Socket): Promise<void> {
     socket.on("data", (c: Buffer) => {
       this.#chunks.push(c);
       this.#buffered += c.length;
@@ -93,13 +99,35 @@ export class RawNbd {
       this.#ended = true;
       this.#wake?.();
     });
-    this.#closed = new Promise((resolve) =>
+    return new Promise((resolve) =>
       socket.on("close", () => {
         this.#ended = true;
         this.#wake?.();
         resolve();
       }),
     );
+  }
+
+  /**
+   * Sends NBD_OPT_STARTTLS, expects NBD_REP_ACK and continues over TLS with these client options.
+   * Rejects with the TLS error if the handshake fails (the server refusing the client, say).
+   */
+  async startTls(options: tls.ConnectionOptions): Promise<tls.TLSSocket> {
+    await this.optionAck(C.NBD_OPT_STARTTLS);
+    assert.equal(this.#buffered, 0, "nothing after the ACK before the TLS handshake");
+    const raw = this.socket;
+    raw.removeAllListeners("data");
+    const secure = tls.connect({ ...options, socket: raw });
+    await new Promise<void>((resolve, reject) => {
+      secure.once("secureConnect", () => {
+        secure.removeListener("error", reject);
+        resolve();
+      });
+      secure.once("error", reject);
+    });
+    this.socket = secure;
+    void this.#listen(secure);
+    return secure;
   }
 
   /** Connects to a unix socket path, or to TCP options (host, port, localAddress). */

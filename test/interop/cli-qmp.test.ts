@@ -7,18 +7,16 @@
 import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { QmpClient, type QmpEvent } from "../../src/qmp/client.js";
-import { CLI, makeImage, REPO_ROOT, serveTempImage, type ServedImage } from "../helpers/daemon.js";
+import { CLI, makeImage, serveTempImage, type ServedImage } from "../helpers/daemon.js";
+import { assertNothingLeft, pasteIntoShell, readmeSection } from "../helpers/readme.js";
 import { run, runOk, start, tempDir, type RunResult } from "../helpers/run.js";
 
 const MiB = 1024 * 1024;
 const CLI_TIMEOUT_MS = 60_000;
-const SCENARIO_TIMEOUT_MS = 180_000;
-/** How long the README's `quit` may take to end the daemon. */
-const DAEMON_EXIT_MS = 15_000;
 
 /** The environment without $DRIVETAP_QMP, so every socket the CLI uses is the one a test chose. */
 function cleanEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
@@ -351,76 +349,8 @@ const SEED_HEADING = "## The seed scenario: stream a disk to a file";
 
 const MIRROR_HEADING = "## Mirror to a remote NBD server, survive its outages, move the disk";
 
-/** The shell blocks of a README section, in order. */
-function seedScenario(heading = SEED_HEADING): string {
-  const readme = readFileSync(join(REPO_ROOT, "README.md"), "utf8");
-  const start = readme.indexOf(`${heading}\n`);
-  assert.ok(start >= 0, `README has "${heading}"`);
-  const next = readme.indexOf("\n## ", start + heading.length);
-  const section = readme.slice(start, next < 0 ? undefined : next);
-  const blocks = [...section.matchAll(/^```sh\n([\s\S]*?)^```$/gm)].map((m) => m[1]);
-  return blocks.join("");
-}
-
-/** Pids of processes whose command line mentions text (a test's unique temp directory). */
-function processesMentioning(text: string): number[] {
-  const pids: number[] = [];
-  for (const name of readdirSync("/proc")) {
-    if (!/^\d+$/.test(name) || Number(name) === process.pid) continue;
-    try {
-      if (readFileSync(`/proc/${name}/cmdline`, "utf8").includes(text)) pids.push(Number(name));
-    } catch {
-      // Gone meanwhile.
-    }
-  }
-  return pids;
-}
-
-/**
- * Pastes a README script into a plain bash reading its commands from standard input, as a terminal
- * would. Only the directory changes: /tmp/x becomes <fresh dir>/x, so runs never collide. Returns the
- * terminal's output without escape sequences and carriage returns.
- */
-async function pasteIntoShell(
-  t: TestContext,
-  script: string,
-): Promise<{ dir: string; out: string; r: RunResult }> {
-  const dir = tempDir(t, "drivetap-readme-");
-  t.after(() => {
-    for (const pid of processesMentioning(dir)) process.kill(pid, "SIGKILL");
-  });
-  const home = join(dir, "home");
-  mkdirSync(join(home, "node_modules/.bin"), { recursive: true });
-  // `npx drivetap` in this directory finds the built CLI, as it does in the repository after npm ci.
-  symlinkSync(CLI, join(home, "node_modules/.bin/drivetap"));
-  const r = await run("bash", ["--norc", "--noprofile"], {
-    cwd: home,
-    env: cleanEnv({
-      HOME: home,
-      TERM: "dumb",
-      // Never fetch a package: the local CLI must be what runs.
-      npm_config_offline: "true",
-      npm_config_update_notifier: "false",
-    }),
-    input: script.replaceAll("/tmp/", `${dir}/`),
-    timeoutMs: SCENARIO_TIMEOUT_MS,
-  });
-  // eslint-disable-next-line no-control-regex
-  const out = r.stdout.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, "").replace(/\r/g, "\n");
-  return { dir, out, r };
-}
-
-/** The pasted script stopped its daemons; they are not our children, so only /proc can tell. */
-async function assertNothingLeft(dir: string): Promise<void> {
-  const deadline = Date.now() + DAEMON_EXIT_MS;
-  while (processesMentioning(dir).length > 0 && Date.now() < deadline) {
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  assert.deepEqual(processesMentioning(dir), [], "no process of the pasted script is left running");
-}
-
 test("the README's seed scenario, pasted into an interactive shell, prints 'identical'", async (t) => {
-  const script = seedScenario();
+  const script = readmeSection(SEED_HEADING);
   for (const must of [
     "npx drivetap serve",
     "--qmp /tmp/drivetap-qmp.sock",
@@ -444,7 +374,7 @@ test("the README's seed scenario, pasted into an interactive shell, prints 'iden
 });
 
 test("the README's mirror example, pasted into a shell, survives the target's kill and ends identical", async (t) => {
-  const script = seedScenario(MIRROR_HEADING);
+  const script = readmeSection(MIRROR_HEADING);
   for (const must of ["blockdev-add driver=nbd", "blockdev-mirror", "kill -9 %1", "qemu-img compare"]) {
     assert.ok(script.includes(must), `the mirror example has ${JSON.stringify(must)}`);
   }
@@ -473,7 +403,7 @@ test("the README's TLS mirror example, pasted into a shell, mirrors to a qemu-nb
 });
 
 test("the README's pull-mode incremental example, pasted into a shell, maps exactly the written cluster", async (t) => {
-  const script = seedScenario("## Dirty bitmaps and incremental backup");
+  const script = readmeSection("## Dirty bitmaps and incremental backup");
   assert.ok(script.includes("nbdinfo --map=qemu:dirty-bitmap:b0"));
   const { dir, out, r } = await pasteIntoShell(t, script);
   assertExit(r, 0, `the pasted example\n${out}\n${r.stderr}`);

@@ -3,8 +3,12 @@
  * are answered as they finish (out of order); replies written in one event-loop turn leave in one
  * writev (the socket is corked until setImmediate). Malformed input gets the spec's error, or closes
  * this connection only; a client that hangs up mid-reply just loses its replies.
+ *
+ * NBD_OPT_STARTTLS swaps the socket for a TLS socket over it (tls-upgrade.ts); from then on every
+ * read, write, pause and close goes through the TLS socket, and the options start over.
  */
 import type { Socket } from "node:net";
+import type { TLSSocket } from "node:tls";
 import { BlockError, NBD_ERRNO, ProtocolError, toBlockError } from "../../core/errors.js";
 import { coarseNowMs } from "../../core/coarse-clock.js";
 import type { Logger } from "../../core/log.js";
@@ -38,6 +42,7 @@ import type { BudgetAccount } from "./buffer-budget.js";
 import * as L from "./limits.js";
 import { giveReplyBuffer, replyAllocationBytes, takeReplyBuffer } from "./reply-pool.js";
 import { slabTracker } from "./socket-reader.js";
+import type { ServerTls, UpgradeResult } from "./tls-upgrade.js";
 
 export interface NbdExport {
   readonly name: string;
@@ -68,6 +73,8 @@ export interface ExportDirectory {
 export interface ConnectionHost extends ExportDirectory {
   /** Asked when the handshake has chosen an export: false means no transmission slot is free. */
   enterTransmission(c: NbdConnection): boolean;
+  /** TLS offered to clients (NBD_OPT_STARTTLS), or null when TLS is off. */
+  readonly tls: ServerTls | null;
   onClosed(c: NbdConnection): void;
 }
 
@@ -137,9 +144,25 @@ const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
   [C.NBD_CMD_BLOCK_STATUS]: C.NBD_CMD_FLAG_REQ_ONE | C.NBD_CMD_FLAG_FUA,
 };
 
+/** Where a connection is with TLS. */
+const enum Tls {
+  /** Plaintext; STARTTLS not (yet) sent. */
+  None,
+  /** STARTTLS acknowledged: the ACK is leaving, or the TLS handshake is under way. */
+  Starting,
+  /** The TLS session is up: every byte goes through it. */
+  Active,
+}
+
 export class NbdConnection {
   readonly id: number;
-  readonly #socket: Socket;
+  /** The accepted socket, and after STARTTLS the TLS socket over it. */
+  #socket: Socket;
+  #tls = Tls.None;
+  /** After TLS: why --tls-authz refuses this peer (every option but ABORT gets ERR_POLICY), or null. */
+  #tlsRefusal: string | null = null;
+  /** A plaintext client against --tls require is logged once, at its first refused option. */
+  #tlsRequiredLogged = false;
   readonly #directory: ConnectionHost;
   readonly #account: BudgetAccount;
   readonly #log: Logger;
@@ -199,15 +222,19 @@ export class NbdConnection {
       slabTracker,
       this.#admit,
     );
-    socket.on("error", (err) => this.#log.debug({ err: err.message }, "socket error"));
-    socket.on("close", () => this.#finish());
-    socket.on("end", () => this.#closeAfterInFlight());
+    this.#listen(socket);
     this.#handshakeTimer = setTimeout(() => {
       this.#log.warn({}, "handshake timed out");
       this.#destroy();
     }, L.HANDSHAKE_TIMEOUT_MS);
     this.#handshakeTimer.unref();
     this.#send(encodeServerGreeting(C.NBD_FLAG_FIXED_NEWSTYLE | C.NBD_FLAG_NO_ZEROES));
+  }
+
+  #listen(socket: Socket): void {
+    socket.on("error", (err) => this.#log.debug({ err: err.message }, "socket error"));
+    socket.on("close", () => this.#finish());
+    socket.on("end", () => this.#closeAfterInFlight());
   }
 
   get exportName(): string | null {
@@ -233,6 +260,11 @@ export class NbdConnection {
 
   get lastInputMs(): number {
     return this.#lastReadMs;
+  }
+
+  /** Whether the connection's bytes go through TLS (from the upgrade on). */
+  get encrypted(): boolean {
+    return this.#tls !== Tls.None;
   }
 
   get unsentBytes(): number {
@@ -332,6 +364,7 @@ export class NbdConnection {
       this.#log.warn({}, "too many options; closing");
       return this.#closeAfterInFlight();
     }
+    if (option !== C.NBD_OPT_ABORT && this.#tlsGate(option)) return;
     try {
       switch (option) {
         case C.NBD_OPT_EXPORT_NAME:
@@ -361,7 +394,7 @@ export class NbdConnection {
         case C.NBD_OPT_SET_META_CONTEXT:
           return this.#optMetaContext(option, data);
         case C.NBD_OPT_STARTTLS:
-          return this.#optionError(option, C.NBD_REP_ERR_UNSUP, "TLS is not supported by this server");
+          return this.#optStartTls(data);
         default:
           return this.#optionError(option, C.NBD_REP_ERR_UNSUP, `option ${option} is not supported`);
       }
@@ -369,6 +402,111 @@ export class NbdConnection {
       if (err instanceof ProtocolError) return this.#optionError(option, C.NBD_REP_ERR_INVALID, err.message);
       throw err;
     }
+  }
+
+  // ---- TLS -------------------------------------------------------------------------------------------
+
+  /**
+   * Answers an option that TLS policy refuses, and says so: before STARTTLS under `--tls require`
+   * (ERR_TLS_REQD; EXPORT_NAME has no error reply, so it closes), and after a handshake whose peer
+   * --tls-authz does not list (ERR_POLICY; EXPORT_NAME closes). The spec prefers answering options
+   * with errors to hanging up; the options bound and the handshake timer end such a session.
+   */
+  #tlsGate(option: number): boolean {
+    const tls = this.#directory.tls;
+    if (this.#tlsRefusal !== null) {
+      if (option === C.NBD_OPT_EXPORT_NAME) {
+        this.#log.warn(
+          { why: this.#tlsRefusal },
+          "EXPORT_NAME from a TLS peer that is not authorized; closing",
+        );
+        this.#decoder.stop();
+        this.#closeAfterInFlight();
+      } else {
+        this.#optionError(option, C.NBD_REP_ERR_POLICY, this.#tlsRefusal);
+      }
+      return true;
+    }
+    if (tls === null || !tls.required || this.#tls !== Tls.None || option === C.NBD_OPT_STARTTLS)
+      return false;
+    if (!this.#tlsRequiredLogged) {
+      this.#tlsRequiredLogged = true;
+      this.#log.warn(
+        { option },
+        "plaintext client refused: this server requires TLS (the client must send STARTTLS first)",
+      );
+    }
+    if (option === C.NBD_OPT_EXPORT_NAME) {
+      // No error reply exists for EXPORT_NAME: the spec's answer is to end the session.
+      this.#decoder.stop();
+      this.#closeAfterInFlight();
+    } else {
+      this.#optionError(
+        option,
+        C.NBD_REP_ERR_TLS_REQD,
+        "this server requires TLS: send NBD_OPT_STARTTLS first",
+      );
+    }
+    return true;
+  }
+
+  #optStartTls(data: Buffer): void {
+    const option = C.NBD_OPT_STARTTLS;
+    const tls = this.#directory.tls;
+    if (tls === null)
+      return this.#optionError(option, C.NBD_REP_ERR_UNSUP, "TLS is not enabled on this server");
+    if (this.#tls !== Tls.None)
+      return this.#optionError(option, C.NBD_REP_ERR_INVALID, "TLS is already active");
+    if (data.length !== 0) return this.#optionError(option, C.NBD_REP_ERR_INVALID, "STARTTLS takes no data");
+    if (this.#decoder.bufferedBytes > 0) {
+      // Bytes sent before our answer would be read in clear but taken as if they came over TLS (the
+      // STARTTLS injection attacks on SMTP and IMAP): an honest client waits for the ACK.
+      this.#log.warn(
+        { bytes: this.#decoder.bufferedBytes },
+        "client sent data after STARTTLS before the reply; closing",
+      );
+      this.#decoder.stop();
+      return this.#destroy();
+    }
+    this.#tls = Tls.Starting;
+    // Nothing more is read in clear: the next bytes are the client's TLS handshake, for the TLS socket.
+    this.#pauseReading();
+    if (this.#corked) this.#uncork();
+    const raw = this.#socket;
+    raw.write(encodeOptionReply(option, C.NBD_REP_ACK), (err) => {
+      if (err || this.#closed || raw.destroyed) return;
+      this.#startTls(tls, raw);
+    });
+  }
+
+  /** The ACK has left in clear: hand the socket to TLS. */
+  #startTls(tls: ServerTls, raw: Socket): void {
+    const secure = tls.upgrade(raw, (r) => this.#onTlsDone(r, secure));
+    this.#socket = secure;
+    this.#readingPaused = false;
+    this.#listen(secure);
+    secure.on("data", (chunk: Buffer) => this.onData(chunk));
+  }
+
+  #onTlsDone(r: UpgradeResult, secure: TLSSocket): void {
+    if (this.#closed) return;
+    if (!r.ok) {
+      this.#log.warn({ why: r.reason }, "TLS handshake refused; closing");
+      this.#decoder.stop();
+      return this.#destroy();
+    }
+    this.#tls = Tls.Active;
+    // The spec: nothing negotiated before STARTTLS survives it (nbdkit's CVE-2021-3716 kept
+    // structured replies across it). Client flags belong to the greeting and stay.
+    this.#structured = false;
+    this.#metaExport = null;
+    this.#contexts = [];
+    this.#tlsRefusal = r.refusal;
+    if (r.refusal !== null) this.#log.warn({ peer: r.peer?.name ?? null }, r.refusal);
+    this.#log.debug(
+      { protocol: secure.getProtocol(), cipher: secure.getCipher()?.name, peer: r.peer?.name ?? null },
+      "TLS established",
+    );
   }
 
   #transmissionFlags(e: NbdExport): number {

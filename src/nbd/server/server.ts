@@ -13,10 +13,13 @@ import { BufferBudget } from "./buffer-budget.js";
 import { NbdConnection, type ConnectionHost, type InFlightRequest, type NbdExport } from "./connection.js";
 import * as L from "./limits.js";
 import { startReading } from "./socket-reader.js";
+import { ServerTls, type ServerTlsConfig } from "./tls-upgrade.js";
 
 export interface NbdServerOptions {
   /** The daemon-wide budget for request and reply buffers (`--max-buffer-memory`). */
   readonly bufferMemoryBytes?: number;
+  /** TLS for every export of this server (NBD_OPT_STARTTLS); omitted: TLS off. */
+  readonly tls?: ServerTlsConfig;
 }
 
 /** One connection as `x-query-nbd-connections` shows it. */
@@ -26,6 +29,8 @@ export interface ConnectionInfo {
   readonly ageMs: number;
   readonly inFlight: ReadonlyArray<InFlightRequest & { readonly ageMs: number }>;
   readonly unsentBytes: number;
+  /** Whether the connection went through STARTTLS. */
+  readonly tls: boolean;
 }
 
 export type ListenAddress =
@@ -46,6 +51,8 @@ export class NbdServer implements ConnectionHost {
   readonly #log: Logger;
   readonly #unixPaths: OwnedSocket[] = [];
   readonly budget: BufferBudget;
+  /** TLS offered on every connection (exports added later over QMP included), or null. */
+  readonly tls: ServerTls | null;
   readonly #stallTimer: NodeJS.Timeout;
   #nextConnectionId = 1;
   #evictions = 0;
@@ -56,6 +63,8 @@ export class NbdServer implements ConnectionHost {
     if (bytes < L.BUFFER_MEMORY_MIN_BYTES) {
       throw new Error(`buffer memory ${bytes} is below the minimum of ${L.BUFFER_MEMORY_MIN_BYTES} bytes`);
     }
+    // Builds the secure context now: bad credentials fail the start, not the first client.
+    this.tls = options.tls ? new ServerTls(options.tls) : null;
     this.budget = new BufferBudget(bytes, L.CONNECTIONS_MAX + L.HANDSHAKES_MAX, L.BUFFER_RESERVED_BYTES);
     this.#stallTimer = setInterval(() => {
       const now = coarseNowMs();
@@ -99,6 +108,7 @@ export class NbdServer implements ConnectionHost {
       ageMs: now - c.acceptedMs,
       inFlight: c.inFlight().map((r) => ({ ...r, ageMs: now - r.startMs })),
       unsentBytes: c.unsentBytes,
+      tls: c.encrypted,
     }));
   }
 

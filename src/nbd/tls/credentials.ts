@@ -122,6 +122,17 @@ export interface TlsPeer {
   readonly name: string;
 }
 
+/**
+ * The PSK identity each server-side socket's client presented (known or not), recorded by the
+ * pskCallback of serverTlsOptions: Node has no accessor for it. Weak: it goes with the socket.
+ */
+const pskIdentities = new WeakMap<tls.TLSSocket, string>();
+
+/** The PSK identity a client presented on this server socket, even if the handshake then failed. */
+export function offeredPskIdentity(socket: tls.TLSSocket): string | undefined {
+  return pskIdentities.get(socket);
+}
+
 /** Node options for a server side TLSSocket (`new tls.TLSSocket(socket, {isServer: true, ...})`). */
 export function serverTlsOptions(creds: TlsCredentials): tls.TLSSocketOptions & tls.SecureContextOptions {
   if (creds.endpoint !== "server") throw new TlsCredentialsError("client credentials used for a server");
@@ -131,7 +142,10 @@ export function serverTlsOptions(creds: TlsCredentials): tls.TLSSocketOptions & 
       ciphers: PSK_CIPHERS,
       minVersion: "TLSv1.2",
       maxVersion: "TLSv1.2",
-      pskCallback: (_socket: tls.TLSSocket, identity: string) => creds.keys.get(identity) ?? null,
+      pskCallback: (socket: tls.TLSSocket, identity: string) => {
+        pskIdentities.set(socket, identity);
+        return creds.keys.get(identity) ?? null;
+      },
     } as tls.TLSSocketOptions & tls.SecureContextOptions;
   }
   return {
@@ -176,15 +190,35 @@ export function clientTlsOptions(creds: TlsCredentials, hostname?: string): tls.
   };
 }
 
-/** The peer of an established server-side TLS socket, for `--tls-authz`. */
+/**
+ * The peer of an established server-side TLS socket, for `--tls-authz`. For PSK, the identity the
+ * client presented (recorded by serverTlsOptions' pskCallback unless given). For x509, the subject
+ * of the client's certificate as an RFC 2253 string, most specific first, with RFC 2253 escapes:
+ * what `openssl x509 -noout -subject -nameopt RFC2253` prints (`CN=alice,O=Acme\, Inc.,C=GB`) and
+ * the order gnutls (QEMU's tls-authz) uses. Non-ASCII values are compared as UTF-8 text, where
+ * OpenSSL's RFC2253 output would escape them as hex.
+ */
 export function tlsPeer(socket: tls.TLSSocket, creds: TlsCredentials, pskIdentity?: string): TlsPeer | null {
-  if (creds.kind === "psk") return pskIdentity === undefined ? null : { kind: "psk", name: pskIdentity };
-  const cert = socket.getPeerCertificate();
-  if (!cert || Object.keys(cert).length === 0) return null;
-  // The subject as an RFC 4514-style DN, most specific last as gnutls prints it ("C=GB,O=...,CN=...").
-  const subject = cert.subject as unknown as Record<string, string | string[]>;
-  const parts: string[] = [];
-  for (const [k, v] of Object.entries(subject))
-    for (const x of Array.isArray(v) ? v : [v]) parts.push(`${k}=${x}`);
-  return { kind: "x509", name: parts.join(",") };
+  if (creds.kind === "psk") {
+    // After a successful handshake, the identity offered is one the file has.
+    const identity = pskIdentity ?? pskIdentities.get(socket);
+    return identity === undefined || !creds.keys.has(identity) ? null : { kind: "psk", name: identity };
+  }
+  const cert = socket.getPeerX509Certificate();
+  if (cert === undefined) return null;
+  return { kind: "x509", name: rfc2253(cert.subject) };
+}
+
+/**
+ * Node prints a name one RDN per line, in certificate order (least specific first), with RFC 2253
+ * escapes and " + " between the parts of a multi-valued RDN. RFC 2253 puts the most specific first.
+ * An escaped plus inside a value reads "\+", so " + " is always a separator.
+ */
+export function rfc2253(nodeSubject: string): string {
+  return nodeSubject
+    .split("\n")
+    .filter((line) => line !== "")
+    .reverse()
+    .map((rdn) => rdn.replaceAll(" + ", "+"))
+    .join(",");
 }

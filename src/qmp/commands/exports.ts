@@ -97,6 +97,7 @@ export function exportCommands(graph: BlockGraph): QmpCommandDef[] {
             "age-ms": r.ageMs,
           })),
           "x-unsent-bytes": c.unsentBytes,
+          "x-tls": c.tls,
         })),
     }),
     defineCommand({

@@ -386,7 +386,7 @@ test("the README's mirror example, pasted into a shell, survives the target's ki
 });
 
 test("the README's TLS mirror example, pasted into a shell, mirrors to a qemu-nbd requiring TLS", async (t) => {
-  const script = seedScenario("## Mirror to a qemu-nbd that requires TLS");
+  const script = readmeSection("## Mirror to a qemu-nbd that requires TLS");
   for (const must of [
     "openssl req -x509",
     "qemu-nbd --object tls-creds-x509,id=tls0,dir=/tmp/tls/server,endpoint=server --tls-creds tls0",

@@ -356,6 +356,25 @@ describe("hostile clients", { timeout: 300_000 }, () => {
     t.after(() => rmSync(qmpDir, { recursive: true, force: true }));
     const qmpPath = join(qmpDir, "qmp.sock");
     const daemon = await hostileDaemon(t, ["--qmp", qmpPath, "--max-buffer-memory", "80M"]);
+    // Alongside, on a daemon of its own: a writer that trickles its 32 MiB payload a byte a second.
+    // The payload bound runs from the header, so the trickle does not extend it.
+    const trickleDaemon = await hostileDaemon(t);
+    const trickler = await attacker(trickleDaemon.socket);
+    t.after(() => trickler.destroy());
+    trickler.send(
+      encodeRequest({
+        flags: 0,
+        type: C.NBD_CMD_WRITE,
+        cookieHi: 0,
+        cookieLo: 1,
+        offset: 0,
+        length: REQUEST_BYTES_MAX,
+      }),
+    );
+    const trickleStartMs = Date.now();
+    const drip = setInterval(() => trickler.send(Buffer.of(0x42)), 1_000);
+    t.after(() => clearInterval(drip));
+    const trickleEnded = trickler.whenClosed().then(() => Date.now() - trickleStartMs);
     const qmp = await RawQmp.ready(qmpPath);
     t.after(() => qmp.destroy());
     const stuck = await attacker(daemon.socket);
@@ -396,6 +415,14 @@ describe("hostile clients", { timeout: 300_000 }, () => {
       `dropped after ${droppedAfter} ms, not before the bound`,
     );
     assert.match(daemon.stderr(), /client stopped reading replies; closing/);
+    const trickleDroppedAfter = await trickleEnded;
+    clearInterval(drip);
+    assert.ok(
+      trickleDroppedAfter >= PEER_STALL_TIMEOUT_MS - 1_000 &&
+        trickleDroppedAfter < PEER_STALL_TIMEOUT_MS + 10_000,
+      `the trickling writer was dropped after ${trickleDroppedAfter} ms`,
+    );
+    assert.match(trickleDaemon.stderr(), /client stopped in the middle of a write payload; closing/);
     // Its budget came back: a client can take the largest reads again.
     const { client } = await openExport(daemon.socket);
     t.after(() => client.destroy());

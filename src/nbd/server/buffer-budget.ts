@@ -18,7 +18,6 @@ export class BufferBudget {
   #sharedUsed = 0;
   readonly #sharedBytes: number;
   readonly #waiters: BudgetAccount[] = [];
-  #peakBytes = 0;
   #usedBytes = 0;
 
   /**
@@ -39,14 +38,6 @@ export class BufferBudget {
 
   get usedBytes(): number {
     return this.#usedBytes;
-  }
-
-  get peakBytes(): number {
-    return this.#peakBytes;
-  }
-
-  get waiting(): number {
-    return this.#waiters.length;
   }
 
   open(): BudgetAccount {
@@ -70,7 +61,6 @@ export class BufferBudget {
   #count(a: BudgetAccount, n: number): void {
     a.heldBytes += n;
     this.#usedBytes += n;
-    if (this.#usedBytes > this.#peakBytes) this.#peakBytes = this.#usedBytes;
   }
 
   wait(a: BudgetAccount): void {

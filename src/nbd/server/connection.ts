@@ -203,11 +203,24 @@ export class NbdConnection {
   #lastActivityMs = coarseNowMs();
   #lastReadMs = coarseNowMs();
   #receivedBytes = 0;
+  /** When the write whose payload the decoder awaits was admitted. */
+  #payloadSinceMs = 0;
   /** When the socket last took reply bytes, or when its queue went from empty to not empty. */
   #lastWriteMs = coarseNowMs();
 
-  constructor(id: number, socket: Socket, host: ConnectionHost, account: BudgetAccount, log: Logger) {
+  /** The TCP peer's address (undefined on a unix socket), for the per-address handshake bound. */
+  readonly peerAddress: string | undefined;
+
+  constructor(
+    id: number,
+    socket: Socket,
+    host: ConnectionHost,
+    account: BudgetAccount,
+    log: Logger,
+    peerAddress?: string,
+  ) {
     this.id = id;
+    this.peerAddress = peerAddress;
     this.#socket = socket;
     this.#directory = host;
     this.#account = account;
@@ -239,11 +252,6 @@ export class NbdConnection {
 
   get exportName(): string | null {
     return this.#export?.name ?? null;
-  }
-
-  /** True once an export was chosen (the connection holds a transmission slot). */
-  get inTransmission(): boolean {
-    return this.#export !== null;
   }
 
   /** Requests received and not yet answered, oldest first. */
@@ -288,7 +296,7 @@ export class NbdConnection {
       this.#log.warn({ unsentBytes: this.#socket.writableLength }, "client stopped reading replies; closing");
       return this.#destroy();
     }
-    if (this.#decoder.awaitingPayload && nowMs - this.#lastReadMs > L.PEER_STALL_TIMEOUT_MS) {
+    if (this.#decoder.awaitingPayload && nowMs - this.#payloadSinceMs > L.PEER_STALL_TIMEOUT_MS) {
       this.#log.warn({}, "client stopped in the middle of a write payload; closing");
       return this.#destroy();
     }
@@ -647,6 +655,7 @@ export class NbdConnection {
     }
     this.#slots++;
     this.#admittedBytes = need;
+    if (h.type === C.NBD_CMD_WRITE) this.#payloadSinceMs = coarseNowMs();
     this.#lastActivityMs = coarseNowMs();
     return true;
   };

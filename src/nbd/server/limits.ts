@@ -45,8 +45,10 @@ export const BUFFER_MEMORY_MIN_BYTES = 80 * MiB;
 /** Per connection, set aside from the budget (at most half of it in all): small requests never wait. */
 export const BUFFER_RESERVED_BYTES = 1 * MiB;
 /**
- * A client that leaves replies unread, or a write payload unfinished, for this long is dropped: it
- * holds budget that other clients wait for. (Reading replies slowly is fine: any progress counts.)
+ * A client that takes no reply for this long while replies wait, or has not finished a write payload
+ * this long after its header, is dropped: it holds budget that other clients wait for. The payload
+ * bound runs from the header, not from the last byte, so trickling a byte at a time does not extend
+ * it (a 32 MiB payload needs about 1 MB/s).
  */
 export const PEER_STALL_TIMEOUT_MS = 30_000;
 /** How often the server looks for stalled peers. */

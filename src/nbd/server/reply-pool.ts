@@ -27,7 +27,8 @@ export const REPLY_POOL_SMALL_IDLE_BYTES_MAX = 8 * MiB;
  */
 export const REPLY_POOL_IDLE_BYTES_MAX = 2 * (32 * MiB + 64 * KiB);
 
-const free = new Map<number, Buffer[]>();
+/** Idle allocations by size; a Buffer view is made only when one is taken. */
+const free = new Map<number, ArrayBuffer[]>();
 let smallIdleBytes = 0;
 let largeIdleBytes = 0;
 
@@ -38,7 +39,7 @@ export function replyAllocationBytes(n: number): number {
   return Math.ceil(n / granule) * granule;
 }
 
-function pop(cls: number): Buffer | undefined {
+function pop(cls: number): ArrayBuffer | undefined {
   const b = free.get(cls)?.pop();
   if (b === undefined) return undefined;
   if (cls < LARGE_CLASS_BYTES_MIN) smallIdleBytes -= cls;
@@ -62,7 +63,8 @@ export function takeReplyBuffer(n: number): Buffer {
       }
     }
   }
-  return (whole ?? Buffer.allocUnsafeSlow(cls)).subarray(0, n);
+  if (whole === undefined) return Buffer.allocUnsafeSlow(cls).subarray(0, n);
+  return Buffer.from(whole, 0, n);
 }
 
 /** Gives a buffer from takeReplyBuffer back once nothing reads it any more. */
@@ -79,5 +81,5 @@ export function giveReplyBuffer(b: Buffer): void {
   }
   let list = free.get(size);
   if (!list) free.set(size, (list = []));
-  list.push(Buffer.from(b.buffer, 0, size));
+  list.push(b.buffer as ArrayBuffer);
 }

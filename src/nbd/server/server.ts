@@ -46,7 +46,6 @@ export class NbdServer implements ConnectionHost {
   readonly #transmitting = new Set<NbdConnection>();
   /** TCP handshakes by the peer's address. */
   readonly #handshakesByAddress = new Map<string, Set<NbdConnection>>();
-  readonly #addressOf = new Map<NbdConnection, string>();
   readonly #servers: net.Server[] = [];
   readonly #log: Logger;
   readonly #unixPaths: OwnedSocket[] = [];
@@ -55,7 +54,6 @@ export class NbdServer implements ConnectionHost {
   readonly tls: ServerTls | null;
   readonly #stallTimer: NodeJS.Timeout;
   #nextConnectionId = 1;
-  #evictions = 0;
 
   constructor(log: Logger, options: NbdServerOptions = {}) {
     this.#log = log;
@@ -65,7 +63,8 @@ export class NbdServer implements ConnectionHost {
     }
     // Builds the secure context now: bad credentials fail the start, not the first client.
     this.tls = options.tls ? new ServerTls(options.tls) : null;
-    this.budget = new BufferBudget(bytes, L.CONNECTIONS_MAX + L.HANDSHAKES_MAX, L.BUFFER_RESERVED_BYTES);
+    // Only connections in transmission send requests, so only they need a reserved share.
+    this.budget = new BufferBudget(bytes, L.CONNECTIONS_MAX, L.BUFFER_RESERVED_BYTES);
     this.#stallTimer = setInterval(() => {
       const now = coarseNowMs();
       for (const c of this.#transmitting) c.checkStalled(now);
@@ -92,11 +91,6 @@ export class NbdServer implements ConnectionHost {
 
   get connectionCount(): number {
     return this.#connections.size;
-  }
-
-  /** Connections evicted so far (handshake bound or idle eviction). */
-  get evictions(): number {
-    return this.#evictions;
   }
 
   /** Every connection with its requests received and not yet answered. */
@@ -135,7 +129,6 @@ export class NbdServer implements ConnectionHost {
       }
     }
     if (best === null) return false;
-    this.#evictions++;
     best.evict(`idle for ${bestIdle} ms while the server is full`);
     this.#transmitting.delete(best);
     return true;
@@ -157,18 +150,14 @@ export class NbdServer implements ConnectionHost {
         victim = c;
     }
     this.#forgetHandshake(victim!);
-    this.#evictions++;
     victim!.evict(`handshake not finished; ${L.HANDSHAKES_MAX} handshakes in progress`);
   }
 
   #forgetHandshake(c: NbdConnection): void {
-    this.#handshaking.delete(c);
-    const address = this.#addressOf.get(c);
-    if (address === undefined) return;
-    this.#addressOf.delete(c);
-    const set = this.#handshakesByAddress.get(address)!;
+    if (!this.#handshaking.delete(c) || c.peerAddress === undefined) return;
+    const set = this.#handshakesByAddress.get(c.peerAddress)!;
     set.delete(c);
-    if (set.size === 0) this.#handshakesByAddress.delete(address);
+    if (set.size === 0) this.#handshakesByAddress.delete(c.peerAddress);
   }
 
   onClosed(c: NbdConnection): void {
@@ -218,11 +207,10 @@ export class NbdServer implements ConnectionHost {
     const socket = startReading(accepted, (chunk) => connection!.onData(chunk));
     // TCP only: a peer that vanished without a FIN is found by keepalive probes.
     if (socket.remoteAddress !== undefined) socket.setKeepAlive(true, L.PEER_STALL_TIMEOUT_MS);
-    connection = new NbdConnection(id, socket, this, this.budget.open(), log);
+    connection = new NbdConnection(id, socket, this, this.budget.open(), log, address);
     this.#connections.add(connection);
     this.#handshaking.add(connection);
     if (address !== undefined) {
-      this.#addressOf.set(connection, address);
       let set = this.#handshakesByAddress.get(address);
       if (!set) this.#handshakesByAddress.set(address, (set = new Set()));
       set.add(connection);

@@ -67,10 +67,6 @@ class SlabPool {
     return s;
   }
 
-  get liveSlabs(): number {
-    return this.#bySlab.size;
-  }
-
   retire(s: Slab): void {
     s.current = false;
     if (s.oneShot) return;
@@ -94,11 +90,6 @@ class SlabPool {
 }
 
 const pool = new SlabPool();
-
-/** Slabs alive now (for tests and the memory figures). */
-export function liveSlabs(): number {
-  return pool.liveSlabs;
-}
 
 /** What the connection uses to retain and release the buffers it reads. */
 export const slabTracker: ChunkTracker = {

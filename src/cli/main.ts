@@ -83,6 +83,11 @@ function tlsConfig(opts: ServeOptions): ServerTlsConfig | undefined {
     throw new InvalidArgumentError(`--tls ${mode} needs credentials: --tls-creds DIR or --tls-psk FILE`);
   if (opts.tlsAuthz && mode === "off")
     throw new InvalidArgumentError("--tls-authz needs TLS: --tls-creds DIR or --tls-psk FILE");
+  // With --tls on a plaintext client never meets the peer checks, so they would check nothing.
+  if (mode === "on" && (opts.tlsAuthz || opts.tlsVerifyPeer))
+    throw new InvalidArgumentError(
+      `${opts.tlsAuthz ? "--tls-authz" : "--tls-verify-peer"} needs --tls require: with --tls on, a plaintext client would skip it`,
+    );
   if (mode === "off") return undefined;
   const authz = opts.tlsAuthz ?? null;
   // A certificate subject means something only once the certificate is verified.

@@ -294,6 +294,15 @@ test("bad credentials stop the start with a message naming the file", async (t) 
     [["--tls-verify-peer"], /needs --tls-creds/],
     [["--tls-authz", "alice"], /--tls-authz needs TLS/],
     [["--tls-psk", join(dir, "none.psk")], /PSK file .* does not exist/],
+    // With --tls on a plaintext client would never meet these checks.
+    [
+      ["--tls-creds", creds.noClientCert.dir, "--tls", "on", "--tls-authz", "CN=alice"],
+      /--tls-authz needs --tls require/,
+    ],
+    [
+      ["--tls-creds", creds.noClientCert.dir, "--tls", "on", "--tls-verify-peer"],
+      /--tls-verify-peer needs --tls require/,
+    ],
   ];
   for (const [args, message] of cases) {
     const r = await run(process.execPath, [CLI, "serve", "--socket", join(dir, "s.sock"), ...args], {
@@ -491,6 +500,30 @@ test("an export added over QMP (block-export-add) has the server's TLS setting",
 });
 
 // ---- hostile handshakes ---------------------------------------------------------------------------
+
+test("a TLS 1.2 client that renegotiates past Node's limit loses its session; others are served", async (t) => {
+  const { daemon } = await serve(t, ["--tls-creds", creds.good.dir]);
+  const raw = await rawClient(daemon);
+  const secure = await raw.startTls({ ...clientTls(creds.good.dir), maxVersion: "TLSv1.2" });
+  // Node allows 3 renegotiations in 10 minutes; each one costs the server a full handshake.
+  const renegotiate = (): Promise<Error | null> =>
+    new Promise((resolve) => {
+      if (secure.destroyed) return resolve(new Error("closed"));
+      // A server that ends the session answers no renegotiation: the close settles it.
+      secure.once("close", () => resolve(new Error("closed")));
+      const ok = secure.renegotiate({}, (err) => resolve(err ?? null));
+      if (!ok) resolve(new Error("renegotiate refused locally"));
+    });
+  let attempts = 0;
+  while (!raw.ended && !secure.destroyed && attempts < 20) {
+    attempts++;
+    await renegotiate();
+  }
+  await raw.whenClosed();
+  assert.ok(attempts <= 6, `the server ended the session after ${attempts} renegotiations`);
+  const honest = await nbdinfo(x509Uri(daemon, creds.good.dir));
+  assert.equal(honest.code, 0, `an honest client is served: ${honest.stderr}`);
+});
 
 test("STARTTLS twice gets ERR_INVALID over TLS; options negotiated before STARTTLS are forgotten", async (t) => {
   const { daemon } = await serve(t, ["--tls-creds", creds.good.dir, "--tls", "on"]);

@@ -72,6 +72,8 @@ export class FileDriver implements BlockDriver {
   readonly path: string;
   /** Device and inode of the open file. */
   readonly fileId: FileId;
+  /** This open created the file (an O_EXCL create succeeded). */
+  readonly createdFile: boolean;
   /** The permissions this open holds and shares; `locked` says whether they are locked on the file. */
   readonly permissions: ImagePermissions;
   readonly locked: boolean;
@@ -90,8 +92,10 @@ export class FileDriver implements BlockDriver {
     asyncOnly: boolean,
     permissions: ImagePermissions,
     locked: boolean,
+    createdFile: boolean,
   ) {
     this.path = path;
+    this.createdFile = createdFile;
     this.fileId = fileIdOf(st);
     this.permissions = permissions;
     this.locked = locked;
@@ -120,15 +124,29 @@ export class FileDriver implements BlockDriver {
     if (options.forceShare && !readOnly) {
       throw new BlockError("EINVAL", "force-share=on can only be used with read-only images");
     }
-    const { O_RDONLY, O_RDWR, O_CREAT } = fs.constants;
+    const { O_RDONLY, O_RDWR, O_CREAT, O_EXCL } = fs.constants;
     let fd: number;
+    // Whether this open made the file (O_EXCL says so for certain): only then may anyone remove it.
+    let createdFile = false;
     try {
-      fd = fs.openSync(path, readOnly ? O_RDONLY : O_RDWR | (options.create ? O_CREAT : 0), 0o644);
+      if (readOnly || !options.create) fd = fs.openSync(path, readOnly ? O_RDONLY : O_RDWR);
+      else {
+        try {
+          fd = fs.openSync(path, O_RDWR | O_CREAT | O_EXCL, 0o644);
+          createdFile = true;
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+          // There already (or a symlink, dangling or not): open it, creating through the link.
+          fd = fs.openSync(path, O_RDWR | O_CREAT, 0o644);
+        }
+      }
     } catch (err) {
       throw toBlockError(err);
     }
+    let id: FileId | undefined;
     try {
       const st = fs.fstatSync(fd, { bigint: true });
+      id = fileIdOf(st);
       if (!st.isFile()) throw new BlockError("EINVAL", `${path}: not a regular file`);
       const permissions = imagePermissions({
         readOnly,
@@ -136,8 +154,10 @@ export class FileDriver implements BlockDriver {
         resize: options.create,
       });
       const locked = lockImage(fd, path, permissions);
-      return new FileDriver(path, fd, st, options.asyncOnly ?? false, permissions, locked);
+      return new FileDriver(path, fd, st, options.asyncOnly ?? false, permissions, locked, createdFile);
     } catch (err) {
+      // A file this open created is removed again, if the path still names it.
+      if (createdFile && id !== undefined && fileIdAt(path) === id) fs.rmSync(path, { force: true });
       fs.closeSync(fd);
       throw toBlockError(err);
     }
@@ -228,7 +248,8 @@ export class FileDriver implements BlockDriver {
   async pwriteZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
     if (!native) throw new BlockError("ENOTSUP", "write-zeroes needs the native addon");
     let r = -EOPNOTSUPP;
-    if (flags.mayTrim) {
+    // Once the filesystem has said it cannot punch holes, don't ask again on every request.
+    if (flags.mayTrim && !this.#punchUnsupported) {
       r = native.punchHole(this.#fd, offset, length);
       if (r === -EOPNOTSUPP) this.#punchUnsupported = true;
     }
@@ -238,7 +259,7 @@ export class FileDriver implements BlockDriver {
   }
 
   async pdiscard(offset: number, length: number): Promise<void> {
-    if (!native) return;
+    if (!native || this.#punchUnsupported) return;
     const r = native.punchHole(this.#fd, offset, length);
     // Discard is advisory: a filesystem without hole punching keeps the data, which is allowed, but
     // from now on discard no longer promises zeros (capabilities.discardZeroes turns false before

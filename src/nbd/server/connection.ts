@@ -41,7 +41,7 @@ import { ServerDecoder, type ServerMessage } from "../protocol/decoder.js";
 import type { BudgetAccount } from "./buffer-budget.js";
 import * as L from "./limits.js";
 import { giveReplyBuffer, replyAllocationBytes, takeReplyBuffer } from "./reply-pool.js";
-import { slabTracker } from "./socket-reader.js";
+import { slabTracker, stopSlabReads } from "./socket-reader.js";
 import type { ServerTls, UpgradeResult } from "./tls-upgrade.js";
 
 export interface NbdExport {
@@ -372,6 +372,13 @@ export class NbdConnection {
       this.#log.warn({}, "too many options; closing");
       return this.#closeAfterInFlight();
     }
+    if (this.#tls === Tls.Starting) {
+      // Options decoded while the TLS handshake runs would pass neither the TLS-required gate nor
+      // authz. (Node emits "secure" before any decrypted data, so this is defence in depth.)
+      this.#log.warn({ option }, "option during the TLS handshake; closing");
+      this.#decoder.stop();
+      return this.#destroy();
+    }
     if (option !== C.NBD_OPT_ABORT && this.#tlsGate(option)) return;
     try {
       switch (option) {
@@ -490,6 +497,7 @@ export class NbdConnection {
   /** The ACK has left in clear: hand the socket to TLS. */
   #startTls(tls: ServerTls, raw: Socket): void {
     const secure = tls.upgrade(raw, (r) => this.#onTlsDone(r, secure));
+    stopSlabReads(raw);
     this.#socket = secure;
     this.#readingPaused = false;
     this.#listen(secure);

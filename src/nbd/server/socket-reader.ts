@@ -101,8 +101,11 @@ export const slabTracker: ChunkTracker = {
 class SlabReader {
   #slab: Slab = pool.acquire();
   #pos = 0;
+  #closed = false;
 
   next(): Buffer {
+    // Closed (the socket went to TLS, which reads into its own buffers): no slab is held any more.
+    if (this.#closed) return Buffer.allocUnsafe(FALLBACK_READ_BYTES);
     const slab = this.#slab;
     if (slab.oneShot ? this.#pos > 0 : READ_SLAB_BYTES - this.#pos < READ_SPACE_MIN_BYTES) {
       pool.retire(this.#slab);
@@ -117,9 +120,23 @@ class SlabReader {
     return space.subarray(0, n);
   }
 
+  /** Gives the current slab back; safe to call twice (a slab must never be recycled twice). */
   close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
     pool.retire(this.#slab);
   }
+}
+
+const readers = new WeakMap<net.Socket, SlabReader>();
+
+/**
+ * Ends slab reads on a socket from startReading whose reading has been taken over (STARTTLS: the
+ * TLS socket reads into buffers of its own). Without this its current slab stays checked out,
+ * unused, until the connection closes, and 32 TLS clients would hold every slab.
+ */
+export function stopSlabReads(socket: net.Socket): void {
+  readers.get(socket)?.close();
 }
 
 interface HandleInternals {
@@ -156,6 +173,7 @@ export function startReading(accepted: net.Socket, onChunk: (chunk: Buffer) => v
     },
   } as net.SocketConstructorOpts);
   socket.once("close", () => reader.close());
+  readers.set(socket, reader);
   socket.resume();
   return socket;
 }

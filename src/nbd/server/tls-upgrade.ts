@@ -96,6 +96,10 @@ export class ServerTls {
       settle({ ok: false, reason: "the client closed the connection during the TLS handshake" });
     socket.on("error", onError);
     socket.on("close", onClose);
+    // A TLSSocket made outside a tls.Server reports TLS errors after the handshake (a renegotiation
+    // past Node's limit, a corrupt record) only as the internal "_tlsError" event, and the session
+    // would go on: end it, as tls.Server does.
+    socket.on("_tlsError", (err: Error) => socket.destroy(err));
     socket.once("secure", () => settle(this.#checkPeer(socket)));
     return socket;
   }

@@ -9,7 +9,7 @@
  */
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { FileDriver } from "../../block/drivers/file.js";
+import { FileDriver, fileIdAt } from "../../block/drivers/file.js";
 import type { BlockGraph } from "../../graph/block-graph.js";
 import type { BlockNode } from "../../io/block-node.js";
 import { QmpError } from "../errors.js";
@@ -19,7 +19,7 @@ export interface DriveTarget {
   readonly driver: FileDriver;
   /** Whether this command created the file (so it may give it the source's allocation). */
   readonly created: boolean;
-  /** Removes the file if this command created it and it did not exist before (a job that never ran). */
+  /** Removes the file if this command created it and the path still names it (a job that never ran). */
   removeCreated(): void;
 }
 
@@ -49,32 +49,33 @@ export async function openDriveTarget(
   refuseInUse(graph.nodesUsingFile(filename));
   let driver: FileDriver;
   try {
+    // A failed open removes a file it created itself, and nothing else.
     driver = FileDriver.open(filename, { create: mode === "absolute-paths" });
   } catch (err) {
-    if (!existed) fs.rmSync(filename, { force: true });
     throw new QmpError("GenericError", `Could not open '${filename}': ${(err as Error).message}`);
   }
-  let created = false;
+  // Only a file this command created is removed, and only while the path still names it: a file
+  // that existed, or appeared (another process creating it) between the checks, is never deleted.
   const removeCreated = (): void => {
-    if (created && !existed) fs.rmSync(filename, { force: true });
+    if (driver.createdFile && fileIdAt(filename) === driver.fileId) fs.rmSync(filename, { force: true });
   };
+  const created = mode === "absolute-paths";
   try {
     // The path may have been pointed elsewhere between the stat and the open.
     refuseInUse(graph.nodesWithFile(driver.fileId));
-    if (mode === "absolute-paths") {
-      created = true;
+    if (created) {
       driver.truncate(0);
       driver.truncate(size);
     }
   } catch (err) {
+    removeCreated();
     await driver.close();
-    if (!existed) fs.rmSync(filename, { force: true });
     if (err instanceof QmpError) throw err;
     throw new QmpError("GenericError", `Could not create '${filename}': ${(err as Error).message}`);
   }
   if (driver.size() !== size) {
-    await driver.close();
     removeCreated();
+    await driver.close();
     throw new QmpError(
       "GenericError",
       `Source and target image have different sizes (${size} and ${driver.size()})`,

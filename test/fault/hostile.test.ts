@@ -422,7 +422,8 @@ describe("hostile clients", { timeout: 300_000 }, () => {
         trickleDroppedAfter < PEER_STALL_TIMEOUT_MS + 10_000,
       `the trickling writer was dropped after ${trickleDroppedAfter} ms`,
     );
-    assert.match(trickleDaemon.stderr(), /client stopped in the middle of a write payload; closing/);
+    // The log is written asynchronously: wait for the line rather than read it at once.
+    await trickleDaemon.waitForStderr(/client stopped in the middle of a write payload; closing/);
     // Its budget came back: a client can take the largest reads again.
     const { client } = await openExport(daemon.socket);
     t.after(() => client.destroy());

@@ -8,7 +8,7 @@ import pino from "pino";
 import { FileDriver } from "../block/drivers/file.js";
 import { formatSize, parseSize } from "../core/units.js";
 import { Daemon, NULL_IMAGE, type ServeConfig } from "../daemon/daemon.js";
-import type { ServerTlsConfig, TlsMode } from "../nbd/server/tls-upgrade.js";
+import { listedPeers, type ServerTlsConfig, type TlsMode } from "../nbd/server/tls-upgrade.js";
 import { loadPsk, loadX509 } from "../nbd/tls/credentials.js";
 import type { Logger } from "../core/log.js";
 import { addTapCommand } from "./tap.js";
@@ -89,7 +89,7 @@ function tlsConfig(opts: ServeOptions): ServerTlsConfig | undefined {
       `${opts.tlsAuthz ? "--tls-authz" : "--tls-verify-peer"} needs --tls require: with --tls on, a plaintext client would skip it`,
     );
   if (mode === "off") return undefined;
-  const authz = opts.tlsAuthz ?? null;
+  const authz = opts.tlsAuthz ? listedPeers(opts.tlsAuthz) : null;
   // A certificate subject means something only once the certificate is verified.
   const creds =
     opts.tlsPsk !== undefined

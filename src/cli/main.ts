@@ -16,6 +16,7 @@ import { addJournalCommands } from "./journal-commands.js";
 import { addQmpCommands, DEFAULT_QMP_SOCKET } from "./qmp-commands.js";
 import { addVerifyCommand } from "./verify-command.js";
 import { addMirrorCommand } from "./mirror-command.js";
+import { storageDaemonMain } from "./storage-daemon.js";
 
 const DEFAULT_SIZE = "1G";
 const DEFAULT_PORT = 10809;
@@ -265,10 +266,19 @@ program
     }
   });
 
+// Listed for --help; the arguments are QSD's, parsed by storage-daemon.ts, not by commander.
+program
+  .command("storage-daemon")
+  .description(
+    "qemu-storage-daemon's command line (--blockdev, --nbd-server, --export, --object, --chardev, --monitor, --pidfile, --daemonize); -h lists it",
+  )
+  .allowUnknownOption();
+
 addQmpCommands(program);
 addJournalCommands(program);
 addTapCommand(program);
 addMirrorCommand(program);
 addVerifyCommand(program);
 
-await program.parseAsync(process.argv);
+if (process.argv[2] === "storage-daemon") await storageDaemonMain(process.argv.slice(3));
+else await program.parseAsync(process.argv);

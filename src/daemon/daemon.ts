@@ -75,6 +75,39 @@ export function isLoopback(host: string): boolean {
   return h === "::1" || h.startsWith("::ffff:127.");
 }
 
+/**
+ * A QMP monitor over the graph on a unix socket: every command, `quit` (which calls onQuit after
+ * answering), and the graph's events. Several monitors may serve one graph; each gets every event.
+ */
+export async function openMonitor(
+  graph: BlockGraph,
+  path: string,
+  log: Logger,
+  onQuit?: () => void,
+): Promise<QmpServer> {
+  const qmp = new QmpServer({ log: log.child({ part: "qmp" }), version: DRIVETAP_VERSION });
+  registerCommands(qmp, graph);
+  qmp.register(
+    defineCommand({
+      name: "quit",
+      args: {},
+      // Answer first, then stop as for SIGTERM (in-flight requests finish, jobs end, flush).
+      handler: () => {
+        if (onQuit) setImmediate(onQuit);
+        return {};
+      },
+    }),
+  );
+  const unsubscribe = graph.events.on((event, data) => qmp.emitEvent(event, data));
+  try {
+    await qmp.listen(path);
+  } catch (err) {
+    unsubscribe();
+    throw err;
+  }
+  return qmp;
+}
+
 export class Daemon {
   readonly graph: BlockGraph;
   /** The NBD server `serve` started (QMP's nbd-server-stop can stop it; see graph.nbd). */
@@ -131,25 +164,7 @@ export class Daemon {
         );
       }
       if (nbd.tls) config.log.info({ tls: nbd.tls.describe() }, "TLS");
-      if (config.qmpPath) {
-        qmp = new QmpServer({ log: config.log.child({ part: "qmp" }), version: DRIVETAP_VERSION });
-        registerCommands(qmp, graph);
-        const onQuit = config.onQuit;
-        qmp.register(
-          defineCommand({
-            name: "quit",
-            args: {},
-            // Answer first, then stop as for SIGTERM (in-flight requests finish, jobs end, flush).
-            handler: () => {
-              if (onQuit) setImmediate(onQuit);
-              return {};
-            },
-          }),
-        );
-        const server = qmp;
-        graph.events.on((event, data) => server.emitEvent(event, data));
-        await qmp.listen(config.qmpPath);
-      }
+      if (config.qmpPath) qmp = await openMonitor(graph, config.qmpPath, config.log, config.onQuit);
       config.log.info({ node: node.name, driver: driver.driverName, size: driver.size() }, "serving");
       return new Daemon(graph, nbd, qmp, node, address, nbdUri(address, config.exportName, nbd.tls !== null));
     } catch (err) {

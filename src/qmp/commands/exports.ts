@@ -2,10 +2,26 @@
 import { GraphError, type BlockGraph } from "../../graph/block-graph.js";
 import type { NamedBitmap } from "../../io/named-bitmaps.js";
 import { QmpError } from "../errors.js";
-import { validateArgs } from "../schema.js";
+import { validateArgs, type ArgsSpec } from "../schema.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
 import { checkNotBusy, lookupBitmap } from "./bitmaps.js";
 import { requireNode } from "./block.js";
+
+/** block-export-add's members (the command line's `--export` is typed by them too). */
+export const blockExportAddArgs = {
+  type: { type: "enum", values: ["nbd"] },
+  id: { type: "str" },
+  "node-name": { type: "str" },
+  name: { type: "str", optional: true },
+  description: { type: "str", optional: true },
+  writable: { type: "bool", optional: true },
+  writethrough: { type: "bool", optional: true },
+  "fixed-iothread": { type: "bool", optional: true },
+  iothread: { type: "str", optional: true },
+  /** Names of the node's bitmaps, or {node, name} (QEMU's BlockDirtyBitmapOrStr). */
+  bitmaps: { type: "array", items: { type: "any" }, optional: true },
+  "allocation-depth": { type: "bool", optional: true },
+} as const satisfies ArgsSpec;
 
 /** What block-export-add (and the legacy nbd-server-add) asks for. */
 export interface NbdExportRequest {
@@ -77,20 +93,7 @@ export function exportCommands(graph: BlockGraph): QmpCommandDef[] {
   return [
     defineCommand({
       name: "block-export-add",
-      args: {
-        type: { type: "enum", values: ["nbd"] },
-        id: { type: "str" },
-        "node-name": { type: "str" },
-        name: { type: "str", optional: true },
-        description: { type: "str", optional: true },
-        writable: { type: "bool", optional: true },
-        writethrough: { type: "bool", optional: true },
-        "fixed-iothread": { type: "bool", optional: true },
-        iothread: { type: "str", optional: true },
-        /** Names of the node's bitmaps, or {node, name} (QEMU's BlockDirtyBitmapOrStr). */
-        bitmaps: { type: "array", items: { type: "any" }, optional: true },
-        "allocation-depth": { type: "bool", optional: true },
-      },
+      args: blockExportAddArgs,
       handler: (args) => {
         addNbdExport(graph, {
           id: args.id,

@@ -12,6 +12,7 @@ import type { QmpEvent } from "../../src/qmp/client.js";
 import { CLI, makeImage, unixUri } from "../helpers/daemon.js";
 import { assertQmpError, connectQmp, MiB, pollUntil, seededBytes, serveWithQmp } from "../helpers/jobs.js";
 import { openExport } from "../helpers/raw-nbd.js";
+import { assertNothingLeft, pasteIntoShell, readmeSection } from "../helpers/readme.js";
 import { run, runOk, tempDir } from "../helpers/run.js";
 import { makePskFile } from "../helpers/tls-certs.js";
 
@@ -428,4 +429,14 @@ test("authz-simple and authz-list gate the NBD server's TLS peers; objects in us
   await q.execute("object-del", { id: "only-alice" });
   await q.execute("object-del", { id: "b-names" });
   await q.execute("object-del", { id: "tls0" });
+});
+
+test("the README's qemu-storage-daemon example, pasted into a shell, backs up an equal copy and stops", async (t) => {
+  const script = readmeSection("## Coming from qemu-storage-daemon");
+  assert.ok(script.includes("npx drivetap storage-daemon"));
+  const { dir, out, r } = await pasteIntoShell(t, script);
+  assert.equal(r.code, 0, `the pasted example\n${out}\n${r.stderr}`);
+  assert.match(out, /Images are identical\./);
+  await assertNothingLeft(dir);
+  assert.equal(existsSync(join(dir, "qsd.pid")), false, "quit removed the pid file");
 });

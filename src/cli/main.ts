@@ -8,7 +8,7 @@ import pino from "pino";
 import { FileDriver } from "../block/drivers/file.js";
 import { formatSize, parseSize } from "../core/units.js";
 import { Daemon, NULL_IMAGE, type ServeConfig } from "../daemon/daemon.js";
-import type { ServerTlsConfig, TlsMode } from "../nbd/server/tls-upgrade.js";
+import { listedPeers, type ServerTlsConfig, type TlsMode } from "../nbd/server/tls-upgrade.js";
 import { loadPsk, loadX509 } from "../nbd/tls/credentials.js";
 import type { Logger } from "../core/log.js";
 import { addTapCommand } from "./tap.js";
@@ -16,6 +16,7 @@ import { addJournalCommands } from "./journal-commands.js";
 import { addQmpCommands, DEFAULT_QMP_SOCKET } from "./qmp-commands.js";
 import { addVerifyCommand } from "./verify-command.js";
 import { addMirrorCommand } from "./mirror-command.js";
+import { storageDaemonMain } from "./storage-daemon.js";
 
 const DEFAULT_SIZE = "1G";
 const DEFAULT_PORT = 10809;
@@ -89,7 +90,7 @@ function tlsConfig(opts: ServeOptions): ServerTlsConfig | undefined {
       `${opts.tlsAuthz ? "--tls-authz" : "--tls-verify-peer"} needs --tls require: with --tls on, a plaintext client would skip it`,
     );
   if (mode === "off") return undefined;
-  const authz = opts.tlsAuthz ?? null;
+  const authz = opts.tlsAuthz ? listedPeers(opts.tlsAuthz) : null;
   // A certificate subject means something only once the certificate is verified.
   const creds =
     opts.tlsPsk !== undefined
@@ -265,10 +266,19 @@ program
     }
   });
 
+// Listed for --help; the arguments are QSD's, parsed by storage-daemon.ts, not by commander.
+program
+  .command("storage-daemon")
+  .description(
+    "qemu-storage-daemon's command line (--blockdev, --nbd-server, --export, --object, --chardev, --monitor, --pidfile, --daemonize); -h lists it",
+  )
+  .allowUnknownOption();
+
 addQmpCommands(program);
 addJournalCommands(program);
 addTapCommand(program);
 addMirrorCommand(program);
 addVerifyCommand(program);
 
-await program.parseAsync(process.argv);
+if (process.argv[2] === "storage-daemon") await storageDaemonMain(process.argv.slice(3));
+else await program.parseAsync(process.argv);

@@ -75,8 +75,42 @@ export function isLoopback(host: string): boolean {
   return h === "::1" || h.startsWith("::ffff:127.");
 }
 
+/**
+ * A QMP monitor over the graph on a unix socket: every command, `quit` (which calls onQuit after
+ * answering), and the graph's events. Several monitors may serve one graph; each gets every event.
+ */
+export async function openMonitor(
+  graph: BlockGraph,
+  path: string,
+  log: Logger,
+  onQuit?: () => void,
+): Promise<QmpServer> {
+  const qmp = new QmpServer({ log: log.child({ part: "qmp" }), version: DRIVETAP_VERSION });
+  registerCommands(qmp, graph);
+  qmp.register(
+    defineCommand({
+      name: "quit",
+      args: {},
+      // Answer first, then stop as for SIGTERM (in-flight requests finish, jobs end, flush).
+      handler: () => {
+        if (onQuit) setImmediate(onQuit);
+        return {};
+      },
+    }),
+  );
+  const unsubscribe = graph.events.on((event, data) => qmp.emitEvent(event, data));
+  try {
+    await qmp.listen(path);
+  } catch (err) {
+    unsubscribe();
+    throw err;
+  }
+  return qmp;
+}
+
 export class Daemon {
   readonly graph: BlockGraph;
+  /** The NBD server `serve` started (QMP's nbd-server-stop can stop it; see graph.nbd). */
   readonly nbd: NbdServer;
   readonly qmp: QmpServer | null;
   readonly node: BlockNode;
@@ -106,21 +140,21 @@ export class Daemon {
     const graph = new BlockGraph(config.log.child({ part: "graph" }));
     const filename = config.image === undefined || config.image === NULL_IMAGE ? undefined : config.image;
     graph.addNode(node, { driver: driver.driverName === "null" ? "null-co" : driver.driverName, filename });
-    const nbd = new NbdServer(config.log.child({ part: "nbd" }), {
-      bufferMemoryBytes: config.bufferMemoryBytes,
-      tls: config.tls,
-    });
-    graph.attachNbdServer(nbd);
-    graph.addExport({
-      id: SERVE_EXPORT_ID,
-      nodeName: node.name,
-      name: config.exportName,
-      description: config.description ?? `drivetap ${driver.driverName} disk`,
-      writable: !config.readOnly,
-    });
     let qmp: QmpServer | null = null;
     try {
-      const address = await nbd.listen(config.listen);
+      const address = await graph.nbd.start({
+        listen: config.listen,
+        bufferMemoryBytes: config.bufferMemoryBytes,
+        tls: config.tls,
+      });
+      const nbd = graph.nbd.server!;
+      graph.addExport({
+        id: SERVE_EXPORT_ID,
+        nodeName: node.name,
+        name: config.exportName,
+        description: config.description ?? `drivetap ${driver.driverName} disk`,
+        writable: !config.readOnly,
+      });
       if (address.type === "inet" && !isLoopback(address.host) && nbd.tls?.required !== true) {
         config.log.warn(
           { host: address.host, port: address.port, tls: nbd.tls === null ? "off" : "on" },
@@ -130,40 +164,26 @@ export class Daemon {
         );
       }
       if (nbd.tls) config.log.info({ tls: nbd.tls.describe() }, "TLS");
-      if (config.qmpPath) {
-        qmp = new QmpServer({ log: config.log.child({ part: "qmp" }), version: DRIVETAP_VERSION });
-        registerCommands(qmp, graph);
-        const onQuit = config.onQuit;
-        qmp.register(
-          defineCommand({
-            name: "quit",
-            args: {},
-            // Answer first, then stop as for SIGTERM (in-flight requests finish, jobs end, flush).
-            handler: () => {
-              if (onQuit) setImmediate(onQuit);
-              return {};
-            },
-          }),
-        );
-        const server = qmp;
-        graph.events.on((event, data) => server.emitEvent(event, data));
-        await qmp.listen(config.qmpPath);
-      }
+      if (config.qmpPath) qmp = await openMonitor(graph, config.qmpPath, config.log, config.onQuit);
       config.log.info({ node: node.name, driver: driver.driverName, size: driver.size() }, "serving");
       return new Daemon(graph, nbd, qmp, node, address, nbdUri(address, config.exportName, nbd.tls !== null));
     } catch (err) {
-      await nbd.close();
       await graph.closeAll();
       throw err;
     }
   }
 
-  /** Ends jobs, finishes in-flight requests, flushes, closes. Safe to call twice. */
+  /**
+   * Ends jobs, finishes in-flight requests, flushes, closes. The QMP socket closes last, so its
+   * clients see every export's BLOCK_EXPORT_DELETED. Safe to call twice.
+   */
   close(): Promise<void> {
     this.#closing ??= (async () => {
-      await this.nbd.close();
-      await this.graph.closeAll();
-      await this.qmp?.close();
+      try {
+        await this.graph.closeAll();
+      } finally {
+        await this.qmp?.close();
+      }
     })();
     return this.#closing;
   }

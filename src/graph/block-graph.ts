@@ -16,6 +16,7 @@ import type { BlockNode } from "../io/block-node.js";
 import { BitmapRegistry, type NamedBitmap } from "../io/named-bitmaps.js";
 import type { Job } from "../jobs/job.js";
 import type { NbdServer } from "../nbd/server/server.js";
+import { NbdService } from "./nbd-service.js";
 import { ObjectRegistry } from "./objects.js";
 
 /** A graph operation refused for a reason the user can fix (busy node, duplicate name). */
@@ -74,7 +75,10 @@ export class BlockGraph {
   readonly #nodes = new Map<string, NodeEntry>();
   readonly #exports = new Map<string, ExportRecord>();
   readonly #jobs = new Map<string, Job>();
-  #nbd: NbdServer | null = null;
+  /** The NBD server, started and stopped while the daemon runs. */
+  readonly nbd: NbdService;
+  /** Exports being removed (their connections closing): still listed, as shutting down. */
+  readonly #removing = new Map<string, Promise<void>>();
   /** Named dirty bitmaps of every node; persistent ones are loaded when their image is added. */
   readonly bitmaps: BitmapRegistry;
   readonly #exportReleases = new Map<string, Array<() => void>>();
@@ -84,6 +88,7 @@ export class BlockGraph {
   constructor(log: Logger = silentLogger) {
     this.log = log;
     this.bitmaps = new BitmapRegistry(log);
+    this.nbd = new NbdService(this, log.child({ part: "nbd" }));
   }
 
   // ---- nodes ---------------------------------------------------------------------------------------
@@ -185,23 +190,21 @@ export class BlockGraph {
 
   // ---- exports -------------------------------------------------------------------------------------
 
-  attachNbdServer(server: NbdServer): void {
-    this.#nbd = server;
-  }
-
   get nbdServer(): NbdServer | null {
-    return this.#nbd;
+    return this.nbd.server;
   }
 
   addExport(record: ExportRecord): void {
-    if (!this.#nbd) throw new Error("NBD server not running");
-    if (this.#exports.has(record.id)) throw new Error(`Block export id '${record.id}' is already in use`);
+    const nbd = this.nbd.server;
+    if (!nbd) throw new GraphError("NBD server not running");
+    if (this.#exports.has(record.id))
+      throw new GraphError(`Block export id '${record.id}' is already in use`);
     const node = this.getNode(record.nodeName);
-    if (!node) throw new Error(`Cannot find node-name='${record.nodeName}'`);
-    if (this.#nbd.findExport(record.name))
-      throw new Error(`NBD server already has export named '${record.name}'`);
+    if (!node) throw new GraphError(`Cannot find node-name='${record.nodeName}'`);
+    if (nbd.findExport(record.name))
+      throw new GraphError(`NBD server already has export named '${record.name}'`);
     this.claim(record.nodeName, `export:${record.id}`, `export ${record.id}`);
-    this.#nbd.addExport({
+    nbd.addExport({
       name: record.name,
       description: record.description,
       node,
@@ -212,14 +215,52 @@ export class BlockGraph {
     this.#exports.set(record.id, record);
   }
 
-  removeExport(id: string): void {
+  /**
+   * Removes an export as QEMU's block-export-del does. `safe` refuses while a client is connected to
+   * it; `hard` lets each connection finish its in-flight requests and closes it. New clients cannot
+   * find the export from the start; it is listed as shutting down until its last connection has
+   * closed, and then BLOCK_EXPORT_DELETED is emitted and the node is released. Without connections
+   * that happens before this returns. The promise resolves once the export is gone.
+   */
+  removeExport(id: string, mode: "safe" | "hard"): Promise<void> {
     const r = this.#exports.get(id);
-    if (!r) throw new Error(`Export '${id}' is not found`);
-    this.#nbd?.removeExport(r.name);
-    this.release(r.nodeName, `export:${id}`);
-    for (const release of this.#exportReleases.get(id) ?? []) release();
-    this.#exportReleases.delete(id);
-    this.#exports.delete(id);
+    if (!r) throw new GraphError(`Export '${id}' is not found`);
+    if (this.#removing.has(id)) throw new GraphError(`Export '${id}' is already shutting down`);
+    const nbd = this.nbd.server;
+    const served = nbd?.findExport(r.name);
+    if (mode === "safe" && nbd && served && nbd.activeConnectionsOf(served) > 0) {
+      throw new GraphError(`export '${id}' still in use (mode 'hard' disconnects its clients)`);
+    }
+    const finish = (): void => {
+      this.#removing.delete(id);
+      this.release(r.nodeName, `export:${id}`);
+      for (const release of this.#exportReleases.get(id) ?? []) release();
+      this.#exportReleases.delete(id);
+      this.#exports.delete(id);
+      this.events.emit("BLOCK_EXPORT_DELETED", { id });
+    };
+    if (!nbd || !served) {
+      finish();
+      return Promise.resolve();
+    }
+    nbd.removeExport(r.name);
+    if (nbd.connectionsOf(served) === 0) {
+      finish();
+      return Promise.resolve();
+    }
+    const done = nbd.closeConnectionsOf(served).then(finish);
+    this.#removing.set(id, done);
+    return done;
+  }
+
+  /** Whether an export is being removed and waits for its connections to close. */
+  exportShuttingDown(id: string): boolean {
+    return this.#removing.has(id);
+  }
+
+  /** Resolves once every export removal under way has finished. */
+  async exportsSettled(): Promise<void> {
+    await Promise.all([...this.#removing.values()]);
   }
 
   /**
@@ -231,7 +272,7 @@ export class BlockGraph {
     if (!target) throw new GraphError(`Cannot find node-name='${to}'`);
     for (const [id, r] of [...this.#exports]) {
       if (r.nodeName !== from) continue;
-      const e = this.#nbd?.findExport(r.name);
+      const e = this.nbd.server?.findExport(r.name);
       if (e) e.node = target.node;
       this.release(from, `export:${id}`);
       target.users.set(`export:${id}`, `export ${id}`);
@@ -269,10 +310,12 @@ export class BlockGraph {
   // ---- shutdown ------------------------------------------------------------------------------------
 
   /**
-   * Ends every job (a plain cancel: stream targets are brought in sync and flushed), then flushes
-   * and closes every node; throws the first flush error after closing all.
+   * Stops the NBD server (every export is removed, each with its BLOCK_EXPORT_DELETED, as QEMU does
+   * at exit), ends every job (a plain cancel: stream targets are brought in sync and flushed), then
+   * flushes and closes every node; throws the first flush error after closing all.
    */
   async closeAll(): Promise<void> {
+    if (this.nbd.server) await this.nbd.stop();
     for (const job of this.#jobs.values()) {
       try {
         job.cancel(false);

@@ -1,6 +1,7 @@
 /**
- * User-created objects (QMP `object-add` / `object-del`): for now only TLS credentials, which nbd
- * nodes name by id in `tls-creds`. Credentials are loaded and checked when the object is added, so
+ * User-created objects (QMP `object-add` / `object-del`): TLS credentials, which nbd nodes and the
+ * NBD server name by id in `tls-creds`, and authorization objects (authz.ts), which the NBD server
+ * names in `tls-authz`. Credentials are loaded and checked when the object is added, so
  * a missing file or a key that does not fit its certificate is reported then, naming the file, and
  * every later connect (and reconnect) uses what was loaded. The registry knows which nodes use an
  * object, so an object in use cannot be deleted under them.
@@ -15,6 +16,7 @@ import {
   type TlsCredentials,
   type TlsEndpoint,
 } from "../nbd/tls/credentials.js";
+import type { AuthzObject } from "./authz.js";
 
 /** An object operation refused for a reason the user can fix; messages are QEMU's where it has one. */
 export class ObjectError extends Error {}
@@ -62,8 +64,14 @@ export const QEMU_OBJECT_TYPES = [
 ] as const;
 
 /** The object types drivetap can create. */
-export const SUPPORTED_OBJECT_TYPES = ["tls-creds-x509", "tls-creds-psk"] as const;
-export type TlsCredsType = (typeof SUPPORTED_OBJECT_TYPES)[number];
+export const SUPPORTED_OBJECT_TYPES = [
+  "tls-creds-x509",
+  "tls-creds-psk",
+  "authz-simple",
+  "authz-list",
+] as const;
+export type SupportedObjectType = (typeof SUPPORTED_OBJECT_TYPES)[number];
+export type TlsCredsType = "tls-creds-x509" | "tls-creds-psk";
 
 /** Objects held at once; each is a few certificates in memory. */
 export const OBJECTS_MAX = 1024;
@@ -84,8 +92,10 @@ export interface TlsCredsProperties {
   readonly username?: string;
 }
 
+export type UserObject = TlsCredsObject | AuthzObject;
+
 interface Entry {
-  readonly object: TlsCredsObject;
+  readonly object: UserObject;
   /** user id ("node:tgt") -> why ("node tgt") */
   readonly users: Map<string, string>;
 }
@@ -126,7 +136,7 @@ export function loadTlsCreds(id: string, qomType: TlsCredsType, p: TlsCredsPrope
 export class ObjectRegistry {
   readonly #objects = new Map<string, Entry>();
 
-  add(object: TlsCredsObject): void {
+  add(object: UserObject): void {
     if (!OBJECT_ID_PATTERN.test(object.id)) {
       throw new ObjectError(`Parameter 'id' expects an identifier`);
     }
@@ -138,22 +148,31 @@ export class ObjectRegistry {
     this.#objects.set(object.id, { object, users: new Map() });
   }
 
-  get(id: string): TlsCredsObject | undefined {
+  get(id: string): UserObject | undefined {
     return this.#objects.get(id)?.object;
   }
 
-  list(): TlsCredsObject[] {
+  list(): UserObject[] {
     return [...this.#objects.values()].map((e) => e.object);
   }
 
   /** The credentials a user at `endpoint` may use, with QEMU's texts when they do not fit. */
   tlsCreds(id: string, endpoint: TlsEndpoint): TlsCredsObject {
-    const e = this.#objects.get(id);
-    if (!e) throw new ObjectError(`No TLS credentials with id '${id}'`);
-    if (e.object.creds.endpoint !== endpoint) {
+    const o = this.#objects.get(id)?.object;
+    if (!o) throw new ObjectError(`No TLS credentials with id '${id}'`);
+    if (!("creds" in o)) throw new ObjectError(`Object with id '${id}' is not TLS credentials`);
+    if (o.creds.endpoint !== endpoint) {
       throw new ObjectError(`Expected TLS credentials for a ${endpoint} endpoint`);
     }
-    return e.object;
+    return o;
+  }
+
+  /** The authorization object `tls-authz` names (QEMU finds it only at connect time, drivetap at once). */
+  authz(id: string): AuthzObject {
+    const o = this.#objects.get(id)?.object;
+    if (!o) throw new ObjectError(`Cannot find QAuthZ object '${id}'`);
+    if (!("allows" in o)) throw new ObjectError(`Object '${id}' is not a QAuthZ subclass`);
+    return o;
   }
 
   claim(id: string, user: string, why: string): void {

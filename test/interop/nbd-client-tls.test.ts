@@ -323,7 +323,7 @@ test("object-add and object-del: QEMU's errors, missing files named, objects in 
   await assertQmpError(
     add({ "qom-type": "secret", id: "s0" }),
     "GenericError",
-    "drivetap cannot create objects of type 'secret' (only tls-creds-x509, tls-creds-psk)",
+    "drivetap cannot create objects of type 'secret' (only tls-creds-x509, tls-creds-psk, authz-simple, authz-list)",
   );
   await assertQmpError(
     add({ "qom-type": "tls-creds-x509", id: "t" }),

@@ -254,6 +254,16 @@ export class NbdConnection {
     return this.#export?.name ?? null;
   }
 
+  /** The export this connection serves once its handshake chose one. */
+  get servedExport(): NbdExport | null {
+    return this.#export;
+  }
+
+  /** True once the connection takes no more requests (DISC, EOF, shutdown, protocol error). */
+  get closing(): boolean {
+    return this.#closing;
+  }
+
   /** Requests received and not yet answered, oldest first. */
   inFlight(): readonly InFlightRequest[] {
     const out: Request[] = [];

@@ -20,6 +20,12 @@ export interface NbdServerOptions {
   readonly bufferMemoryBytes?: number;
   /** TLS for every export of this server (NBD_OPT_STARTTLS); omitted: TLS off. */
   readonly tls?: ServerTlsConfig;
+  /**
+   * QMP's max-connections: connections (handshaking or transmitting) at once; 0 or omitted means
+   * only the server's own bounds (CONNECTIONS_MAX, HANDSHAKES_MAX). A connection past it is closed at
+   * accept: QEMU stops accepting instead, which leaves a client waiting without telling it why.
+   */
+  readonly maxConnections?: number;
 }
 
 /** One connection as `x-query-nbd-connections` shows it. */
@@ -53,10 +59,12 @@ export class NbdServer implements ConnectionHost {
   /** TLS offered on every connection (exports added later over QMP included), or null. */
   readonly tls: ServerTls | null;
   readonly #stallTimer: NodeJS.Timeout;
+  readonly #maxConnections: number;
   #nextConnectionId = 1;
 
   constructor(log: Logger, options: NbdServerOptions = {}) {
     this.#log = log;
+    this.#maxConnections = options.maxConnections ?? 0;
     const bytes = options.bufferMemoryBytes ?? L.BUFFER_MEMORY_DEFAULT_BYTES;
     if (bytes < L.BUFFER_MEMORY_MIN_BYTES) {
       throw new Error(`buffer memory ${bytes} is below the minimum of ${L.BUFFER_MEMORY_MIN_BYTES} bytes`);
@@ -79,6 +87,25 @@ export class NbdServer implements ConnectionHost {
 
   removeExport(name: string): boolean {
     return this.#exports.delete(name);
+  }
+
+  /** Connections serving export `e` that still take requests (not closing after DISC or EOF). */
+  activeConnectionsOf(e: NbdExport): number {
+    let n = 0;
+    for (const c of this.#connections) if (c.servedExport === e && !c.closing) n++;
+    return n;
+  }
+
+  /** Connections serving export `e`, closing ones included. */
+  connectionsOf(e: NbdExport): number {
+    let n = 0;
+    for (const c of this.#connections) if (c.servedExport === e) n++;
+    return n;
+  }
+
+  /** Ends every connection serving export `e`: in-flight requests finish, then each is closed. */
+  async closeConnectionsOf(e: NbdExport): Promise<void> {
+    await Promise.all([...this.#connections].filter((c) => c.servedExport === e).map((c) => c.shutdown()));
   }
 
   findExport(name: string): NbdExport | undefined {
@@ -190,6 +217,11 @@ export class NbdServer implements ConnectionHost {
   }
 
   #accept(accepted: net.Socket): void {
+    if (this.#maxConnections > 0 && this.#connections.size >= this.#maxConnections) {
+      this.#log.warn({ max: this.#maxConnections }, "client refused: max-connections reached");
+      accepted.destroy();
+      return;
+    }
     // TCP: one address gets at most HANDSHAKES_PER_ADDRESS_MAX of the handshake slots, so a flood
     // from one host churns only its own share. (Unix sockets have no address; their access control
     // is the socket file's mode.)

@@ -23,11 +23,33 @@ import {
 /** nbdkit's `--tls`: off (no TLS), on (TLS offered, plaintext allowed), require (STARTTLS first). */
 export type TlsMode = "off" | "on" | "require";
 
+/**
+ * Who may go on after the TLS handshake: `--tls-authz`'s list, or a QMP authz object. The identity
+ * is the client certificate's RFC 2253 subject DN or the PSK identity.
+ */
+export interface PeerAuthz {
+  allows(identity: string): boolean;
+  /** Names the rule in refusals and the start-up log ("--tls-authz", "authz-list 'auth0'"). */
+  readonly source: string;
+  /** For the start-up log: "2 authorized peers", "1 rule, default deny". */
+  describe(): string;
+}
+
+/** `--tls-authz NAME`, repeated: exactly these identities. */
+export function listedPeers(names: readonly string[]): PeerAuthz {
+  const set = new Set(names);
+  return {
+    allows: (identity) => set.has(identity),
+    source: "--tls-authz",
+    describe: () => `${set.size} authorized peers`,
+  };
+}
+
 export interface ServerTlsConfig {
   readonly mode: "on" | "require";
   readonly creds: TlsCredentials;
-  /** Peers accepted after the handshake (RFC 2253 subject DNs, or PSK identities); null: any. */
-  readonly authz: readonly string[] | null;
+  /** Peers accepted after the handshake; null: any. */
+  readonly authz: PeerAuthz | null;
 }
 
 /** How an upgrade ended: a usable session (perhaps refused by authz), or why it must close. */
@@ -42,13 +64,13 @@ interface VerifyHandle {
 export class ServerTls {
   readonly mode: "on" | "require";
   readonly creds: TlsCredentials;
-  readonly #authz: ReadonlySet<string> | null;
+  readonly #authz: PeerAuthz | null;
   readonly #options: tls.TLSSocketOptions;
 
   constructor(config: ServerTlsConfig) {
     this.mode = config.mode;
     this.creds = config.creds;
-    this.#authz = config.authz === null ? null : new Set(config.authz);
+    this.#authz = config.authz;
     const options = serverTlsOptions(config.creds);
     let secureContext: tls.SecureContext;
     try {
@@ -71,7 +93,7 @@ export class ServerTls {
       c.kind === "psk"
         ? `PSK (${c.file}, ${c.keys.size} identities)`
         : `x509 (${c.dir}${c.verifyPeer ? ", client certificates verified" : ""})`;
-    return `${what}, ${this.mode === "require" ? "required" : "optional"}${this.#authz ? `, ${this.#authz.size} authorized peers` : ""}`;
+    return `${what}, ${this.mode === "require" ? "required" : "optional"}${this.#authz ? `, ${this.#authz.describe()}` : ""}`;
   }
 
   /**
@@ -112,12 +134,13 @@ export class ServerTls {
     }
     const peer = tlsPeer(socket, c);
     if (this.#authz === null) return { ok: true, peer, refusal: null };
-    if (peer !== null && this.#authz.has(peer.name)) return { ok: true, peer, refusal: null };
+    if (peer !== null && this.#authz.allows(peer.name)) return { ok: true, peer, refusal: null };
     const who =
       peer === null
         ? "an unidentified peer"
         : `${peer.kind === "psk" ? "PSK identity" : "certificate subject"} '${peer.name}'`;
-    return { ok: true, peer, refusal: `TLS peer not authorized: ${who} is not in --tls-authz` };
+    const refusal = `TLS peer not authorized: ${who} is not in ${this.#authz.source}`;
+    return { ok: true, peer, refusal };
   }
 }
 

@@ -45,7 +45,8 @@ export function blockDeviceInfo(graph: BlockGraph, node: BlockNode): Record<stri
   };
 }
 
-const blockdevAddArgs = {
+/** blockdev-add's members (the command line's `--blockdev` is typed by them too). */
+export const blockdevAddArgs = {
   driver: { type: "enum", values: ["file", "raw", "memory", "null-co", "error-inject", "journal", "nbd"] },
   "node-name": { type: "str" },
   filename: { type: "str", optional: true },
@@ -56,6 +57,8 @@ const blockdevAddArgs = {
   /** file (and raw over an inline file): share every permission; read-only nodes only (QEMU's rule). */
   "force-share": { type: "bool", optional: true },
   discard: { type: "enum", values: ["ignore", "unmap"], optional: true },
+  /** file: QEMU's AIO backend; drivetap's file driver picks its own I/O path, so any value serves. */
+  aio: { type: "enum", values: ["threads", "native", "io_uring"], optional: true },
   cache: { type: "any", optional: true },
   "detect-zeroes": { type: "enum", values: ["off", "on", "unmap"], optional: true },
   "read-zeroes": { type: "bool", optional: true },

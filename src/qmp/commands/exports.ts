@@ -1,71 +1,108 @@
 /** NBD export commands: block-export-add, block-export-del, query-block-exports. */
-import type { BlockGraph } from "../../graph/block-graph.js";
+import { GraphError, type BlockGraph } from "../../graph/block-graph.js";
 import type { NamedBitmap } from "../../io/named-bitmaps.js";
 import { QmpError } from "../errors.js";
-import { validateArgs } from "../schema.js";
+import { validateArgs, type ArgsSpec } from "../schema.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
 import { checkNotBusy, lookupBitmap } from "./bitmaps.js";
 import { requireNode } from "./block.js";
+
+/** block-export-add's members (the command line's `--export` is typed by them too). */
+export const blockExportAddArgs = {
+  type: { type: "enum", values: ["nbd"] },
+  id: { type: "str" },
+  "node-name": { type: "str" },
+  name: { type: "str", optional: true },
+  description: { type: "str", optional: true },
+  writable: { type: "bool", optional: true },
+  writethrough: { type: "bool", optional: true },
+  "fixed-iothread": { type: "bool", optional: true },
+  iothread: { type: "str", optional: true },
+  /** Names of the node's bitmaps, or {node, name} (QEMU's BlockDirtyBitmapOrStr). */
+  bitmaps: { type: "array", items: { type: "any" }, optional: true },
+  "allocation-depth": { type: "bool", optional: true },
+} as const satisfies ArgsSpec;
+
+/** What block-export-add (and the legacy nbd-server-add) asks for. */
+export interface NbdExportRequest {
+  readonly id: string;
+  readonly nodeName: string;
+  readonly name?: string;
+  readonly description?: string;
+  readonly writable?: boolean;
+  /** Names of the node's bitmaps, or {node, name} (QEMU's BlockDirtyBitmapOrStr). */
+  readonly bitmaps?: readonly unknown[];
+}
+
+/** Adds an NBD export with QEMU's checks and texts; the server must be running. */
+export function addNbdExport(graph: BlockGraph, req: NbdExportRequest): void {
+  const node = requireNode(graph, req.nodeName);
+  if (!graph.nbdServer) throw new QmpError("GenericError", "NBD server not running");
+  if (req.writable && node.readOnly) {
+    throw new QmpError("GenericError", `Node '${node.name}' is read-only, cannot export writable`);
+  }
+  const bitmaps: NamedBitmap[] = [];
+  (req.bitmaps ?? []).forEach((b, i) => {
+    let bm: NamedBitmap | undefined;
+    if (typeof b === "string") {
+      bm = graph.bitmaps.find(node.name, b);
+      if (!bm) throw new QmpError("GenericError", `Bitmap '${b}' is not found`);
+    } else {
+      const ref = validateArgs({ node: { type: "str" }, name: { type: "str" } }, b, `bitmaps[${i}]`);
+      bm = lookupBitmap(graph, ref.node as string, ref.name as string);
+      if (bm.bits.sizeBytes !== node.size()) {
+        throw new QmpError("GenericError", `Bitmap '${bm.name}' does not cover node '${node.name}'`);
+      }
+    }
+    checkNotBusy(bm);
+    if (req.writable && bm.enabled) {
+      throw new QmpError("GenericError", `Enabled bitmap '${bm.name}' incompatible with writable export`);
+    }
+    if (bitmaps.includes(bm)) return;
+    bitmaps.push(bm);
+  });
+  try {
+    graph.addExport({
+      id: req.id,
+      nodeName: node.name,
+      name: req.name ?? node.name,
+      writable: req.writable ?? false,
+      description: req.description ?? "",
+      bitmaps,
+    });
+  } catch (err) {
+    if (err instanceof GraphError) throw new QmpError("GenericError", err.message);
+    throw err;
+  }
+}
+
+/**
+ * Starts removing an export (block-export-del, nbd-server-remove): the reply does not wait for its
+ * clients to close, BLOCK_EXPORT_DELETED says when it is gone.
+ */
+export function removeExport(graph: BlockGraph, id: string, mode: "safe" | "hard"): void {
+  try {
+    void graph.removeExport(id, mode);
+  } catch (err) {
+    if (err instanceof GraphError) throw new QmpError("GenericError", err.message);
+    throw err;
+  }
+}
 
 export function exportCommands(graph: BlockGraph): QmpCommandDef[] {
   return [
     defineCommand({
       name: "block-export-add",
-      args: {
-        type: { type: "enum", values: ["nbd"] },
-        id: { type: "str" },
-        "node-name": { type: "str" },
-        name: { type: "str", optional: true },
-        description: { type: "str", optional: true },
-        writable: { type: "bool", optional: true },
-        writethrough: { type: "bool", optional: true },
-        "fixed-iothread": { type: "bool", optional: true },
-        iothread: { type: "str", optional: true },
-        /** Names of the node's bitmaps, or {node, name} (QEMU's BlockDirtyBitmapOrStr). */
-        bitmaps: { type: "array", items: { type: "any" }, optional: true },
-        "allocation-depth": { type: "bool", optional: true },
-      },
+      args: blockExportAddArgs,
       handler: (args) => {
-        const node = requireNode(graph, args["node-name"]);
-        if (!graph.nbdServer) throw new QmpError("GenericError", "NBD server not running");
-        if (args.writable && node.readOnly) {
-          throw new QmpError("GenericError", `Node '${node.name}' is read-only, cannot export writable`);
-        }
-        const bitmaps: NamedBitmap[] = [];
-        (args.bitmaps ?? []).forEach((b, i) => {
-          let bm: NamedBitmap | undefined;
-          if (typeof b === "string") {
-            bm = graph.bitmaps.find(node.name, b);
-            if (!bm) throw new QmpError("GenericError", `Bitmap '${b}' is not found`);
-          } else {
-            const ref = validateArgs({ node: { type: "str" }, name: { type: "str" } }, b, `bitmaps[${i}]`);
-            bm = lookupBitmap(graph, ref.node as string, ref.name as string);
-            if (bm.bits.sizeBytes !== node.size()) {
-              throw new QmpError("GenericError", `Bitmap '${bm.name}' does not cover node '${node.name}'`);
-            }
-          }
-          checkNotBusy(bm);
-          if (args.writable && bm.enabled) {
-            throw new QmpError(
-              "GenericError",
-              `Enabled bitmap '${bm.name}' incompatible with writable export`,
-            );
-          }
-          if (bitmaps.includes(bm)) return;
-          bitmaps.push(bm);
+        addNbdExport(graph, {
+          id: args.id,
+          nodeName: args["node-name"],
+          name: args.name,
+          description: args.description,
+          writable: args.writable,
+          bitmaps: args.bitmaps,
         });
-        try {
-          graph.addExport({
-            id: args.id,
-            nodeName: node.name,
-            name: args.name ?? node.name,
-            writable: args.writable ?? false,
-            description: args.description ?? "",
-            bitmaps,
-          });
-        } catch (err) {
-          throw new QmpError("GenericError", (err as Error).message);
-        }
         return {};
       },
     }),
@@ -73,10 +110,7 @@ export function exportCommands(graph: BlockGraph): QmpCommandDef[] {
       name: "block-export-del",
       args: { id: { type: "str" }, mode: { type: "enum", values: ["safe", "hard"], optional: true } },
       handler: (args) => {
-        if (!graph.exports().some((e) => e.id === args.id)) {
-          throw new QmpError("GenericError", `Export '${args.id}' is not found`);
-        }
-        graph.removeExport(args.id);
+        removeExport(graph, args.id, args.mode ?? "safe");
         return {};
       },
     }),
@@ -104,9 +138,12 @@ export function exportCommands(graph: BlockGraph): QmpCommandDef[] {
       name: "query-block-exports",
       args: {},
       handler: () =>
-        graph
-          .exports()
-          .map((e) => ({ type: "nbd", id: e.id, "node-name": e.nodeName, "shutting-down": false })),
+        graph.exports().map((e) => ({
+          type: "nbd",
+          id: e.id,
+          "node-name": e.nodeName,
+          "shutting-down": graph.exportShuttingDown(e.id),
+        })),
     }),
   ];
 }

@@ -8,6 +8,7 @@ import { exportCommands } from "./exports.js";
 import { jobCommands } from "./jobs.js";
 import { journalCommands } from "./journal.js";
 import { mirrorCommands } from "./mirror.js";
+import { nbdServerCommands } from "./nbd-server.js";
 import { objectCommands } from "./objects.js";
 import { tapCommands } from "./tap.js";
 import { verifyCommands } from "./verify.js";
@@ -16,6 +17,7 @@ export function registerCommands(server: QmpServer, graph: BlockGraph): void {
   for (const def of [
     ...blockCommands(graph),
     ...exportCommands(graph),
+    ...nbdServerCommands(graph),
     ...jobCommands(graph),
     ...backupCommands(graph),
     ...bitmapCommands(graph),

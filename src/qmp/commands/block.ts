@@ -45,8 +45,11 @@ export function blockDeviceInfo(graph: BlockGraph, node: BlockNode): Record<stri
   };
 }
 
+/** The drivers blockdev-add opens (BlockdevDriver, as far as drivetap has them). */
+export const BLOCKDEV_DRIVERS = ["file", "raw", "memory", "null-co", "error-inject", "journal", "nbd"] as const;
+
 const blockdevAddArgs = {
-  driver: { type: "enum", values: ["file", "raw", "memory", "null-co", "error-inject", "journal", "nbd"] },
+  driver: { type: "enum", values: BLOCKDEV_DRIVERS },
   "node-name": { type: "str" },
   filename: { type: "str", optional: true },
   file: { type: "any", optional: true },

@@ -4,6 +4,7 @@ import type { QmpServer } from "../server.js";
 import { backupCommands } from "./backup.js";
 import { bitmapCommands } from "./bitmaps.js";
 import { blockCommands } from "./block.js";
+import { createCommands } from "./create.js";
 import { exportCommands } from "./exports.js";
 import { jobCommands } from "./jobs.js";
 import { journalCommands } from "./journal.js";
@@ -15,6 +16,7 @@ import { verifyCommands } from "./verify.js";
 export function registerCommands(server: QmpServer, graph: BlockGraph): void {
   for (const def of [
     ...blockCommands(graph),
+    ...createCommands(graph),
     ...exportCommands(graph),
     ...jobCommands(graph),
     ...backupCommands(graph),

@@ -248,7 +248,10 @@ export class FileDriver implements BlockDriver {
   #fallocate(from: number, to: number): void {
     if (to === from) return;
     // fallocate mode 0 reserves the blocks and extends the file to `to`.
-    const r = native && typeof native.allocate === "function" ? native.allocate(this.#fd, from, to - from) : -EOPNOTSUPP;
+    const r =
+      native && typeof native.allocate === "function"
+        ? native.allocate(this.#fd, from, to - from)
+        : -EOPNOTSUPP;
     if (r < 0) {
       throw new BlockError(
         r === -EOPNOTSUPP ? "ENOTSUP" : fromLinuxErrno(-r, "fallocate").code,
@@ -268,7 +271,10 @@ export class FileDriver implements BlockDriver {
         await this.#pwriteAsync(pos, [n === zeros.length ? zeros : zeros.subarray(0, n)], n);
       }
     } catch (err) {
-      throw new BlockError(toBlockError(err).code, `Could not write zeros for preallocation: ${systemErrorText(err)}`);
+      throw new BlockError(
+        toBlockError(err).code,
+        `Could not write zeros for preallocation: ${systemErrorText(err)}`,
+      );
     }
     try {
       await fdatasyncAsync(this.#fd);

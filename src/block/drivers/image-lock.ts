@@ -153,7 +153,12 @@ function lockBytes(p: ImagePermissions): number[] {
  * other open first; on a conflict only those are dropped again and `from` stays as it was. Returns
  * false (and changes nothing) when locking is unavailable.
  */
-export function updateImageLocks(fd: number, path: string, from: ImagePermissions, to: ImagePermissions): boolean {
+export function updateImageLocks(
+  fd: number,
+  path: string,
+  from: ImagePermissions,
+  to: ImagePermissions,
+): boolean {
   if (!imageLockingAvailable()) return false;
   const set = native!.ofdSetLock!;
   const test = native!.ofdTestLock!;

@@ -46,7 +46,15 @@ export function blockDeviceInfo(graph: BlockGraph, node: BlockNode): Record<stri
 }
 
 /** The drivers blockdev-add opens (BlockdevDriver, as far as drivetap has them). */
-export const BLOCKDEV_DRIVERS = ["file", "raw", "memory", "null-co", "error-inject", "journal", "nbd"] as const;
+export const BLOCKDEV_DRIVERS = [
+  "file",
+  "raw",
+  "memory",
+  "null-co",
+  "error-inject",
+  "journal",
+  "nbd",
+] as const;
 
 const blockdevAddArgs = {
   driver: { type: "enum", values: BLOCKDEV_DRIVERS },
@@ -80,6 +88,13 @@ const blockdevAddArgs = {
   /** nbd: seconds without a reply after which the link counts as dead (drivetap's). */
   "x-request-timeout": { type: "number", optional: true },
 } as const;
+
+/** The nodes query-block lists as devices: not internal (a job's target), not a parent's child. */
+export function topLevelNodes(graph: BlockGraph): BlockNode[] {
+  return graph
+    .nodes()
+    .filter((n) => !graph.isInternal(n.name) && !graph.usersOf(n.name).some((u) => u.startsWith("child of")));
+}
 
 export function blockCommands(graph: BlockGraph): QmpCommandDef[] {
   return [
@@ -119,18 +134,13 @@ export function blockCommands(graph: BlockGraph): QmpCommandDef[] {
       name: "query-block",
       args: {},
       handler: () =>
-        graph
-          .nodes()
-          .filter(
-            (n) => !graph.isInternal(n.name) && !graph.usersOf(n.name).some((u) => u.startsWith("child of")),
-          )
-          .map((n) => ({
-            device: n.name,
-            locked: false,
-            removable: false,
-            "io-status": "ok",
-            inserted: blockDeviceInfo(graph, n),
-          })),
+        topLevelNodes(graph).map((n) => ({
+          device: n.name,
+          locked: false,
+          removable: false,
+          "io-status": "ok",
+          inserted: blockDeviceInfo(graph, n),
+        })),
     }),
     defineCommand({
       name: "x-error-inject",

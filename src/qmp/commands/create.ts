@@ -60,7 +60,8 @@ function checkOptions(options: unknown): { creator: Creator; options: Record<str
     // QEMU's visitor names the tag without its path here.
     throw new QmpError("GenericError", `Parameter 'driver' does not accept value '${driver}'`);
   }
-  const { driver: _tag, ...members } = options;
+  const members = { ...options };
+  delete members.driver;
   const checked = validateArgs(creator?.args ?? {}, members, "options");
   if (!creator) throw new QmpError("GenericError", "Driver does not support blockdev-create");
   return { creator, options: checked };
@@ -71,7 +72,8 @@ export function createCommands(graph: BlockGraph): QmpCommandDef[] {
     // Any node, even a read-only one that shares everything: recreating truncates the file.
     refuseFile: (id, filename) => {
       const users = graph.nodesWithFile(id);
-      if (users.length > 0) throw new QmpError("GenericError", `'${filename}' is in use by node '${users[0]}'`);
+      if (users.length > 0)
+        throw new QmpError("GenericError", `'${filename}' is in use by node '${users[0]}'`);
     },
   };
   return [

@@ -520,3 +520,46 @@ test("query-blockstats counts what qemu-io did, with QEMU's members and types (c
     Object.keys(theirs["driver-specific"] as object).sort(),
   );
 });
+
+test("block_resize takes the resize lock: another process that does not share resize keeps the size", async (t) => {
+  const d = await served(t, MiB);
+  const image = join(d.dir, "shared.img");
+  writeFileSync(image, Buffer.alloc(MiB));
+  await d.qmp.execute("blockdev-add", { driver: "file", "node-name": "s", filename: image });
+  await d.qmp.execute("block_resize", { "node-name": "s", size: 2 * MiB });
+  // qemu-nbd -r reads the image and, like every qemu-nbd, refuses to share resize. --fork returns
+  // once it serves.
+  const pidfile = join(d.dir, "qemu-nbd.pid");
+  await runOk("qemu-nbd", [
+    "-r",
+    "-f",
+    "raw",
+    "--fork",
+    "--pid-file",
+    pidfile,
+    `--socket=${join(d.dir, "qn.sock")}`,
+    image,
+  ]);
+  t.after(() => {
+    try {
+      process.kill(Number(readFileSync(pidfile, "utf8")), "SIGKILL");
+    } catch {
+      // Already gone.
+    }
+  });
+  await assertQmpError(
+    d.qmp.execute("block_resize", { "node-name": "s", size: 4 * MiB }),
+    "GenericError",
+    `Failed to get "resize" lock. Is another process using the image [${image}]?`,
+  );
+  assert.equal(statSync(image).size, 2 * MiB);
+  // The node's own locks are as before: it still writes.
+  await d.qmp.execute("block-export-add", {
+    type: "nbd",
+    id: "es",
+    "node-name": "s",
+    name: "s",
+    writable: true,
+  });
+  await runOk("qemu-io", ["-f", "raw", unixUri(d.daemon.socket, "s"), "-c", "write -P 9 0 4k"]);
+});

@@ -61,8 +61,13 @@ export interface BlockDriver {
   readonly capabilities: DriverCapabilities;
   /** Present on drivers whose storage is remote. */
   readonly link?: RemoteLink;
-  /** Size in bytes; fixed for the life of the open driver. */
+  /** Size in bytes; it changes only through resize(). */
   size(): number;
+  /**
+   * Grows or shrinks the disk (block_resize). Absent on drivers that cannot (null, journal, the NBD
+   * client). The node calls it drained, with nothing in flight; grown space reads as zeros.
+   */
+  resize?(sizeBytes: number): Promise<void>;
   /** Fills `into` with the bytes at offset. The caller has checked bounds. */
   pread(offset: number, into: Buffer): Promise<void>;
   /** Writes the buffers back to back at offset. The buffers must not be changed by the driver. */

@@ -91,6 +91,54 @@ const LINUX_ERRNO: Readonly<Record<number, BlockErrorCode>> = {
   108: "ESHUTDOWN",
 };
 
+/**
+ * The C library's text for a system error (what QEMU prints after its own words, "Could not resize
+ * file: File too large"), from a Node system error's code or a BlockError's. Unknown codes fall back
+ * to the error's message.
+ */
+const STRERROR: Readonly<Record<string, string>> = {
+  EPERM: "Operation not permitted",
+  ENOENT: "No such file or directory",
+  EIO: "Input/output error",
+  ENOMEM: "Cannot allocate memory",
+  EACCES: "Permission denied",
+  EEXIST: "File exists",
+  ENOTDIR: "Not a directory",
+  EISDIR: "Is a directory",
+  EINVAL: "Invalid argument",
+  EFBIG: "File too large",
+  ENOSPC: "No space left on device",
+  EROFS: "Read-only file system",
+  ELOOP: "Too many levels of symbolic links",
+  ENAMETOOLONG: "File name too long",
+  EOVERFLOW: "Value too large for defined data type",
+  ENOTSUP: "Operation not supported",
+  EOPNOTSUPP: "Operation not supported",
+  EDQUOT: "Disk quota exceeded",
+};
+
+/** Linux errno numbers by name, for the addon's -errno results. */
+const ERRNO_NAMES: Readonly<Record<number, string>> = {
+  1: "EPERM",
+  5: "EIO",
+  12: "ENOMEM",
+  13: "EACCES",
+  22: "EINVAL",
+  27: "EFBIG",
+  28: "ENOSPC",
+  30: "EROFS",
+  75: "EOVERFLOW",
+  95: "EOPNOTSUPP",
+  122: "EDQUOT",
+};
+
+export function systemErrorText(err: unknown): string {
+  if (typeof err === "number") return STRERROR[ERRNO_NAMES[err] ?? ""] ?? `errno ${err}`;
+  const code = (err as { code?: unknown } | null)?.code;
+  if (typeof code === "string" && STRERROR[code]) return STRERROR[code];
+  return err instanceof Error ? err.message : String(err);
+}
+
 export function fromLinuxErrno(errno: number, what: string): BlockError {
   return new BlockError(LINUX_ERRNO[errno] ?? "EIO", `${what}: errno ${errno}`);
 }

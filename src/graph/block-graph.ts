@@ -174,6 +174,12 @@ export class BlockGraph {
     return [...(this.#nodes.get(nodeName)?.users.values() ?? [])];
   }
 
+  /** Why each job that uses the node uses it (jobs claim as `job:ID`). */
+  jobUsesOf(nodeName: string): string[] {
+    const users = this.#nodes.get(nodeName)?.users ?? new Map<string, string>();
+    return [...users].filter(([user]) => user.startsWith("job:")).map(([, why]) => why);
+  }
+
   /** Removes a node nobody uses and closes it. */
   async removeNode(name: string): Promise<void> {
     const e = this.#nodes.get(name);

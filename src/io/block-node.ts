@@ -5,12 +5,15 @@
  *   runs after-write hooks -> ends the tracked request.
  * It can drain (wait for everything in flight) and counts I/O. Jobs see and duplicate writes through
  * hooks; they never patch drivers. A range lock (lockRange) holds writes to a range out, for a caller
- * that must see both a node and a hook's copy of it settled (verify).
+ * that must see both a node and a hook's copy of it settled (verify). A drained section (drained,
+ * QEMU's bdrv_drained_begin/end) holds every new request back until what is in flight has ended and
+ * the section's work is done: resize runs in one.
  */
 import { BlockError, toBlockError } from "../core/errors.js";
 import { rangesOverlap } from "../core/ranges.js";
 import { MiB } from "../core/units.js";
 import type { BlockDriver, Extent, WriteFlags, ZeroFlags } from "../block/driver.js";
+import { BlockAccounting, type AcctKind } from "./block-accounting.js";
 import { TrackedRequest, type HookedKind, type RequestKind, type WriteHook } from "./tracked-request.js";
 
 /** Emulated write-zeroes writes this much at a time from one shared, never-written zero buffer. */
@@ -36,6 +39,17 @@ export interface BlockNodeOptions {
 }
 
 const NO_FLAGS: ZeroFlags = Object.freeze({});
+
+/** The accounting class of each request kind (none for block status and cache, as in QEMU). */
+const ACCT_KIND: Readonly<Record<RequestKind, AcctKind | null>> = {
+  read: "read",
+  write: "write",
+  zero: "write",
+  discard: "discard",
+  flush: "flush",
+  "block-status": null,
+  cache: null,
+};
 /** A settled promise to hand back when there is nothing to wait for. */
 const DONE: Promise<void> = Promise.resolve();
 
@@ -64,7 +78,11 @@ export class BlockNode {
     blockStatusOps: 0,
     failedOps: 0,
   };
+  /** Times, failed and invalid counts for query-blockstats. */
+  readonly acct = new BlockAccounting();
   readonly #inFlight = new Set<TrackedRequest>();
+  /** Set while a drained section runs: new requests wait for it. */
+  #drained: Promise<void> | null = null;
   #hooks: readonly WriteHook[] = [];
   #serialiseWrites = false;
   #serialisingInFlight = 0;
@@ -109,13 +127,17 @@ export class BlockNode {
   // ---- the public I/O verbs ------------------------------------------------------------------------
 
   async read(offset: number, into: Buffer): Promise<void> {
+    while (this.#drained) await this.#drained;
     this.#checkRange("read", offset, into.length);
     const req = this.#begin("read", offset, into.length, null, NO_FLAGS, false);
+    const t0 = BlockAccounting.now();
     try {
       await this.driver.pread(offset, into);
       this.stats.readOps++;
       this.stats.readBytes += into.length;
+      this.acct.done("read", t0);
     } catch (err) {
+      this.acct.failed("read", t0);
       throw this.#failed(err);
     } finally {
       this.#end(req);
@@ -127,6 +149,7 @@ export class BlockNode {
    * write (a stream job puts two nodes on the path). Errors still come back as rejections.
    */
   write(offset: number, data: readonly Buffer[], flags: WriteFlags = NO_FLAGS): Promise<void> {
+    if (this.#drained) return this.#drained.then(() => this.write(offset, data, flags));
     let length = 0;
     for (const b of data) length += b.length;
     try {
@@ -138,6 +161,7 @@ export class BlockNode {
   }
 
   writeZeroes(offset: number, length: number, flags: ZeroFlags = NO_FLAGS): Promise<void> {
+    if (this.#drained) return this.#drained.then(() => this.writeZeroes(offset, length, flags));
     try {
       this.#checkRange("zero", offset, length);
     } catch (err) {
@@ -147,17 +171,25 @@ export class BlockNode {
   }
 
   async discard(offset: number, length: number, flags: WriteFlags = NO_FLAGS): Promise<void> {
+    while (this.#drained) await this.#drained;
     this.#checkRange("discard", offset, length);
     await this.#mutate("discard", offset, length, null, flags);
   }
 
   async flush(): Promise<void> {
-    this.#checkOpen();
+    while (this.#drained) await this.#drained;
+    try {
+      this.#checkOpen();
+    } catch (err) {
+      this.acct.invalid("flush");
+      throw err;
+    }
     await this.#mutate("flush", 0, 0, null, NO_FLAGS);
   }
 
   /** Extents from offset, clamped to the disk's end; at least one, covering offset. */
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    while (this.#drained) await this.#drained;
     this.#checkOpen();
     const size = this.size();
     if (
@@ -187,6 +219,7 @@ export class BlockNode {
 
   /** Advisory prefetch; validates the range and reads it through the driver into scratch memory. */
   async cache(offset: number, length: number): Promise<void> {
+    while (this.#drained) await this.#drained;
     this.#checkRange("cache", offset, length);
     const req = this.#begin("cache", offset, length, null, NO_FLAGS, false);
     try {
@@ -210,6 +243,7 @@ export class BlockNode {
    * Earlier/later is by request id, so a lock and a write never wait for each other.
    */
   async lockRange(offset: number, length: number): Promise<() => void> {
+    while (this.#drained) await this.#drained;
     this.#checkRange("read", offset, length);
     if (length === 0) throw new BlockError("EINVAL", "cannot lock an empty range");
     let release!: () => void;
@@ -252,6 +286,37 @@ export class BlockNode {
     return new Promise((resolve) => this.#drainWaiters.push(resolve));
   }
 
+  /**
+   * Runs `work` with the node drained: requests that arrive meanwhile wait (before their bounds are
+   * checked, so they see the node as `work` left it), and `work` starts once everything in flight has
+   * ended. One section at a time. Nothing holding a range lock may call it (the lock's owner could
+   * wait on the section while the section waits on the writes queued behind the lock).
+   */
+  async drained<T>(work: () => Promise<T>): Promise<T> {
+    while (this.#drained) await this.#drained;
+    let end!: () => void;
+    this.#drained = new Promise<void>((resolve) => (end = resolve));
+    try {
+      await this.drain();
+      return await work();
+    } finally {
+      this.#drained = null;
+      end();
+    }
+  }
+
+  /**
+   * block_resize: grows or shrinks the disk in a drained section, so no request runs against the
+   * old size while it changes. Dirty bitmaps and exports are the caller's (the graph's) business.
+   */
+  async resize(sizeBytes: number): Promise<void> {
+    this.#checkOpen();
+    if (this.readOnly) throw new BlockError("EPERM", "Image is read-only");
+    const driver = this.driver;
+    if (!driver.resize) throw new BlockError("ENOTSUP", "Image format driver does not support resize");
+    await this.drained(() => driver.resize!(sizeBytes));
+  }
+
   /** Drains, then closes the driver. Later requests fail with ESHUTDOWN. */
   async close(): Promise<void> {
     if (this.#closed) return;
@@ -267,6 +332,16 @@ export class BlockNode {
   }
 
   #checkRange(kind: RequestKind, offset: number, length: number): void {
+    try {
+      this.#checkRangeOf(kind, offset, length);
+    } catch (err) {
+      const acct = ACCT_KIND[kind];
+      if (acct) this.acct.invalid(acct);
+      throw err;
+    }
+  }
+
+  #checkRangeOf(kind: RequestKind, offset: number, length: number): void {
     this.#checkOpen();
     if (kind !== "read" && kind !== "cache" && this.readOnly) {
       throw new BlockError("EPERM", `node ${this.name} is read-only`);
@@ -378,6 +453,8 @@ export class BlockNode {
       this.#count(kind, 0);
       return;
     }
+    const t0 = BlockAccounting.now();
+    const acctKind = ACCT_KIND[kind]!;
     const hooks = this.#hooks;
     const req = this.#begin(kind, offset, length, data, flags, kind !== "flush" && this.#serialiseWrites);
     try {
@@ -411,7 +488,10 @@ export class BlockNode {
       if (driverError) throw driverError;
       if (hookError !== undefined) throw hookError;
       this.#count(kind, length);
+      this.acct.done(acctKind, t0);
+      if (kind === "write" || kind === "zero") this.acct.wrote(offset + length);
     } catch (err) {
+      this.acct.failed(acctKind, t0);
       throw this.#failed(err);
     } finally {
       this.#end(req);

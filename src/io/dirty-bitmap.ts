@@ -5,18 +5,51 @@
  * the sidecar file stores.
  */
 import { assert } from "../core/assert.js";
+import { MiB } from "../core/units.js";
+
+/**
+ * Bit bytes one bitmap may take when a disk is resized (32 TiB at the default 64 KiB granularity):
+ * a hostile block_resize of a sparse memory disk to 2^53 bytes must not allocate gigabytes.
+ */
+export const DIRTY_BITMAP_BYTES_MAX = 64 * MiB;
+
+/** The bit bytes a bitmap of `granularity` needs for a disk of `sizeBytes`. */
+export function bitmapBytesFor(sizeBytes: number, granularity: number): number {
+  return Math.ceil(Math.ceil(sizeBytes / granularity) / 8);
+}
 
 export class DirtyBitmap {
   readonly granularity: number;
-  readonly sizeBytes: number;
-  readonly #bits: Uint8Array;
+  #sizeBytes: number;
+  #bits: Uint8Array;
   #count = 0;
 
   constructor(sizeBytes: number, granularity: number) {
     assert(granularity > 0 && (granularity & (granularity - 1)) === 0, "granularity must be a power of two");
     this.granularity = granularity;
-    this.sizeBytes = sizeBytes;
-    this.#bits = new Uint8Array(Math.ceil(Math.ceil(sizeBytes / granularity) / 8));
+    this.#sizeBytes = sizeBytes;
+    this.#bits = new Uint8Array(bitmapBytesFor(sizeBytes, granularity));
+  }
+
+  get sizeBytes(): number {
+    return this.#sizeBytes;
+  }
+
+  /**
+   * Follows a resized disk, as QEMU's bitmaps do: clusters past a new end are dropped, grown ones
+   * start clean (a resize writes no data), and clusters that remain keep their bits.
+   */
+  resize(sizeBytes: number): void {
+    const bits = new Uint8Array(bitmapBytesFor(sizeBytes, this.granularity));
+    bits.set(this.#bits.subarray(0, Math.min(bits.length, this.#bits.length)));
+    const clusters = Math.ceil(sizeBytes / this.granularity);
+    const tail = clusters & 7;
+    if (tail !== 0 && bits.length > 0) bits[bits.length - 1] &= (1 << tail) - 1;
+    let n = 0;
+    for (const b of bits) n += popcount8(b);
+    this.#bits = bits;
+    this.#sizeBytes = sizeBytes;
+    this.#count = n;
   }
 
   get clusterCount(): number {

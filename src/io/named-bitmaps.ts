@@ -7,6 +7,7 @@
  * clusters already durably marked pay one bitmap lookup.
  */
 import * as path from "node:path";
+import { assert } from "../core/assert.js";
 import { BlockError } from "../core/errors.js";
 import type { Logger } from "../core/log.js";
 import { BitmapFile } from "./bitmap-file.js";
@@ -191,6 +192,15 @@ export class NodeBitmaps {
           () => undefined,
         );
       }
+    }
+  }
+
+  /** Follows a resize of the node (the graph checked first that none is persistent). */
+  resize(sizeBytes: number): void {
+    for (const bm of this.#bitmaps.values()) {
+      assert(!bm.persistent, "persistent bitmaps do not follow a resize");
+      bm.bits.resize(sizeBytes);
+      for (const f of bm.followers) f.resize(sizeBytes);
     }
   }
 

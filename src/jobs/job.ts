@@ -72,6 +72,11 @@ export interface JobOptions {
   readonly speed?: number;
   readonly autoFinalize?: boolean;
   readonly autoDismiss?: boolean;
+  /**
+   * A block job (backup, mirror, ...; the default) also emits QEMU's BLOCK_JOB_* events and is listed
+   * by query-block-jobs. Other jobs (blockdev-create) only emit JOB_STATUS_CHANGE, as in QEMU.
+   */
+  readonly blockJob?: boolean;
   readonly events: EventSink;
   readonly log: Logger;
   /** Called once the job has reached null (dismissed): the registry forgets it. */
@@ -83,6 +88,7 @@ export abstract class Job {
   readonly type: string;
   readonly autoFinalize: boolean;
   readonly autoDismiss: boolean;
+  readonly isBlockJob: boolean;
   protected readonly log: Logger;
   protected readonly events: EventSink;
   readonly rate: TokenBucket;
@@ -112,6 +118,7 @@ export abstract class Job {
     this.type = options.type;
     this.autoFinalize = options.autoFinalize ?? true;
     this.autoDismiss = options.autoDismiss ?? true;
+    this.isBlockJob = options.blockJob ?? true;
     this.events = options.events;
     this.log = options.log.child({ job: options.id });
     this.rate = new TokenBucket(options.speed ?? 0);
@@ -366,7 +373,7 @@ export abstract class Job {
     }
     this.#transition("waiting");
     this.#transition("pending");
-    this.events.emit("BLOCK_JOB_PENDING", { type: this.type, id: this.id });
+    if (this.isBlockJob) this.events.emit("BLOCK_JOB_PENDING", { type: this.type, id: this.id });
     if (this.autoFinalize) await this.#finalize();
   }
 
@@ -387,7 +394,9 @@ export abstract class Job {
       offset: this.progressCurrent,
       speed: this.speed,
     };
-    if (this.#cancelled && !this.#softCancel && this.#error === undefined)
+    if (!this.isBlockJob) {
+      // Not a block job: its outcome shows in query-jobs only.
+    } else if (this.#cancelled && !this.#softCancel && this.#error === undefined)
       this.events.emit("BLOCK_JOB_CANCELLED", info);
     else
       this.events.emit(

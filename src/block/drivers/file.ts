@@ -16,8 +16,8 @@
  */
 import * as fs from "node:fs";
 import { performance } from "node:perf_hooks";
-import { BlockError, fromLinuxErrno, toBlockError } from "../../core/errors.js";
-import { KiB } from "../../core/units.js";
+import { BlockError, fromLinuxErrno, systemErrorText, toBlockError } from "../../core/errors.js";
+import { KiB, MiB } from "../../core/units.js";
 import {
   allData,
   type BlockDriver,
@@ -27,7 +27,13 @@ import {
 } from "../driver.js";
 import { fdatasyncAsync, readAsync, remainingIov, writevAsync } from "./fs-async.js";
 import { assert } from "../../core/assert.js";
-import { BLK_PERM_RESIZE, imagePermissions, lockImage, type ImagePermissions } from "./image-lock.js";
+import {
+  BLK_PERM_RESIZE,
+  imagePermissions,
+  lockImage,
+  updateImageLocks,
+  type ImagePermissions,
+} from "./image-lock.js";
 import { ENXIO, EOPNOTSUPP, native } from "./native.js";
 
 export const SYNC_IO_BYTES_MAX = 128 * KiB;
@@ -36,6 +42,11 @@ export const ASYNC_BACKOFF_MS = 500;
 const DONE: Promise<void> = Promise.resolve();
 /** Block status stops after this many extents; the caller asks again for the rest. */
 export const FILE_EXTENTS_MAX = 1024;
+/** preallocation=full writes zeros this much at a time from one shared buffer. */
+export const PREALLOC_ZERO_BYTES = 1 * MiB;
+
+/** QEMU's PreallocMode values the file driver does ("metadata" is refused, as QEMU's file driver does). */
+export type Preallocation = "off" | "falloc" | "full";
 
 export interface FileDriverOptions {
   readonly readOnly?: boolean;
@@ -163,18 +174,113 @@ export class FileDriver implements BlockDriver {
     }
   }
 
+  /**
+   * Opens `path` (with `options`; `create` to make or remake it) only if `refuse(id)` lets it:
+   * `refuse` throws when the file must not be written, for example because a node has it open. It
+   * runs on what the path names before the open, so nothing is created or touched, and on the
+   * descriptor after it, in case the path changed meanwhile. A file this open created is removed
+   * again if that second check fails.
+   */
+  static openChecked(path: string, options: FileDriverOptions, refuse: (id: FileId) => void): FileDriver {
+    const before = fileIdAt(path);
+    if (before !== undefined) refuse(before);
+    const driver = FileDriver.open(path, options);
+    try {
+      if (driver.fileId !== before) refuse(driver.fileId);
+    } catch (err) {
+      driver.removeIfCreated();
+      void driver.close();
+      throw err;
+    }
+    return driver;
+  }
+
+  /** Removes the file if this open created it and the path still names it; nothing else is ever deleted. */
+  removeIfCreated(): void {
+    if (this.createdFile && fileIdAt(this.path) === this.fileId) fs.rmSync(this.path, { force: true });
+  }
+
   /** Sets the file's length (a job target being created; needs an open made with `create`). */
   truncate(sizeBytes: number): void {
     assert(
       (this.permissions.perm & BLK_PERM_RESIZE) !== 0,
       "FileDriver.truncate without the resize permission",
     );
+    this.#ftruncate(sizeBytes);
+  }
+
+  #ftruncate(sizeBytes: number): void {
     try {
       fs.ftruncateSync(this.#fd, sizeBytes);
     } catch (err) {
-      throw toBlockError(err);
+      throw new BlockError(toBlockError(err).code, `Could not resize file: ${systemErrorText(err)}`);
     }
     this.#size = sizeBytes;
+  }
+
+  /**
+   * Grows or shrinks the file (block_resize, blockdev-create), with QEMU's preallocation modes for
+   * the grown part and QEMU's error texts. An open without the resize permission takes it for the
+   * call (its lock byte, checked against every other open, as QEMU's permission update does) and
+   * gives it back: a process that refuses to share resize (qemu-nbd) keeps the file's size.
+   */
+  async resize(sizeBytes: number, preallocation: Preallocation = "off"): Promise<void> {
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0) {
+      throw new BlockError("EINVAL", "Could not resize file: Invalid argument");
+    }
+    const current = this.#size;
+    if (preallocation !== "off" && sizeBytes < current) {
+      throw new BlockError("EINVAL", "Cannot use preallocation for shrinking files");
+    }
+    const held = this.permissions;
+    const widened = { perm: held.perm | BLK_PERM_RESIZE, shared: held.shared };
+    const relock = this.locked && (held.perm & BLK_PERM_RESIZE) === 0;
+    if (relock) updateImageLocks(this.#fd, this.path, held, widened);
+    try {
+      if (preallocation === "off") this.#ftruncate(sizeBytes);
+      else if (preallocation === "falloc") this.#fallocate(current, sizeBytes);
+      else await this.#writeZeroesTo(current, sizeBytes);
+    } finally {
+      if (relock) updateImageLocks(this.#fd, this.path, widened, held);
+    }
+  }
+
+  #fallocate(from: number, to: number): void {
+    if (to === from) return;
+    // fallocate mode 0 reserves the blocks and extends the file to `to`.
+    const r =
+      native && typeof native.allocate === "function"
+        ? native.allocate(this.#fd, from, to - from)
+        : -EOPNOTSUPP;
+    if (r < 0) {
+      throw new BlockError(
+        r === -EOPNOTSUPP ? "ENOTSUP" : fromLinuxErrno(-r, "fallocate").code,
+        `Could not preallocate new data: ${systemErrorText(-r)}`,
+      );
+    }
+    this.#size = to;
+  }
+
+  async #writeZeroesTo(from: number, to: number): Promise<void> {
+    // Sizing first lets the filesystem allocate the whole range in fewer, larger extents.
+    this.#ftruncate(to);
+    const zeros = Buffer.alloc(Math.min(PREALLOC_ZERO_BYTES, Math.max(to - from, 1)));
+    try {
+      for (let pos = from; pos < to; pos += zeros.length) {
+        const n = Math.min(zeros.length, to - pos);
+        await this.#pwriteAsync(pos, [n === zeros.length ? zeros : zeros.subarray(0, n)], n);
+      }
+    } catch (err) {
+      throw new BlockError(
+        toBlockError(err).code,
+        `Could not write zeros for preallocation: ${systemErrorText(err)}`,
+      );
+    }
+    try {
+      await fdatasyncAsync(this.#fd);
+    } catch (err) {
+      throw new BlockError(toBlockError(err).code, `Could not flush file to disk: ${systemErrorText(err)}`);
+    }
   }
 
   /** Whether the native addon (fallocate, SEEK_DATA, image locks) is in use. */

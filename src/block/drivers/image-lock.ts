@@ -136,6 +136,54 @@ export function lockImage(fd: number, path: string, p: ImagePermissions): boolea
   return true;
 }
 
+/** The lock bytes a user with permissions `p` holds. */
+function lockBytes(p: ImagePermissions): number[] {
+  const bytes: number[] = [];
+  for (let i = 0; i < PERM_BITS; i++) {
+    const bit = 1 << i;
+    if (p.perm & bit) bytes.push(RAW_LOCK_PERM_BASE + i);
+    if (!(p.shared & bit)) bytes.push(RAW_LOCK_SHARED_BASE + i);
+  }
+  return bytes;
+}
+
+/**
+ * Changes the locks an open holds from `from` to `to` (QEMU's permission update: block_resize takes
+ * "resize" for the truncate and gives it back). Bytes `to` needs are taken and checked against every
+ * other open first; on a conflict only those are dropped again and `from` stays as it was. Returns
+ * false (and changes nothing) when locking is unavailable.
+ */
+export function updateImageLocks(
+  fd: number,
+  path: string,
+  from: ImagePermissions,
+  to: ImagePermissions,
+): boolean {
+  if (!imageLockingAvailable()) return false;
+  const set = native!.ofdSetLock!;
+  const test = native!.ofdTestLock!;
+  const held = new Set(lockBytes(from));
+  const wanted = lockBytes(to);
+  const added = wanted.filter((b) => !held.has(b));
+  try {
+    for (const b of added) take(set, fd, b);
+    for (let i = 0; i < PERM_BITS; i++) {
+      const bit = 1 << i;
+      if (to.perm & bit & ~from.perm && probe(test, fd, RAW_LOCK_SHARED_BASE + i)) {
+        throw new ImageLockError(path, PERM_NAMES[i], "unshared");
+      }
+      if (~to.shared & bit & from.shared && probe(test, fd, RAW_LOCK_PERM_BASE + i)) {
+        throw new ImageLockError(path, PERM_NAMES[i], "held");
+      }
+    }
+  } catch (err) {
+    for (const b of added) set(fd, b, 1, LOCK_NONE);
+    throw err;
+  }
+  for (const b of held) if (!wanted.includes(b)) set(fd, b, 1, LOCK_NONE);
+  return true;
+}
+
 /** Drops every lock byte this descriptor holds (closing it does the same). */
 export function unlockImage(fd: number): void {
   if (!imageLockingAvailable()) return;

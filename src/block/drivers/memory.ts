@@ -17,7 +17,7 @@ export class MemoryDriver implements BlockDriver {
     discardZeroes: true,
     blockStatus: true,
   };
-  readonly #size: number;
+  #size: number;
   readonly #chunks = new Map<number, Buffer>();
 
   constructor(size: number) {
@@ -92,6 +92,21 @@ export class MemoryDriver implements BlockDriver {
   }
 
   async flush(): Promise<void> {}
+
+  /**
+   * Shrinking frees the chunks past the new end and zeroes the cut part of the last one, so growing
+   * again reads zeros there, as a truncated and re-extended file does.
+   */
+  async resize(sizeBytes: number): Promise<void> {
+    if (sizeBytes < this.#size) {
+      for (const index of [...this.#chunks.keys()]) {
+        if (index * MEMORY_CHUNK_BYTES >= sizeBytes) this.#chunks.delete(index);
+      }
+      const within = sizeBytes % MEMORY_CHUNK_BYTES;
+      if (within !== 0) this.#chunks.get(Math.floor(sizeBytes / MEMORY_CHUNK_BYTES))?.fill(0, within);
+    }
+    this.#size = sizeBytes;
+  }
 
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
     const out: Extent[] = [];

@@ -2,6 +2,7 @@
  * The pass-through filter: wraps the next driver and forwards every call. A filter overrides only
  * what it changes (see error-inject.ts).
  */
+import { BlockError } from "../../core/errors.js";
 import type {
   BlockDriver,
   DriverCapabilities,
@@ -30,6 +31,13 @@ export class FilterDriver implements BlockDriver {
   }
   size(): number {
     return this.next.size();
+  }
+  /** A filter has its child's size, so resizing it resizes the child, if the child can. */
+  resize(sizeBytes: number): Promise<void> {
+    if (!this.next.resize) {
+      return Promise.reject(new BlockError("ENOTSUP", "Image format driver does not support resize"));
+    }
+    return this.next.resize(sizeBytes);
   }
   pread(offset: number, into: Buffer): Promise<void> {
     return this.next.pread(offset, into);

@@ -45,9 +45,20 @@ export function blockDeviceInfo(graph: BlockGraph, node: BlockNode): Record<stri
   };
 }
 
+/** The drivers blockdev-add opens (BlockdevDriver, as far as drivetap has them). */
+export const BLOCKDEV_DRIVERS = [
+  "file",
+  "raw",
+  "memory",
+  "null-co",
+  "error-inject",
+  "journal",
+  "nbd",
+] as const;
+
 /** blockdev-add's members (the command line's `--blockdev` is typed by them too). */
 export const blockdevAddArgs = {
-  driver: { type: "enum", values: ["file", "raw", "memory", "null-co", "error-inject", "journal", "nbd"] },
+  driver: { type: "enum", values: BLOCKDEV_DRIVERS },
   "node-name": { type: "str" },
   filename: { type: "str", optional: true },
   file: { type: "any", optional: true },
@@ -80,6 +91,13 @@ export const blockdevAddArgs = {
   /** nbd: seconds without a reply after which the link counts as dead (drivetap's). */
   "x-request-timeout": { type: "number", optional: true },
 } as const;
+
+/** The nodes query-block lists as devices: not internal (a job's target), not a parent's child. */
+export function topLevelNodes(graph: BlockGraph): BlockNode[] {
+  return graph
+    .nodes()
+    .filter((n) => !graph.isInternal(n.name) && !graph.usersOf(n.name).some((u) => u.startsWith("child of")));
+}
 
 export function blockCommands(graph: BlockGraph): QmpCommandDef[] {
   return [
@@ -119,18 +137,13 @@ export function blockCommands(graph: BlockGraph): QmpCommandDef[] {
       name: "query-block",
       args: {},
       handler: () =>
-        graph
-          .nodes()
-          .filter(
-            (n) => !graph.isInternal(n.name) && !graph.usersOf(n.name).some((u) => u.startsWith("child of")),
-          )
-          .map((n) => ({
-            device: n.name,
-            locked: false,
-            removable: false,
-            "io-status": "ok",
-            inserted: blockDeviceInfo(graph, n),
-          })),
+        topLevelNodes(graph).map((n) => ({
+          device: n.name,
+          locked: false,
+          removable: false,
+          "io-status": "ok",
+          inserted: blockDeviceInfo(graph, n),
+        })),
     }),
     defineCommand({
       name: "x-error-inject",

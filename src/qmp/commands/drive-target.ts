@@ -9,7 +9,7 @@
  */
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { FileDriver, fileIdAt } from "../../block/drivers/file.js";
+import { FileDriver } from "../../block/drivers/file.js";
 import type { BlockGraph } from "../../graph/block-graph.js";
 import type { BlockNode } from "../../io/block-node.js";
 import { QmpError } from "../errors.js";
@@ -46,23 +46,21 @@ export async function openDriveTarget(
       throw new QmpError("GenericError", `'${filename}' is in use by node '${usedBy[0]}'`);
     }
   };
-  refuseInUse(graph.nodesUsingFile(filename));
   let driver: FileDriver;
   try {
-    // A failed open removes a file it created itself, and nothing else.
-    driver = FileDriver.open(filename, { create: mode === "absolute-paths" });
+    // A failed open removes a file it created itself, and nothing else; so does a failed check.
+    driver = FileDriver.openChecked(filename, { create: mode === "absolute-paths" }, (id) =>
+      refuseInUse(graph.nodesWithFile(id)),
+    );
   } catch (err) {
+    if (err instanceof QmpError) throw err;
     throw new QmpError("GenericError", `Could not open '${filename}': ${(err as Error).message}`);
   }
   // Only a file this command created is removed, and only while the path still names it: a file
   // that existed, or appeared (another process creating it) between the checks, is never deleted.
-  const removeCreated = (): void => {
-    if (driver.createdFile && fileIdAt(filename) === driver.fileId) fs.rmSync(filename, { force: true });
-  };
+  const removeCreated = (): void => driver.removeIfCreated();
   const created = mode === "absolute-paths";
   try {
-    // The path may have been pointed elsewhere between the stat and the open.
-    refuseInUse(graph.nodesWithFile(driver.fileId));
     if (created) {
       driver.truncate(0);
       driver.truncate(size);

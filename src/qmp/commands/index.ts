@@ -4,18 +4,23 @@ import type { QmpServer } from "../server.js";
 import { backupCommands } from "./backup.js";
 import { bitmapCommands } from "./bitmaps.js";
 import { blockCommands } from "./block.js";
+import { blockstatsCommands } from "./blockstats.js";
+import { createCommands } from "./create.js";
 import { exportCommands } from "./exports.js";
 import { jobCommands } from "./jobs.js";
 import { journalCommands } from "./journal.js";
 import { mirrorCommands } from "./mirror.js";
 import { nbdServerCommands } from "./nbd-server.js";
 import { objectCommands } from "./objects.js";
+import { resizeCommands } from "./resize.js";
 import { tapCommands } from "./tap.js";
 import { verifyCommands } from "./verify.js";
 
 export function registerCommands(server: QmpServer, graph: BlockGraph): void {
   for (const def of [
     ...blockCommands(graph),
+    ...blockstatsCommands(graph),
+    ...createCommands(graph),
     ...exportCommands(graph),
     ...nbdServerCommands(graph),
     ...jobCommands(graph),
@@ -24,6 +29,7 @@ export function registerCommands(server: QmpServer, graph: BlockGraph): void {
     ...journalCommands(graph),
     ...mirrorCommands(graph),
     ...objectCommands(graph),
+    ...resizeCommands(graph),
     ...tapCommands(graph),
     ...verifyCommands(graph),
   ]) {

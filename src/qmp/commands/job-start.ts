@@ -27,7 +27,12 @@ export function checkJobStart(
   const source = graph.getNode(device);
   if (!source) throw new QmpError("GenericError", `Cannot find device='${device}' nor node-name='${device}'`);
   const jobId = jobIdArg ?? device;
+  checkJobId(graph, jobId);
+  return { source, jobId };
+}
+
+/** A new job's id must be well formed and free (QEMU's texts). */
+export function checkJobId(graph: BlockGraph, jobId: string): void {
   if (!JOB_ID_PATTERN.test(jobId)) throw new QmpError("GenericError", `Invalid job ID '${jobId}'`);
   if (graph.hasJob(jobId)) throw new QmpError("GenericError", `Job ID '${jobId}' already in use`);
-  return { source, jobId };
 }

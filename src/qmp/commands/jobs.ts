@@ -6,7 +6,8 @@ import { defineCommand, type QmpCommandDef } from "../server.js";
 
 function blockJob(graph: BlockGraph, device: string): Job {
   const job = graph.getJob(device);
-  if (!job) throw new QmpError("DeviceNotActive", `Block job '${device}' not found`);
+  // A job that is not a block job (blockdev-create) is unknown to the block-job-* verbs, as in QEMU.
+  if (!job?.isBlockJob) throw new QmpError("DeviceNotActive", `Block job '${device}' not found`);
   return job;
 }
 
@@ -34,7 +35,11 @@ export function jobCommands(graph: BlockGraph): QmpCommandDef[] {
     defineCommand({
       name: "query-block-jobs",
       args: {},
-      handler: () => graph.jobs().map((j) => j.blockJobInfo()),
+      handler: () =>
+        graph
+          .jobs()
+          .filter((j) => j.isBlockJob)
+          .map((j) => j.blockJobInfo()),
     }),
     defineCommand({ name: "query-jobs", args: {}, handler: () => graph.jobs().map((j) => j.jobInfo()) }),
     defineCommand({

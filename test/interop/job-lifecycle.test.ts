@@ -144,7 +144,7 @@ test("cancel: BLOCK_JOB_CANCELLED, the job and its target node are gone; force c
   assert.deepEqual(await nodeNames(d.qmp), [...before, "#backup-target-c"].sort());
   await d.qmp.execute("block-job-cancel", { device: "c" });
   const e = await d.qmp.waitForEvent(jobEvent("c", "BLOCK_JOB_CANCELLED"));
-  assert.deepEqual(e.data, { type: "backup", device: "c", len: 0, offset: 0, speed: 0 });
+  assert.deepEqual(e.data, { type: "backup", device: "c", len: DISK, offset: 0, speed: 0 });
   await d.qmp.waitForEvent(statusEvent("c", "null"));
   assert.deepEqual(jobEventLog(d.qmp, "c"), [
     "created",

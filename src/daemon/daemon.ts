@@ -147,7 +147,9 @@ export class Daemon {
       }
       if (nbd.tls) config.log.info({ tls: nbd.tls.describe() }, "TLS");
       if (config.qmpPath) {
-        qmp = new QmpServer({ log: config.log.child({ part: "qmp" }), version: DRIVETAP_VERSION,
+        qmp = new QmpServer({
+          log: config.log.child({ part: "qmp" }),
+          version: DRIVETAP_VERSION,
           events: QMP_EVENTS,
         });
         registerCommands(qmp, graph);

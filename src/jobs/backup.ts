@@ -157,7 +157,8 @@ export class CbwBackupJob extends BackupJobBase {
       if (this.sync === "top") await this.#skipUnallocated();
       // QEMU's len: the disk for full and none (none copies only what is overwritten, but QEMU counts
       // the whole disk as the job's extent), what is left to copy after top's skip and bitmap's choice.
-      this.progressTotal = this.sync === "none" ? this.done.sizeBytes : this.done.sizeBytes - this.done.dirtyBytes;
+      this.progressTotal =
+        this.sync === "none" ? this.done.sizeBytes : this.done.sizeBytes - this.done.dirtyBytes;
       if (this.sync === "none") await this.#waitForCancel();
       else await this.#backgroundCopy();
       if (this.#broken) throw this.#broken;

@@ -60,5 +60,9 @@ export const QMP_EVENTS: EventSpecs = {
     action: { type: "enum", values: ["ignore", "report", "stop"] },
   },
   BLOCK_JOB_DEGRADED: { type: jobType, device: { type: "str" }, reason: { type: "str" } },
-  BLOCK_JOB_RESYNCED: { type: jobType, device: { type: "str" }, "missed-bytes": { type: "int", optional: true } },
+  BLOCK_JOB_RESYNCED: {
+    type: jobType,
+    device: { type: "str" },
+    "missed-bytes": { type: "int", optional: true },
+  },
 };

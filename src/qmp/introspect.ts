@@ -96,8 +96,10 @@ export function introspect(commands: readonly IntrospectedCommand[], events: Eve
   for (const [name, data] of Object.entries(events)) {
     entities.push({ name, "meta-type": "event", "arg-type": objectName(data) });
   }
-  const builtinInfo = [...builtins].map(
-    (name): SchemaInfo => ({ name, "meta-type": "builtin", "json-type": BUILTIN_JSON_TYPES[name] }),
-  );
+  const builtinInfo = [...builtins].map((name): SchemaInfo => ({
+    name,
+    "meta-type": "builtin",
+    "json-type": BUILTIN_JSON_TYPES[name],
+  }));
   return [...entities, ...types, ...builtinInfo];
 }

@@ -17,8 +17,9 @@ import { checkJobStart, JOB_START_ARGS } from "./job-start.js";
 function withoutFilterNodeName<T extends { "filter-node-name": unknown }>(
   args: T,
 ): Omit<T, "filter-node-name"> {
-  const { "filter-node-name": _filterNodeName, ...rest } = args;
-  return rest;
+  const rest: Partial<T> = { ...args };
+  delete rest["filter-node-name"];
+  return rest as Omit<T, "filter-node-name">;
 }
 
 export const MIRROR_GRANULARITY_MIN = 512;

@@ -2,6 +2,7 @@
  * Wiring: configuration -> driver -> BlockNode -> graph -> NBD export and listener. The CLI builds a
  * ServeConfig and calls Daemon.start; shutdown drains the server, flushes and closes the nodes.
  */
+import { readFileSync } from "node:fs";
 import type { BlockDriver } from "../block/driver.js";
 import { FileDriver } from "../block/drivers/file.js";
 import { MemoryDriver } from "../block/drivers/memory.js";
@@ -13,9 +14,24 @@ import { isIP } from "node:net";
 import { NbdServer, type ListenAddress } from "../nbd/server/server.js";
 import type { ServerTlsConfig } from "../nbd/server/tls-upgrade.js";
 import { registerCommands } from "../qmp/commands/index.js";
+import { QMP_EVENTS } from "../qmp/events.js";
 import { defineCommand, QmpServer } from "../qmp/server.js";
 
-export const DRIVETAP_VERSION = { major: 0, minor: 1, micro: 0, package: "drivetap 0.1.0" };
+/** drivetap's own version, from its package.json (dist/src/daemon/ is three levels below it). */
+export const DRIVETAP_PACKAGE_VERSION = (
+  JSON.parse(readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as { version: string }
+).version;
+/**
+ * What the greeting and query-version report: the QEMU release whose QMP (commands, replies, events,
+ * error texts) drivetap matches, so that clients that check the version pick the right dialect, and
+ * drivetap itself in `package`, where QEMU names its build.
+ */
+export const DRIVETAP_VERSION = {
+  major: 7,
+  minor: 2,
+  micro: 0,
+  package: `drivetap ${DRIVETAP_PACKAGE_VERSION}`,
+};
 /** Id of the export `drivetap serve` creates for its disk. */
 export const SERVE_EXPORT_ID = "export0";
 
@@ -85,7 +101,11 @@ export async function openMonitor(
   log: Logger,
   onQuit?: () => void,
 ): Promise<QmpServer> {
-  const qmp = new QmpServer({ log: log.child({ part: "qmp" }), version: DRIVETAP_VERSION });
+  const qmp = new QmpServer({
+    log: log.child({ part: "qmp" }),
+    version: DRIVETAP_VERSION,
+    events: QMP_EVENTS,
+  });
   registerCommands(qmp, graph);
   qmp.register(
     defineCommand({

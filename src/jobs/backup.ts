@@ -138,7 +138,6 @@ export class CbwBackupJob extends BackupJobBase {
       }
       this.done.set(c);
       this.progressCurrent += length;
-      if (this.sync === "none") this.progressTotal = this.progressCurrent;
     })();
     this.#inProgress.set(c, copy);
     try {
@@ -156,7 +155,10 @@ export class CbwBackupJob extends BackupJobBase {
     try {
       await this.#startBarrier;
       if (this.sync === "top") await this.#skipUnallocated();
-      this.progressTotal = this.sync === "none" ? 0 : this.done.sizeBytes - this.done.dirtyBytes;
+      // QEMU's len: the disk for full and none (none copies only what is overwritten, but QEMU counts
+      // the whole disk as the job's extent), what is left to copy after top's skip and bitmap's choice.
+      this.progressTotal =
+        this.sync === "none" ? this.done.sizeBytes : this.done.sizeBytes - this.done.dirtyBytes;
       if (this.sync === "none") await this.#waitForCancel();
       else await this.#backgroundCopy();
       if (this.#broken) throw this.#broken;

@@ -3,7 +3,7 @@
  * are tables (QEMU's job.c has the same ones); every transition emits JOB_STATUS_CHANGE.
  *
  * Life of a job: created -> running -> (ready <-> standby for jobs that converge) -> waiting ->
- * pending -> concluded -> null. Pause moves running -> paused and ready -> standby. A cancel or an
+ * pending -> concluded -> null (BLOCK_JOB_PENDING only when auto-finalize is false). Pause moves running -> paused and ready -> standby. A cancel or an
  * error goes through aborting to concluded. Completion events (BLOCK_JOB_COMPLETED or
  * BLOCK_JOB_CANCELLED) are emitted at finalize, before concluded, as QEMU does.
  *
@@ -373,8 +373,10 @@ export abstract class Job {
     }
     this.#transition("waiting");
     this.#transition("pending");
-    if (this.isBlockJob) this.events.emit("BLOCK_JOB_PENDING", { type: this.type, id: this.id });
+    // QEMU announces PENDING only to a client that must answer it (auto-finalize=false): with
+    // auto-finalize the job finalizes at once, and a job-finalize sent in reply would find no job.
     if (this.autoFinalize) await this.#finalize();
+    else if (this.isBlockJob) this.events.emit("BLOCK_JOB_PENDING", { type: this.type, id: this.id });
   }
 
   async #finalize(): Promise<void> {

@@ -1,9 +1,12 @@
 /**
  * The QMP server: a unix socket speaking QEMU's Machine Protocol. It greets each client, holds it in
  * capabilities negotiation until `qmp_capabilities`, validates every command against its schema and
- * answers in the order the commands arrived (one command at a time per client, as QEMU does without
- * out-of-band execution). Events go to every negotiated client. Commands are registered by the layers
- * above; the server itself provides only `qmp_capabilities`, `query-version` and `query-commands`.
+ * answers in the order the commands arrived (one command at a time per client). A client that enables
+ * QEMU's `oob` capability may also send `exec-oob`, answered at once, ahead of the in-band queue, as
+ * QEMU's monitor does; only commands marked `allowOob` run that way (QEMU 7.2's storage daemon has none,
+ * so neither has drivetap: the others get QEMU's "does not support OOB"). Events go to every negotiated
+ * client. Commands are registered by the layers above; the server itself provides `qmp_capabilities`,
+ * `query-version`, `query-commands` and `query-qmp-schema` (qmp/introspect.ts).
  */
 import * as net from "node:net";
 import { assert } from "../core/assert.js";
@@ -13,7 +16,8 @@ import { MiB } from "../core/units.js";
 import { listenUnix, type OwnedSocket } from "../core/unix-socket.js";
 import { encodeQmp, QmpInputSplitter, type QmpInput } from "./codec.js";
 import { QmpError, qmpErrorFrom } from "./errors.js";
-import { validateArgs, type ArgsSpec, type FieldSpec, type InferArgs } from "./schema.js";
+import { introspect, type EventSpecs } from "./introspect.js";
+import { validateArgs, type ArgsSpec, type FieldSpec, type InferArgs, type TypeSpec } from "./schema.js";
 
 /**
  * Clients connected at once. A client past it evicts the oldest one still in capabilities
@@ -41,6 +45,13 @@ export interface QmpCommandDef {
   /** Spelled exactly as QEMU spells it (`block-job-cancel`). */
   readonly name: string;
   readonly args: Record<string, FieldSpec>;
+  /** The shape of the `return` value, for query-qmp-schema; absent: `{}` (QEMU's empty object). */
+  readonly returns?: TypeSpec;
+  /**
+   * May run out of band (`exec-oob`): answered as soon as it is read, so its handler must not wait
+   * for anything (it must return a value, never a promise). QEMU's `allow-oob`.
+   */
+  readonly allowOob?: boolean;
   /** Gets validated arguments; its result (undefined answers `{}`) is the `return` value. */
   handler(args: Record<string, unknown>, session: QmpSession): unknown | Promise<unknown>;
 }
@@ -52,6 +63,8 @@ export interface QmpCommandDef {
 export function defineCommand<const S extends ArgsSpec>(def: {
   readonly name: string;
   readonly args: S;
+  readonly returns?: TypeSpec;
+  readonly allowOob?: boolean;
   handler(args: InferArgs<S>, session: QmpSession): unknown | Promise<unknown>;
 }): QmpCommandDef {
   return def;
@@ -67,6 +80,8 @@ export interface QmpVersion {
 export interface QmpServerOptions {
   readonly log: Logger;
   readonly version: QmpVersion;
+  /** The events the server's clients may receive, with their data, for query-qmp-schema. */
+  readonly events?: EventSpecs;
 }
 
 class QmpClient implements QmpSession {
@@ -80,6 +95,8 @@ class QmpClient implements QmpSession {
   /** qmp_capabilities succeeded; becomes `negotiated` once its reply is written. */
   capabilitiesAccepted = false;
   negotiated = false;
+  /** The client enabled the `oob` capability: `exec-oob` is accepted. */
+  oob = false;
   inputEnded = false;
   closed = false;
   /** When the client last sent input or got a reply. */
@@ -100,6 +117,7 @@ function isObject(value: unknown): value is Record<string, unknown> {
 export class QmpServer {
   readonly #log: Logger;
   readonly #version: QmpVersion;
+  readonly #events: EventSpecs;
   readonly #commands = new Map<string, QmpCommandDef>();
   readonly #clients = new Set<QmpClient>();
   #server: net.Server | null = null;
@@ -110,6 +128,7 @@ export class QmpServer {
   constructor(options: QmpServerOptions) {
     this.#log = options.log;
     this.#version = options.version;
+    this.#events = options.events ?? {};
     this.#registerBuiltins();
   }
 
@@ -145,6 +164,8 @@ export class QmpServer {
 
   /** Sends an event to every client past capabilities negotiation, stamped with the wall clock. */
   emitEvent(event: string, data: Record<string, unknown>): void {
+    // query-qmp-schema lists the declared events: one emitted but not declared is a bug.
+    assert(eventDeclared(this.#events, event), `QMP event ${event} is not declared in the schema`);
     const nowMs = Date.now();
     const line = encodeQmp({
       event,
@@ -252,7 +273,7 @@ export class QmpServer {
       encodeQmp({
         QMP: {
           version: { qemu: { micro: v.micro, minor: v.minor, major: v.major }, package: v.package },
-          capabilities: [],
+          capabilities: ["oob"],
         },
       }),
     );
@@ -260,7 +281,15 @@ export class QmpServer {
 
   #onInput(client: QmpClient, inputs: QmpInput[]): void {
     if (client.closed || this.#closing !== null) return;
-    client.queue.push(...inputs);
+    for (const input of inputs) {
+      // QEMU's test (qmp_is_oob): exec-oob and no execute. Out of band means now, not after the
+      // in-band commands before it; with oob off it goes in band and is refused there.
+      if (client.oob && input.ok && isObject(input.value) && isOobRequest(input.value)) {
+        this.#send(client, this.#dispatchOob(client, input.value));
+      } else {
+        client.queue.push(input);
+      }
+    }
     if (client.queue.length >= QMP_PENDING_COMMANDS_MAX) client.socket.pause();
     if (client.running === null) {
       if (client.queue.length > 0) client.running = this.#runQueue(client);
@@ -289,32 +318,64 @@ export class QmpServer {
     if (!isObject(request)) {
       return encodeQmp({ error: { class: "GenericError", desc: "QMP input must be a JSON object" } });
     }
-    const id = Object.hasOwn(request, "id") ? { id: request.id } : {};
     let name: string | undefined;
     try {
-      name = checkRequest(request);
-      const def = this.#commands.get(name);
-      if (def === undefined || (!client.negotiated && name !== "qmp_capabilities")) {
-        throw new QmpError("CommandNotFound", `The command ${name} has not been found`);
-      }
+      // An exec-oob request in band was read before the client enabled oob: refused as then.
+      name = checkRequest(request, client.oob && !isOobRequest(request));
+      const def = this.#lookup(client, name);
       const args = validateArgs(def.args, request.arguments);
       client.log.debug({ command: name }, "QMP command");
-      const result = await def.handler(args, client);
-      return encodeQmp({ return: result === undefined ? {} : result, ...id });
+      return returnReply(await def.handler(args, client), request);
     } catch (err) {
-      let error = qmpErrorFrom(err);
-      if (!(err instanceof QmpError) && !(err instanceof BlockError)) {
-        client.log.error(
-          { command: name, err: err instanceof Error ? err.stack : String(err) },
-          "QMP command failed",
-        );
-      }
-      if (!client.negotiated && error.errorClass === "CommandNotFound") {
-        // As QEMU: in negotiation mode every unknown command points at qmp_capabilities.
-        error = new QmpError("CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'");
-      }
-      return encodeQmp({ error: { class: error.errorClass, desc: error.message }, ...id });
+      return this.#errorReply(client, name, err, request);
     }
+  }
+
+  /** Runs an `exec-oob` request at once; never throws. */
+  #dispatchOob(client: QmpClient, request: Record<string, unknown>): string {
+    let name: string | undefined;
+    try {
+      name = checkRequest(request, true);
+      const def = this.#lookup(client, name);
+      if (!def.allowOob) throw new QmpError("GenericError", `The command ${name} does not support OOB`);
+      const args = validateArgs(def.args, request.arguments);
+      client.log.debug({ command: name }, "QMP out-of-band command");
+      const result = def.handler(args, client);
+      assert(!(result instanceof Promise), `OOB command ${name} returned a promise`);
+      return returnReply(result, request);
+    } catch (err) {
+      return this.#errorReply(client, name, err, request);
+    }
+  }
+
+  /** The command a client may run by that name; CommandNotFound otherwise (QEMU's text). */
+  #lookup(client: QmpClient, name: string): QmpCommandDef {
+    const def = this.#commands.get(name);
+    if (def === undefined || (!client.negotiated && name !== "qmp_capabilities")) {
+      throw new QmpError("CommandNotFound", `The command ${name} has not been found`);
+    }
+    return def;
+  }
+
+  #errorReply(
+    client: QmpClient,
+    name: string | undefined,
+    err: unknown,
+    request: Record<string, unknown>,
+  ): string {
+    const id = Object.hasOwn(request, "id") ? { id: request.id } : {};
+    let error = qmpErrorFrom(err);
+    if (!(err instanceof QmpError) && !(err instanceof BlockError)) {
+      client.log.error(
+        { command: name, err: err instanceof Error ? err.stack : String(err) },
+        "QMP command failed",
+      );
+    }
+    if (!client.negotiated && error.errorClass === "CommandNotFound") {
+      // As QEMU: in negotiation mode every unknown command points at qmp_capabilities.
+      error = new QmpError("CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'");
+    }
+    return encodeQmp({ error: { class: error.errorClass, desc: error.message }, ...id });
   }
 
   #send(client: QmpClient, line: string): void {
@@ -340,9 +401,8 @@ export class QmpServer {
               "Capabilities negotiation is already complete, command ignored",
             );
           }
-          // We offer no capabilities, so any asked for is unavailable (QEMU's text).
-          const asked = args.enable ?? [];
-          if (asked.length > 0) throw new QmpError("GenericError", `Capability '${asked[0]}' not available`);
+          // The schema admits only "oob", the one capability the greeting offers.
+          if ((args.enable ?? []).includes("oob")) client.oob = true;
           client.capabilitiesAccepted = true;
         },
       }),
@@ -351,6 +411,16 @@ export class QmpServer {
       defineCommand({
         name: "query-version",
         args: {},
+        returns: {
+          type: "object",
+          fields: {
+            qemu: {
+              type: "object",
+              fields: { major: { type: "int" }, minor: { type: "int" }, micro: { type: "int" } },
+            },
+            package: { type: "str" },
+          },
+        },
         handler: () => {
           const v = this.#version;
           return { qemu: { micro: v.micro, minor: v.minor, major: v.major }, package: v.package };
@@ -361,20 +431,45 @@ export class QmpServer {
       defineCommand({
         name: "query-commands",
         args: {},
+        returns: { type: "array", items: { type: "object", fields: { name: { type: "str" } } } },
         handler: () => this.commandNames().map((name) => ({ name })),
+      }),
+    );
+    this.register(
+      defineCommand({
+        name: "query-qmp-schema",
+        args: {},
+        returns: { type: "array", items: { type: "any" } },
+        handler: () => introspect([...this.#commands.values()], this.#events),
       }),
     );
   }
 }
 
-/** Checks the request's members as QEMU does; returns the command name. */
-function checkRequest(request: Record<string, unknown>): string {
+function isOobRequest(request: Record<string, unknown>): boolean {
+  return Object.hasOwn(request, "exec-oob") && !Object.hasOwn(request, "execute");
+}
+
+function returnReply(result: unknown, request: Record<string, unknown>): string {
+  const id = Object.hasOwn(request, "id") ? { id: request.id } : {};
+  return encodeQmp({ return: result === undefined ? {} : result, ...id });
+}
+
+/**
+ * Checks the request's members in their order, as QEMU does; returns the command name. `exec-oob` is
+ * a member only for a client that enabled the oob capability; it and `execute` exclude each other.
+ */
+function checkRequest(request: Record<string, unknown>, allowOob: boolean): string {
   let name: string | undefined;
+  let nameKey = "";
   for (const [key, value] of Object.entries(request)) {
-    if (key === "execute") {
+    if (key === "execute" || (key === "exec-oob" && allowOob)) {
       if (typeof value !== "string")
-        throw new QmpError("GenericError", "QMP input member 'execute' must be a string");
+        throw new QmpError("GenericError", `QMP input member '${key}' must be a string`);
+      if (name !== undefined)
+        throw new QmpError("GenericError", `QMP input member '${key}' clashes with '${nameKey}'`);
       name = value;
+      nameKey = key;
     } else if (key === "arguments") {
       if (!isObject(value))
         throw new QmpError("GenericError", "QMP input member 'arguments' must be an object");
@@ -394,4 +489,9 @@ function hangUp(client: QmpClient): void {
   timer.unref();
   socket.once("close", () => clearTimeout(timer));
   socket.end(() => socket.destroy());
+}
+
+/** Whether `event` may be emitted: declared, or no declarations given (a bare server in unit tests). */
+function eventDeclared(events: EventSpecs, event: string): boolean {
+  return Object.keys(events).length === 0 || Object.hasOwn(events, event);
 }

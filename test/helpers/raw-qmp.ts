@@ -84,6 +84,11 @@ export class RawQmp {
     return found!;
   }
 
+  /** Waits until a message matching `match` has arrived, leaving it (and all others) in place. */
+  async seen(match: (m: QmpMessage) => boolean, what = "a message"): Promise<void> {
+    await this.#waitFor(() => this.#messages.some(match), what);
+  }
+
   /** The next reply (anything but an event). */
   reply(): Promise<QmpMessage> {
     return this.next((m) => !("event" in m), "a reply");

@@ -3,7 +3,7 @@
  * naming the tool (never a skip): interop tests are only worth something when they actually run.
  */
 import { spawn, type ChildProcess, type SpawnOptions } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { TestContext } from "node:test";
@@ -141,6 +141,31 @@ export function tempDir(t: Pick<TestContext, "after">, prefix = "drivetap-test-"
   const dir = mkdtempSync(join(tmpdir(), prefix));
   t.after(() => rmSync(dir, { recursive: true, force: true }));
   return dir;
+}
+
+/**
+ * Runs a server that forks into the background once it is ready and writes its pid to `pidFile`
+ * (qemu-nbd --fork, qemu-storage-daemon --daemonize): its return is the readiness, nothing to poll.
+ * The server is signalled after the test. Returns its pid.
+ */
+export async function runForking(
+  t: Pick<TestContext, "after">,
+  cmd: string,
+  args: readonly string[],
+  pidFile: string,
+  signal: NodeJS.Signals = "SIGTERM",
+): Promise<number> {
+  await runOk(cmd, args);
+  const pid = Number(readFileSync(pidFile, "utf8").trim());
+  if (!(pid > 0)) throw new Error(`${cmd} wrote no pid to ${pidFile}`);
+  t.after(() => {
+    try {
+      process.kill(pid, signal);
+    } catch {
+      // Already gone.
+    }
+  });
+  return pid;
 }
 
 /** The system python with the libnbd bindings (a pyenv shim on PATH may lack them). */

@@ -21,7 +21,7 @@ import { imageLockingAvailable } from "../../src/block/drivers/image-lock.js";
 import { LOCK_NONE, LOCK_WRITE, native } from "../../src/block/drivers/native.js";
 import { QmpClient } from "../../src/qmp/client.js";
 import { CLI, startDaemon, stopAfter, type RunningDaemon } from "../helpers/daemon.js";
-import { run, runOk, tempDir, type RunResult } from "../helpers/run.js";
+import { run, runForking, runOk, tempDir, type RunResult } from "../helpers/run.js";
 
 const SIZE_BYTES = 1024 * 1024;
 const CLI_TIMEOUT_MS = 20_000;
@@ -164,25 +164,12 @@ test("drivetap refuses an image that qemu-nbd or qemu-io holds for writing", asy
   const { dir, image } = imageIn(t);
   const pidFile = join(dir, "qemu-nbd.pid");
   // --fork returns once the socket is ready and the image open (and locked).
-  await runOk("qemu-nbd", [
-    "--fork",
-    "--pid-file",
+  await runForking(
+    t,
+    "qemu-nbd",
+    ["--fork", "--pid-file", pidFile, "-t", "-f", "raw", "-k", join(dir, "q.sock"), image],
     pidFile,
-    "-t",
-    "-f",
-    "raw",
-    "-k",
-    join(dir, "q.sock"),
-    image,
-  ]);
-  const pid = Number(readFileSync(pidFile, "utf8").trim());
-  t.after(() => {
-    try {
-      process.kill(pid, "SIGTERM");
-    } catch {
-      // Already gone.
-    }
-  });
+  );
   const underNbd = await serveRefused([image, "--socket", join(dir, "a.sock")]);
   assert.equal(underNbd.code, 1, `drivetap next to qemu-nbd: ${underNbd.stdout}`);
   assert.match(underNbd.stderr, /Failed to get shared "write" lock/);

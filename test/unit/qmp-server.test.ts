@@ -148,13 +148,13 @@ describe("QmpServer", { timeout: 60_000 }, () => {
     assert.deepEqual(client.messages[0], {
       QMP: {
         version: { qemu: { micro: 3, minor: 2, major: 7 }, package: "drivetap-test" },
-        capabilities: [],
+        capabilities: ["oob"],
       },
     });
     assert.equal(
       client.raw,
       '{"QMP": {"version": {"qemu": {"micro": 3, "minor": 2, "major": 7}, "package": "drivetap-test"}, ' +
-        '"capabilities": []}}\r\n',
+        '"capabilities": ["oob"]}}\r\n',
     );
   });
 
@@ -205,10 +205,10 @@ describe("QmpServer", { timeout: 60_000 }, () => {
     );
     client.send({ arguments: {} });
     assert.deepEqual(await client.reply(), error("GenericError", "QMP input lacks member 'execute'"));
-    // We offer no capabilities: asking for one fails and leaves the client in negotiation.
+    // oob is the one capability offered: asking for another fails and leaves the client in negotiation.
     assert.deepEqual(
-      await client.execute("qmp_capabilities", { enable: ["oob"] }),
-      error("GenericError", "Capability 'oob' not available"),
+      await client.execute("qmp_capabilities", { enable: ["foo"] }),
+      error("GenericError", "Parameter 'enable[0]' does not accept value 'foo'"),
     );
     assert.deepEqual(await client.execute("query-version"), error("CommandNotFound", expecting));
     assert.deepEqual(await client.execute("qmp_capabilities", { enable: [] }), { return: {} });
@@ -233,6 +233,7 @@ describe("QmpServer", { timeout: 60_000 }, () => {
     assert.deepEqual(names, [
       "qmp_capabilities",
       "query-commands",
+      "query-qmp-schema",
       "query-version",
       "test-bug",
       "test-echo",

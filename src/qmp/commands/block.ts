@@ -139,6 +139,8 @@ export function blockCommands(graph: BlockGraph): QmpCommandDef[] {
       handler: () =>
         topLevelNodes(graph).map((n) => ({
           device: n.name,
+          // Deprecated in QEMU but still required by 7.2's BlockInfo, which always says "unknown".
+          type: "unknown",
           locked: false,
           removable: false,
           "io-status": "ok",

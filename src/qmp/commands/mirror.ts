@@ -13,6 +13,15 @@ import { defineCommand, type QmpCommandDef } from "../server.js";
 import { openDriveTarget } from "./drive-target.js";
 import { checkJobStart, JOB_START_ARGS } from "./job-start.js";
 
+/** QEMU's DriveMirror has no filter-node-name (only blockdev-mirror has). */
+function withoutFilterNodeName<T extends { "filter-node-name": unknown }>(
+  args: T,
+): Omit<T, "filter-node-name"> {
+  const rest: Partial<T> = { ...args };
+  delete rest["filter-node-name"];
+  return rest as Omit<T, "filter-node-name">;
+}
+
 export const MIRROR_GRANULARITY_MIN = 512;
 export const MIRROR_GRANULARITY_MAX = 64 * 1024 * 1024;
 export const MIRROR_BUF_SIZE_MAX = 1024 * 1024 * 1024;
@@ -26,6 +35,7 @@ const commonArgs = {
   "buf-size": { type: "int", optional: true },
   "copy-mode": { type: "enum", values: ["background", "write-blocking"], optional: true },
 } as const;
+const driveMirrorCommonArgs = withoutFilterNodeName(commonArgs);
 
 interface CommonArgs {
   "job-id"?: string;
@@ -143,7 +153,7 @@ export function mirrorCommands(graph: BlockGraph): QmpCommandDef[] {
     defineCommand({
       name: "drive-mirror",
       args: {
-        ...commonArgs,
+        ...driveMirrorCommonArgs,
         format: { type: "enum", values: ["raw"], optional: true },
         "node-name": { type: "str", optional: true },
         mode: { type: "enum", values: ["existing", "absolute-paths"], optional: true },

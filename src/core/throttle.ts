@@ -19,7 +19,14 @@ export const THROTTLE_BURST_BUCKET_SECONDS = 0.1;
 const NS_PER_S = 1e9;
 
 /** In QEMU's BucketType order, which is also the order throttle_is_valid checks them in. */
-export const BUCKET_TYPES = ["bps-total", "bps-read", "bps-write", "iops-total", "iops-read", "iops-write"] as const;
+export const BUCKET_TYPES = [
+  "bps-total",
+  "bps-read",
+  "bps-write",
+  "iops-total",
+  "iops-read",
+  "iops-write",
+] as const;
 export type BucketType = (typeof BUCKET_TYPES)[number];
 
 /** What a bucket is set to; `burstLength` in seconds. */
@@ -221,7 +228,8 @@ export class ThrottleState {
   waitNs(isWrite: boolean, nowNs: number): number {
     this.#leak(nowNs);
     let wait = 0;
-    for (const t of CHECKED[isWrite ? "write" : "read"]) wait = Math.max(wait, bucketWaitNs(this.#buckets[t]));
+    for (const t of CHECKED[isWrite ? "write" : "read"])
+      wait = Math.max(wait, bucketWaitNs(this.#buckets[t]));
     return wait;
   }
 

@@ -1,6 +1,7 @@
 /**
- * User-created objects (QMP `object-add` / `object-del`): for now only TLS credentials, which nbd
- * nodes name by id in `tls-creds`. Credentials are loaded and checked when the object is added, so
+ * User-created objects (QMP `object-add` / `object-del`): TLS credentials, which nbd nodes name by
+ * id in `tls-creds`; throttle groups (throttle-group-object.ts), which throttle nodes name in
+ * `throttle-group`; and secrets (secret.ts). Credentials are loaded and checked when the object is added, so
  * a missing file or a key that does not fit its certificate is reported then, naming the file, and
  * every later connect (and reconnect) uses what was loaded. The registry knows which nodes use an
  * object, so an object in use cannot be deleted under them.
@@ -15,6 +16,8 @@ import {
   type TlsCredentials,
   type TlsEndpoint,
 } from "../nbd/tls/credentials.js";
+import type { SecretObject } from "./secret.js";
+import type { ThrottleGroupObject } from "./throttle-group-object.js";
 
 /** An object operation refused for a reason the user can fix; messages are QEMU's where it has one. */
 export class ObjectError extends Error {}
@@ -62,10 +65,16 @@ export const QEMU_OBJECT_TYPES = [
 ] as const;
 
 /** The object types drivetap can create. */
-export const SUPPORTED_OBJECT_TYPES = ["tls-creds-x509", "tls-creds-psk"] as const;
-export type TlsCredsType = (typeof SUPPORTED_OBJECT_TYPES)[number];
+export const SUPPORTED_OBJECT_TYPES = [
+  "tls-creds-x509",
+  "tls-creds-psk",
+  "throttle-group",
+  "secret",
+] as const;
+export type SupportedObjectType = (typeof SUPPORTED_OBJECT_TYPES)[number];
+export type TlsCredsType = "tls-creds-x509" | "tls-creds-psk";
 
-/** Objects held at once; each is a few certificates in memory. */
+/** Objects held at once; each is a few certificates, a group's buckets or a secret of at most 64 KiB. */
 export const OBJECTS_MAX = 1024;
 /** QEMU's rule for object ids (id_wellformed): a letter, then letters, digits, '-', '.', '_'. */
 const OBJECT_ID_PATTERN = /^[A-Za-z][A-Za-z0-9_.-]{0,127}$/;
@@ -84,8 +93,10 @@ export interface TlsCredsProperties {
   readonly username?: string;
 }
 
+export type UserObject = TlsCredsObject | ThrottleGroupObject | SecretObject;
+
 interface Entry {
-  readonly object: TlsCredsObject;
+  readonly object: UserObject;
   /** user id ("node:tgt") -> why ("node tgt") */
   readonly users: Map<string, string>;
 }
@@ -126,7 +137,7 @@ export function loadTlsCreds(id: string, qomType: TlsCredsType, p: TlsCredsPrope
 export class ObjectRegistry {
   readonly #objects = new Map<string, Entry>();
 
-  add(object: TlsCredsObject): void {
+  add(object: UserObject): void {
     if (!OBJECT_ID_PATTERN.test(object.id)) {
       throw new ObjectError(`Parameter 'id' expects an identifier`);
     }
@@ -138,22 +149,29 @@ export class ObjectRegistry {
     this.#objects.set(object.id, { object, users: new Map() });
   }
 
-  get(id: string): TlsCredsObject | undefined {
+  get(id: string): UserObject | undefined {
     return this.#objects.get(id)?.object;
   }
 
-  list(): TlsCredsObject[] {
+  list(): UserObject[] {
     return [...this.#objects.values()].map((e) => e.object);
   }
 
   /** The credentials a user at `endpoint` may use, with QEMU's texts when they do not fit. */
   tlsCreds(id: string, endpoint: TlsEndpoint): TlsCredsObject {
     const e = this.#objects.get(id);
-    if (!e) throw new ObjectError(`No TLS credentials with id '${id}'`);
+    if (!e || !("creds" in e.object)) throw new ObjectError(`No TLS credentials with id '${id}'`);
     if (e.object.creds.endpoint !== endpoint) {
       throw new ObjectError(`Expected TLS credentials for a ${endpoint} endpoint`);
     }
     return e.object;
+  }
+
+  /** The throttle group a throttle node names, with QEMU's text when there is none of that id. */
+  throttleGroup(id: string): ThrottleGroupObject {
+    const o = this.#objects.get(id)?.object;
+    if (o?.qomType !== "throttle-group") throw new ObjectError(`Throttle group '${id}' does not exist`);
+    return o;
   }
 
   claim(id: string, user: string, why: string): void {

@@ -46,7 +46,10 @@ export function blockDeviceInfo(graph: BlockGraph, node: BlockNode): Record<stri
 }
 
 const blockdevAddArgs = {
-  driver: { type: "enum", values: ["file", "raw", "memory", "null-co", "error-inject", "journal", "nbd"] },
+  driver: {
+    type: "enum",
+    values: ["file", "raw", "memory", "null-co", "error-inject", "journal", "nbd", "throttle"],
+  },
   "node-name": { type: "str" },
   filename: { type: "str", optional: true },
   file: { type: "any", optional: true },
@@ -76,6 +79,8 @@ const blockdevAddArgs = {
   "tls-hostname": { type: "str", optional: true },
   /** nbd: seconds without a reply after which the link counts as dead (drivetap's). */
   "x-request-timeout": { type: "number", optional: true },
+  /** throttle: the id of the throttle-group object whose limits the node shares. */
+  "throttle-group": { type: "str", optional: true },
 } as const;
 
 export function blockCommands(graph: BlockGraph): QmpCommandDef[] {

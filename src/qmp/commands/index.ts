@@ -9,6 +9,7 @@ import { jobCommands } from "./jobs.js";
 import { journalCommands } from "./journal.js";
 import { mirrorCommands } from "./mirror.js";
 import { objectCommands } from "./objects.js";
+import { qomCommands } from "./qom.js";
 import { tapCommands } from "./tap.js";
 import { verifyCommands } from "./verify.js";
 
@@ -22,6 +23,7 @@ export function registerCommands(server: QmpServer, graph: BlockGraph): void {
     ...journalCommands(graph),
     ...mirrorCommands(graph),
     ...objectCommands(graph),
+    ...qomCommands(graph),
     ...tapCommands(graph),
     ...verifyCommands(graph),
   ]) {

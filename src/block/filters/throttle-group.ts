@@ -67,6 +67,8 @@ export class ThrottleGroup {
   /** Where the round-robin looks first, per direction. */
   readonly #turn = [0, 0];
   #timer: unknown = null;
+  /** Requests that had to wait, since the group was made (a test and a diagnosis counter). */
+  delayed = 0;
 
   constructor(id: string, config: ThrottleConfig, clock: ThrottleClock = realThrottleClock) {
     this.id = id;
@@ -139,6 +141,7 @@ export class ThrottleGroup {
     return new Promise<void>((resolve, reject) => {
       member.queues[dir].push({ bytes, resolve, reject });
       this.#pending[dir]++;
+      this.delayed++;
       this.#arm();
     });
   }

@@ -65,7 +65,18 @@ function readSecretFile(file: string): Buffer {
   }
 }
 
-export function loadSecret(id: string, p: SecretProperties): SecretObject {
+/** QEMU's secrets are encrypted with AES-256-CBC, so a master key is 32 bytes. */
+const MASTER_KEY_BYTES = 32;
+
+/**
+ * Loads a secret. `secretValue` finds another secret by id: a `keyid` is checked as QEMU checks it
+ * (it exists, it holds a 32-byte key, an `iv` is given) before drivetap refuses to decrypt at all.
+ */
+export function loadSecret(
+  id: string,
+  p: SecretProperties,
+  secretValue: (id: string) => Buffer | undefined,
+): SecretObject {
   if (p.data !== undefined && p.file !== undefined) {
     throw new SecretError("'file' and 'data' are mutually exclusive");
   }
@@ -73,6 +84,11 @@ export function loadSecret(id: string, p: SecretProperties): SecretObject {
     throw new SecretError("Either 'file' or 'data' must be provided");
   }
   if (p.keyid !== undefined) {
+    const key = secretValue(p.keyid);
+    if (key === undefined) throw new SecretError(`No secret with id '${p.keyid}'`);
+    if (key.length !== MASTER_KEY_BYTES) {
+      throw new SecretError(`Key should be ${MASTER_KEY_BYTES} bytes in length`);
+    }
     if (p.iv === undefined) throw new SecretError("IV is required to decrypt secret");
     throw new SecretError(
       `secret '${id}': drivetap has no master key to decrypt secrets with ('keyid' '${p.keyid}'); ` +

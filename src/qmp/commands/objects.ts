@@ -75,7 +75,7 @@ export function asQmpError<T>(f: () => T): T {
   }
 }
 
-function create(type: SupportedObjectType, args: Record<string, unknown>): UserObject {
+function create(graph: BlockGraph, type: SupportedObjectType, args: Record<string, unknown>): UserObject {
   const id = args.id as string;
   switch (type) {
     case "tls-creds-x509":
@@ -101,13 +101,20 @@ function create(type: SupportedObjectType, args: Record<string, unknown>): UserO
     case "secret":
       // QEMU reports whether it loaded; setting it is refused by name.
       if (args.loaded !== undefined) throw new ObjectError("Property 'secret.loaded' is not writable");
-      return loadSecret(id, {
-        data: args.data as string | undefined,
-        file: args.file as string | undefined,
-        format: args.format as SecretFormat | undefined,
-        keyid: args.keyid as string | undefined,
-        iv: args.iv as string | undefined,
-      });
+      return loadSecret(
+        id,
+        {
+          data: args.data as string | undefined,
+          file: args.file as string | undefined,
+          format: args.format as SecretFormat | undefined,
+          keyid: args.keyid as string | undefined,
+          iv: args.iv as string | undefined,
+        },
+        (keyId) => {
+          const key = graph.objects.get(keyId);
+          return key?.qomType === "secret" ? key.value : undefined;
+        },
+      );
   }
 }
 
@@ -136,7 +143,7 @@ export function objectCommands(graph: BlockGraph): QmpCommandDef[] {
             `attempt to add duplicate property '${args.id}' to object (type 'container')`,
           );
         }
-        asQmpError(() => graph.objects.add(create(type, args as Record<string, unknown>)));
+        asQmpError(() => graph.objects.add(create(graph, type, args as Record<string, unknown>)));
         return {};
       },
     }),

@@ -17,6 +17,9 @@ import type { BlockDriver } from "../../src/block/driver.js";
 import { MemoryDriver } from "../../src/block/drivers/memory.js";
 import { FileDriver } from "../../src/block/drivers/file.js";
 import { NullDriver } from "../../src/block/drivers/null.js";
+import { ThrottleDriver } from "../../src/block/filters/throttle.js";
+import { ThrottleGroup } from "../../src/block/filters/throttle-group.js";
+import { applyLimits, NO_LIMITS } from "../../src/core/throttle.js";
 import { BlockNode } from "../../src/io/block-node.js";
 
 const SIZE = 1 * MiB;
@@ -198,8 +201,22 @@ interface Subject {
   make(): BlockDriver;
 }
 
+/**
+ * Generous limits, shared by every run of the throttle subject: each run alone fits in the buckets,
+ * but together they pass them, so later runs have requests wait in the queue (checked below).
+ */
+const throttleGroup = new ThrottleGroup(
+  "property",
+  applyLimits(NO_LIMITS, { "bps-total": 128 * MiB, "iops-total": 20_000 }),
+);
+
 const subjects: Subject[] = [
   { name: "memory", discardReadsZero: true, make: () => new MemoryDriver(SIZE) },
+  {
+    name: "memory under a throttle filter",
+    discardReadsZero: true,
+    make: () => new ThrottleDriver(new MemoryDriver(SIZE), throttleGroup, "d"),
+  },
   {
     name: `file (native addon ${FileDriver.nativeAvailable ? "loaded" : "absent"})`,
     discardReadsZero: FileDriver.nativeAvailable,
@@ -308,6 +325,12 @@ describe("drivers against a byte-array model under concurrent batches", () => {
       );
     });
   }
+
+  test("the throttle subject's requests did wait in the group's queue, and none is left", () => {
+    assert.ok(throttleGroup.delayed > 0, "the limits were reached, so the queue was exercised");
+    assert.equal(throttleGroup.queued, 0);
+    assert.equal(throttleGroup.memberCount, 0, "every closed node left the group");
+  });
 
   test("memory: discarded and zeroed whole chunks free their memory and report holes", async () => {
     const driver = new MemoryDriver(SIZE);

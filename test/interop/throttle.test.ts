@@ -14,6 +14,7 @@ import { unixUri } from "../helpers/daemon.js";
 import { assertQmpError, MiB, serveWithQmp, type QmpDaemon } from "../helpers/jobs.js";
 import { outcome, startQsd } from "../helpers/qsd.js";
 import { run } from "../helpers/run.js";
+import { assertNothingLeft, pasteIntoShell, readmeSection } from "../helpers/readme.js";
 import type { QmpClient } from "../../src/qmp/client.js";
 
 const MEASURE_SECONDS = 4;
@@ -335,4 +336,17 @@ test("secret objects: data or file, raw or base64, QEMU's refusals; keyid is ref
     await q.execute("object-del", { id: "s0" });
     await assertQmpError(q.execute("object-del", { id: "s0" }), "GenericError", "object 's0' not found");
   }
+});
+
+test("README: the throttling example runs as pasted and the bench takes about 3 s", async (t) => {
+  const { dir, out, r } = await pasteIntoShell(t, readmeSection("## Throttling I/O (throttle groups)"));
+  assert.equal(r.code, 0, `${out}\n${r.stderr}`);
+  const m = /Run completed in (\d+(?:\.\d+)?) seconds/.exec(out);
+  assert.ok(m, out);
+  // 30 MiB at 10 MiB/s, less the 1 MiB bucket: 2.9 s. Unthrottled it takes a few ms.
+  const seconds = Number(m[1]);
+  t.diagnostic(`qemu-img bench: ${seconds} s`);
+  assert.ok(seconds >= 2.2 && seconds <= 3.6, `bench took ${seconds} s`);
+  assert.match(out, /"bps-total": 0/);
+  await assertNothingLeft(dir);
 });

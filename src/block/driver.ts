@@ -79,6 +79,11 @@ export interface BlockDriver {
   /** Extents covering at least the start of [offset, offset+length), in order, without gaps. */
   blockStatus(offset: number, length: number): Promise<Extent[]>;
   close(): Promise<void>;
+  /**
+   * Fails, with ESHUTDOWN, requests the driver holds back before they reach storage (a throttle's
+   * queue), so that closing its node does not wait for them. Drivers without such a queue omit it.
+   */
+  abortQueued?(): void;
 }
 
 /** Block status for drivers that cannot see holes: the whole range is data. */

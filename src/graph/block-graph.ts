@@ -30,6 +30,8 @@ export interface NodeInfo {
   readonly child?: string;
   /** The id of the TLS credentials object the node uses (nbd with tls-creds); held while it exists. */
   readonly tlsCreds?: string;
+  /** The id of the throttle group a throttle node is a member of; held while the node exists. */
+  readonly throttleGroup?: string;
 }
 
 interface NodeEntry {
@@ -187,11 +189,18 @@ export class BlockGraph {
     if (e.users.size > 0) throw new Error(`Node '${name}' is busy: ${[...e.users.values()].join(", ")}`);
     this.#nodes.delete(name);
     if (e.info.child) this.release(e.info.child, `node:${name}`);
-    if (e.info.tlsCreds) this.objects.release(e.info.tlsCreds, `node:${name}`);
+    this.#releaseObjects(name, e.info);
     const child = e.info.child ? this.getNode(e.info.child) : undefined;
     if (child) this.bitmaps.move(name, child);
     else await this.bitmaps.close(name);
     await e.node.close();
+  }
+
+  /** Lets go of the objects a node named (credentials, a throttle group), so they can be deleted. */
+  #releaseObjects(name: string, info: NodeInfo): void {
+    for (const id of [info.tlsCreds, info.throttleGroup]) {
+      if (id !== undefined) this.objects.release(id, `node:${name}`);
+    }
   }
 
   // ---- exports -------------------------------------------------------------------------------------
@@ -345,7 +354,7 @@ export class BlockGraph {
         firstError ??= err;
       }
       await e.node.close();
-      if (e.info.tlsCreds) this.objects.release(e.info.tlsCreds, `node:${e.node.name}`);
+      this.#releaseObjects(e.node.name, e.info);
     }
     this.#nodes.clear();
     // A failed final flush means data may not be durable: the daemon must not exit 0.

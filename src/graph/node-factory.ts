@@ -1,7 +1,8 @@
 /**
  * Opens block nodes from blockdev-add options (QEMU's shapes): file, raw over a file child (inline
  * options or a node name), memory, null-co, journal, nbd (a remote export, optionally over TLS with
- * `tls-creds` naming an object-add'ed credentials object), and the error-inject test filter.
+ * `tls-creds` naming an object-add'ed credentials object), throttle (a filter that names an
+ * object-add'ed throttle group) and the error-inject test filter.
  */
 import * as fs from "node:fs";
 import type { BlockDriver } from "../block/driver.js";
@@ -14,10 +15,12 @@ import type { ClientTls, ServerAddress } from "../nbd/client/connection.js";
 import { NbdDriver } from "../nbd/client/nbd-driver.js";
 import { ErrorInjectDriver } from "../block/filters/error-inject.js";
 import { FilterDriver } from "../block/filters/filter.js";
+import { ThrottleDriver } from "../block/filters/throttle.js";
 import { GiB } from "../core/units.js";
 import { BlockNode } from "../io/block-node.js";
 import type { BlockGraph, NodeInfo } from "./block-graph.js";
 import { ObjectError } from "./objects.js";
+import type { ThrottleGroupObject } from "./throttle-group-object.js";
 
 export const NODE_NAME_PATTERN = /^[A-Za-z][A-Za-z0-9_.-]{0,127}$/;
 export const DEFAULT_VIRTUAL_SIZE = 1 * GiB;
@@ -138,7 +141,19 @@ function open(
     case "null-co":
       return { driver: new NullDriver(size(o, where)), info: { driver: "null-co" } };
     case "raw":
-    case "error-inject": {
+    case "error-inject":
+    case "throttle": {
+      // The group is looked up before the child is opened or claimed, so a bad name leaves nothing behind.
+      let group: ThrottleGroupObject | undefined;
+      if (driver === "throttle") {
+        const groupId = str(o, "throttle-group", where);
+        try {
+          group = graph.objects.throttleGroup(groupId);
+        } catch (err) {
+          if (err instanceof ObjectError) throw new NodeOptionError(err.message);
+          throw err;
+        }
+      }
       const child = o.file;
       let next: BlockDriver;
       let info: NodeInfo;
@@ -166,6 +181,14 @@ function open(
         throw new NodeOptionError(`Parameter '${where}file' is missing`);
       }
       if (driver === "raw") return { driver: new FilterDriver("raw", next, owns), info };
+      if (group) {
+        // Nothing below can fail: the node is added right after this returns (open() is synchronous).
+        graph.objects.claim(group.id, `node:${parent}`, `node ${parent}`);
+        return {
+          driver: new ThrottleDriver(next, group.group, parent, owns),
+          info: { ...info, throttleGroup: group.id },
+        };
+      }
       const settings = {
         failReads: o["fail-reads"] === true,
         failWrites: o["fail-writes"] === true,

@@ -1,7 +1,8 @@
 /**
  * User-created objects (QMP `object-add` / `object-del`): TLS credentials, which nbd nodes and the
- * NBD server name by id in `tls-creds`, and authorization objects (authz.ts), which the NBD server
- * names in `tls-authz`. Credentials are loaded and checked when the object is added, so
+ * NBD server name by id in `tls-creds`; authorization objects (authz.ts), which the NBD server names
+ * in `tls-authz`; throttle groups (throttle-group-object.ts), which throttle nodes name in
+ * `throttle-group`; and secrets (secret.ts). Credentials are loaded and checked when the object is added, so
  * a missing file or a key that does not fit its certificate is reported then, naming the file, and
  * every later connect (and reconnect) uses what was loaded. The registry knows which nodes use an
  * object, so an object in use cannot be deleted under them.
@@ -17,6 +18,8 @@ import {
   type TlsEndpoint,
 } from "../nbd/tls/credentials.js";
 import type { AuthzObject } from "./authz.js";
+import type { SecretObject } from "./secret.js";
+import type { ThrottleGroupObject } from "./throttle-group-object.js";
 
 /** An object operation refused for a reason the user can fix; messages are QEMU's where it has one. */
 export class ObjectError extends Error {}
@@ -69,11 +72,13 @@ export const SUPPORTED_OBJECT_TYPES = [
   "tls-creds-psk",
   "authz-simple",
   "authz-list",
+  "throttle-group",
+  "secret",
 ] as const;
 export type SupportedObjectType = (typeof SUPPORTED_OBJECT_TYPES)[number];
 export type TlsCredsType = "tls-creds-x509" | "tls-creds-psk";
 
-/** Objects held at once; each is a few certificates in memory. */
+/** Objects held at once; each is a few certificates, a group's buckets or a secret of at most 64 KiB. */
 export const OBJECTS_MAX = 1024;
 /** QEMU's rule for object ids (id_wellformed): a letter, then letters, digits, '-', '.', '_'. */
 const OBJECT_ID_PATTERN = /^[A-Za-z][A-Za-z0-9_.-]{0,127}$/;
@@ -92,7 +97,7 @@ export interface TlsCredsProperties {
   readonly username?: string;
 }
 
-export type UserObject = TlsCredsObject | AuthzObject;
+export type UserObject = TlsCredsObject | AuthzObject | ThrottleGroupObject | SecretObject;
 
 interface Entry {
   readonly object: UserObject;
@@ -172,6 +177,13 @@ export class ObjectRegistry {
     const o = this.#objects.get(id)?.object;
     if (!o) throw new ObjectError(`Cannot find QAuthZ object '${id}'`);
     if (!("allows" in o)) throw new ObjectError(`Object '${id}' is not a QAuthZ subclass`);
+    return o;
+  }
+
+  /** The throttle group a throttle node names, with QEMU's text when there is none of that id. */
+  throttleGroup(id: string): ThrottleGroupObject {
+    const o = this.#objects.get(id)?.object;
+    if (o?.qomType !== "throttle-group") throw new ObjectError(`Throttle group '${id}' does not exist`);
     return o;
   }
 

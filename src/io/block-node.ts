@@ -317,10 +317,14 @@ export class BlockNode {
     await this.drained(() => driver.resize!(sizeBytes));
   }
 
-  /** Drains, then closes the driver. Later requests fail with ESHUTDOWN. */
+  /**
+   * Drains, then closes the driver. Later requests fail with ESHUTDOWN, and so do requests a driver
+   * still holds back (a throttle's queue): at a low limit they could keep the drain waiting for long.
+   */
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    this.driver.abortQueued?.();
     await this.drain();
     await this.driver.close();
   }

@@ -321,9 +321,9 @@ test("object-add and object-del: QEMU's errors, missing files named, objects in 
     "Parameter 'qom-type' does not accept value 'no-such-type'",
   );
   await assertQmpError(
-    add({ "qom-type": "secret", id: "s0" }),
+    add({ "qom-type": "iothread", id: "s0" }),
     "GenericError",
-    "drivetap cannot create objects of type 'secret' (only tls-creds-x509, tls-creds-psk, authz-simple, authz-list)",
+    "drivetap cannot create objects of type 'iothread' (only tls-creds-x509, tls-creds-psk, authz-simple, authz-list, throttle-group, secret)",
   );
   await assertQmpError(
     add({ "qom-type": "tls-creds-x509", id: "t" }),

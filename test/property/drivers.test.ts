@@ -17,6 +17,9 @@ import type { BlockDriver } from "../../src/block/driver.js";
 import { MemoryDriver } from "../../src/block/drivers/memory.js";
 import { FileDriver } from "../../src/block/drivers/file.js";
 import { NullDriver } from "../../src/block/drivers/null.js";
+import { ThrottleDriver } from "../../src/block/filters/throttle.js";
+import { ThrottleGroup } from "../../src/block/filters/throttle-group.js";
+import { applyLimits, NO_LIMITS } from "../../src/core/throttle.js";
 import { BlockNode } from "../../src/io/block-node.js";
 
 const SIZE = 1 * MiB;
@@ -198,8 +201,37 @@ interface Subject {
   make(): BlockDriver;
 }
 
+/**
+ * Generous limits, shared by every run of the throttle subject, so that most requests pass at once.
+ * How far the runs together get past the buckets depends on the machine's speed, so the first run
+ * starts behind 64 MiB already counted (half a second at this rate): its requests must wait in the
+ * queue, which is checked below.
+ */
+const THROTTLE_PRIMER_BYTES = 64 * MiB;
+const throttleGroup = new ThrottleGroup(
+  "property",
+  applyLimits(NO_LIMITS, { "bps-total": 128 * MiB, "iops-total": 20_000 }),
+);
+let throttlePrimed = false;
+
+function throttledMemory(): BlockDriver {
+  const driver = new ThrottleDriver(new MemoryDriver(SIZE), throttleGroup, "d");
+  if (!throttlePrimed) {
+    throttlePrimed = true;
+    const primer = throttleGroup.join("primer");
+    assert.equal(primer.admit(true, THROTTLE_PRIMER_BYTES), null, "an empty bucket admits at once");
+    throttleGroup.leave(primer);
+  }
+  return driver;
+}
+
 const subjects: Subject[] = [
   { name: "memory", discardReadsZero: true, make: () => new MemoryDriver(SIZE) },
+  {
+    name: "memory under a throttle filter",
+    discardReadsZero: true,
+    make: throttledMemory,
+  },
   {
     name: `file (native addon ${FileDriver.nativeAvailable ? "loaded" : "absent"})`,
     discardReadsZero: FileDriver.nativeAvailable,
@@ -308,6 +340,12 @@ describe("drivers against a byte-array model under concurrent batches", () => {
       );
     });
   }
+
+  test("the throttle subject's requests did wait in the group's queue, and none is left", () => {
+    assert.ok(throttleGroup.delayed > 0, "the limits were reached, so the queue was exercised");
+    assert.equal(throttleGroup.queued, 0);
+    assert.equal(throttleGroup.memberCount, 0, "every closed node left the group");
+  });
 
   test("memory: discarded and zeroed whole chunks free their memory and report holes", async () => {
     const driver = new MemoryDriver(SIZE);

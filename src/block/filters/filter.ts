@@ -60,4 +60,8 @@ export class FilterDriver implements BlockDriver {
   close(): Promise<void> {
     return this.ownsNext ? this.next.close() : Promise.resolve();
   }
+  abortQueued(): void {
+    // A child that belongs to another node keeps serving that node.
+    if (this.ownsNext) this.next.abortQueued?.();
+  }
 }

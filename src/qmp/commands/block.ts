@@ -54,6 +54,7 @@ export const BLOCKDEV_DRIVERS = [
   "error-inject",
   "journal",
   "nbd",
+  "throttle",
 ] as const;
 
 /** blockdev-add's members (the command line's `--blockdev` is typed by them too). */
@@ -90,6 +91,8 @@ export const blockdevAddArgs = {
   "tls-hostname": { type: "str", optional: true },
   /** nbd: seconds without a reply after which the link counts as dead (drivetap's). */
   "x-request-timeout": { type: "number", optional: true },
+  /** throttle: the id of the throttle-group object whose limits the node shares. */
+  "throttle-group": { type: "str", optional: true },
 } as const;
 
 /** The nodes query-block lists as devices: not internal (a job's target), not a parent's child. */

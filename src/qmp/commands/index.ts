@@ -13,6 +13,7 @@ import { mirrorCommands } from "./mirror.js";
 import { nbdServerCommands } from "./nbd-server.js";
 import { objectCommands } from "./objects.js";
 import { resizeCommands } from "./resize.js";
+import { qomCommands } from "./qom.js";
 import { tapCommands } from "./tap.js";
 import { verifyCommands } from "./verify.js";
 
@@ -30,6 +31,7 @@ export function registerCommands(server: QmpServer, graph: BlockGraph): void {
     ...mirrorCommands(graph),
     ...objectCommands(graph),
     ...resizeCommands(graph),
+    ...qomCommands(graph),
     ...tapCommands(graph),
     ...verifyCommands(graph),
   ]) {

@@ -1,8 +1,8 @@
 /**
  * Object commands: object-add and object-del with QEMU 7.2's arguments (qapi/qom.json). drivetap
- * creates TLS credentials (`tls-creds-x509`, `tls-creds-psk`) and authorization objects
- * (`authz-simple`, `authz-list`); every other type QEMU knows is refused by name, and a type QEMU
- * does not know gets QEMU's enum error.
+ * creates TLS credentials (`tls-creds-x509`, `tls-creds-psk`), authorization objects (`authz-simple`,
+ * `authz-list`), throttle groups and secrets; every other type QEMU knows is refused by name, and a
+ * type QEMU does not know gets QEMU's enum error.
  */
 import { AuthzError, authzList, authzSimple, type AuthzRule } from "../../graph/authz.js";
 import type { BlockGraph } from "../../graph/block-graph.js";
@@ -14,19 +14,40 @@ import {
   type SupportedObjectType,
   type UserObject,
 } from "../../graph/objects.js";
+import { loadSecret, SecretError, type SecretFormat } from "../../graph/secret.js";
+import { createThrottleGroup, THROTTLE_FLAT_NAMES } from "../../graph/throttle-group-object.js";
+import { THROTTLE_LIMIT_NAMES, ThrottleConfigError } from "../../core/throttle.js";
 import { QmpError } from "../errors.js";
-import type { ArgsSpec } from "../schema.js";
+import type { ArgsSpec, FieldSpec } from "../schema.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
 
 function isSupported(type: string): type is SupportedObjectType {
   return (SUPPORTED_OBJECT_TYPES as readonly string[]).includes(type);
 }
 
+const optionalInt: FieldSpec = { type: "int", optional: true };
+
+/** QEMU's ThrottleLimits: every member an optional integer (ranges are checked with QEMU's texts later). */
+export const THROTTLE_LIMITS_SPEC: ArgsSpec = Object.fromEntries(
+  THROTTLE_LIMIT_NAMES.map((n) => [n, optionalInt]),
+);
+
 const POLICIES = ["deny", "allow"] as const;
 
+const tlsMembers = ["dir", "endpoint", "verify-peer", "priority"];
+/** Which members each creatable type takes, beyond qom-type and id (QEMU's union branches). */
+const MEMBERS: Readonly<Record<SupportedObjectType, readonly string[]>> = {
+  "tls-creds-x509": [...tlsMembers, "sanity-check", "passwordid"],
+  "tls-creds-psk": [...tlsMembers, "username"],
+  "authz-simple": ["identity"],
+  "authz-list": ["policy", "rules"],
+  "throttle-group": ["limits", ...THROTTLE_FLAT_NAMES],
+  secret: ["data", "file", "format", "keyid", "iv", "loaded"],
+};
+
 /**
- * The members of every supported type's properties (TlsCredsX509/PskProperties,
- * AuthzSimpleProperties, AuthzListProperties); which apply to which type is checked in the handler,
+ * The members of every branch (TlsCredsX509/PskProperties, AuthzSimple/ListProperties,
+ * ThrottleGroupProperties, SecretProperties); which apply to which type is checked in the handler,
  * as QEMU's union would. Exported for the command line's `--object`, which QSD types by this schema.
  */
 export const objectAddArgs = {
@@ -53,22 +74,89 @@ export const objectAddArgs = {
       },
     },
   },
-} as const satisfies ArgsSpec;
+  limits: { type: "object", fields: THROTTLE_LIMITS_SPEC, optional: true },
+  ...(Object.fromEntries(THROTTLE_FLAT_NAMES.map((n) => [n, optionalInt])) as Record<
+    string,
+    typeof optionalInt
+  >),
+  data: { type: "str", optional: true },
+  file: { type: "str", optional: true },
+  format: { type: "enum", values: ["raw", "base64"], optional: true },
+  keyid: { type: "str", optional: true },
+  iv: { type: "str", optional: true },
+  loaded: { type: "bool", optional: true },
+} as const;
 
-const TLS_TYPES: readonly SupportedObjectType[] = ["tls-creds-x509", "tls-creds-psk"];
-/** Which types each member belongs to (qom-type and id belong to all). */
-const MEMBER_TYPES: Readonly<Record<string, readonly SupportedObjectType[]>> = {
-  dir: TLS_TYPES,
-  endpoint: TLS_TYPES,
-  "verify-peer": TLS_TYPES,
-  priority: TLS_TYPES,
-  username: ["tls-creds-psk"],
-  "sanity-check": ["tls-creds-x509"],
-  passwordid: ["tls-creds-x509"],
-  identity: ["authz-simple"],
-  policy: ["authz-list"],
-  rules: ["authz-list"],
-};
+/** Runs `f`, turning the graph's refusals into QMP's GenericError with their text. */
+export function asQmpError<T>(f: () => T): T {
+  try {
+    return f();
+  } catch (err) {
+    if (
+      err instanceof ObjectError ||
+      err instanceof AuthzError ||
+      err instanceof ThrottleConfigError ||
+      err instanceof SecretError
+    ) {
+      throw new QmpError("GenericError", err.message);
+    }
+    throw err;
+  }
+}
+
+function create(graph: BlockGraph, type: SupportedObjectType, args: Record<string, unknown>): UserObject {
+  const id = args.id as string;
+  switch (type) {
+    case "tls-creds-x509":
+    case "tls-creds-psk":
+      if (args.priority !== undefined) {
+        throw new QmpError("GenericError", "drivetap does not support 'priority' (a GnuTLS priority string)");
+      }
+      if (args.passwordid !== undefined) {
+        throw new QmpError("GenericError", "drivetap does not support encrypted keys ('passwordid')");
+      }
+      return loadTlsCreds(id, type, {
+        dir: args.dir as string | undefined,
+        endpoint: args.endpoint as "client" | "server" | undefined,
+        verifyPeer: args["verify-peer"] as boolean | undefined,
+        username: args.username as string | undefined,
+      });
+    case "authz-simple":
+      return authzSimple(id, args.identity as string | undefined);
+    case "authz-list": {
+      const rules = args.rules as
+        Array<{ match: string; policy: AuthzRule["policy"]; format?: AuthzRule["format"] }> | undefined;
+      return authzList(
+        id,
+        args.policy as AuthzRule["policy"] | undefined,
+        rules?.map((r) => ({ match: r.match, policy: r.policy, format: r.format ?? "exact" })),
+      );
+    }
+    case "throttle-group":
+      return createThrottleGroup(
+        id,
+        args.limits as Record<string, number> | undefined,
+        args as Record<string, number | undefined>,
+      );
+    case "secret":
+      // QEMU reports whether it loaded; setting it is refused by name.
+      if (args.loaded !== undefined) throw new ObjectError("Property 'secret.loaded' is not writable");
+      return loadSecret(
+        id,
+        {
+          data: args.data as string | undefined,
+          file: args.file as string | undefined,
+          format: args.format as SecretFormat | undefined,
+          keyid: args.keyid as string | undefined,
+          iv: args.iv as string | undefined,
+        },
+        (keyId) => {
+          const key = graph.objects.get(keyId);
+          return key?.qomType === "secret" ? key.value : undefined;
+        },
+      );
+  }
+}
 
 export function objectCommands(graph: BlockGraph): QmpCommandDef[] {
   return [
@@ -83,19 +171,10 @@ export function objectCommands(graph: BlockGraph): QmpCommandDef[] {
             `drivetap cannot create objects of type '${type}' (only ${SUPPORTED_OBJECT_TYPES.join(", ")})`,
           );
         }
-        for (const [member, owners] of Object.entries(MEMBER_TYPES)) {
-          if (member in args && !owners.includes(type)) {
+        for (const member of Object.keys(args)) {
+          if (member !== "qom-type" && member !== "id" && !MEMBERS[type].includes(member)) {
             throw new QmpError("GenericError", `Parameter '${member}' is unexpected`);
           }
-        }
-        if (args.priority !== undefined) {
-          throw new QmpError(
-            "GenericError",
-            "drivetap does not support 'priority' (a GnuTLS priority string)",
-          );
-        }
-        if (args.passwordid !== undefined) {
-          throw new QmpError("GenericError", "drivetap does not support encrypted keys ('passwordid')");
         }
         if (graph.objects.get(args.id)) {
           // Before loading, so a duplicate id is reported as such even when its files are missing.
@@ -104,31 +183,7 @@ export function objectCommands(graph: BlockGraph): QmpCommandDef[] {
             `attempt to add duplicate property '${args.id}' to object (type 'container')`,
           );
         }
-        try {
-          let object: UserObject;
-          if (type === "authz-simple") object = authzSimple(args.id, args.identity);
-          else if (type === "authz-list") {
-            const rules: AuthzRule[] | undefined = args.rules?.map((r) => ({
-              match: r.match,
-              policy: r.policy,
-              format: r.format ?? "exact",
-            }));
-            object = authzList(args.id, args.policy, rules);
-          } else {
-            object = loadTlsCreds(args.id, type, {
-              dir: args.dir,
-              endpoint: args.endpoint,
-              verifyPeer: args["verify-peer"],
-              username: args.username,
-            });
-          }
-          graph.objects.add(object);
-        } catch (err) {
-          if (err instanceof ObjectError || err instanceof AuthzError) {
-            throw new QmpError("GenericError", err.message);
-          }
-          throw err;
-        }
+        asQmpError(() => graph.objects.add(create(graph, type, args as Record<string, unknown>)));
         return {};
       },
     }),
@@ -136,12 +191,7 @@ export function objectCommands(graph: BlockGraph): QmpCommandDef[] {
       name: "object-del",
       args: { id: { type: "str" } },
       handler: (args) => {
-        try {
-          graph.objects.remove(args.id);
-        } catch (err) {
-          if (err instanceof ObjectError) throw new QmpError("GenericError", err.message);
-          throw err;
-        }
+        asQmpError(() => graph.objects.remove(args.id));
         return {};
       },
     }),

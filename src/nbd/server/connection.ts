@@ -41,7 +41,7 @@ import { ServerDecoder, type ServerMessage } from "../protocol/decoder.js";
 import type { BudgetAccount } from "./buffer-budget.js";
 import * as L from "./limits.js";
 import { giveReplyBuffer, replyAllocationBytes, takeReplyBuffer } from "./reply-pool.js";
-import { slabTracker, stopSlabReads } from "./socket-reader.js";
+import { slabTracker, startTlsReading, stopSlabReads } from "./socket-reader.js";
 import type { ServerTls, UpgradeResult } from "./tls-upgrade.js";
 
 export interface NbdExport {
@@ -501,7 +501,7 @@ export class NbdConnection {
     this.#socket = secure;
     this.#readingPaused = false;
     this.#listen(secure);
-    secure.on("data", (chunk: Buffer) => this.onData(chunk));
+    startTlsReading(secure, (chunk) => this.onData(chunk));
   }
 
   #onTlsDone(r: UpgradeResult, secure: TLSSocket): void {

@@ -217,7 +217,7 @@ function onreadSymbols(): OnreadSymbols | null {
 /**
  * Starts reading a TLS socket just made over an accepted one (before its first read, which Node
  * starts on the next tick), into slabs like startReading; the plain 'data' path when this Node lacks
- * what that needs or DRIVETAP_PLAIN_READS=1. The socket is left flowing, so its 'end' is emitted.
+ * what that needs or DRIVETAP_PLAIN_READS=1.
  */
 export function startTlsReading(secure: tls.TLSSocket, onChunk: (chunk: Buffer) => void): void {
   const handle = (secure as unknown as HandleInternals)._handle;
@@ -238,6 +238,6 @@ export function startTlsReading(secure: tls.TLSSocket, onChunk: (chunk: Buffer) 
   };
   (handle.useUserBuffer as (b: Buffer) => void).call(handle, first);
   secure.once("close", () => reader.close());
-  readers.set(secure, reader);
+  // Flowing, as the 'data' path is: without it the readable side never emits 'end' at the peer's EOF.
   secure.resume();
 }

@@ -505,12 +505,15 @@ export class NbdConnection {
   }
 
   #onTlsDone(r: UpgradeResult, secure: TLSSocket): void {
-    if (this.#closed) return;
     if (!r.ok) {
+      // Logged even when the connection has closed already: a client that hung up in the handshake
+      // closes the plain socket first about half the time, and the reason is still the one to tell.
       this.#log.warn({ why: r.reason }, "TLS handshake refused; closing");
+      if (this.#closed) return;
       this.#decoder.stop();
       return this.#destroy();
     }
+    if (this.#closed) return;
     this.#tls = Tls.Active;
     // The spec: nothing negotiated before STARTTLS survives it (nbdkit's CVE-2021-3716 kept
     // structured replies across it). Client flags belong to the greeting and stay.

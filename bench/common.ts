@@ -16,6 +16,8 @@ export const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 export const RUNTIME_S = Number(process.env.BENCH_RUNTIME_S ?? 5);
 export const SIZE = parseSize(process.env.BENCH_SIZE ?? "1G");
 
+/** fio's warm-up before it starts counting, in every run. */
+const RAMP_S = 1;
 const SOCKET_WAIT_MS = 10_000;
 const STOP_TIMEOUT_MS = 30_000;
 
@@ -87,7 +89,35 @@ export function peakRssBytes(pid: number): number {
   }
 }
 
+/** User plus system CPU seconds a process (all its threads) has used so far; NaN once it is gone. */
+export function cpuSeconds(pid: number): number {
+  try {
+    // Fields 14 and 15 of /proc/PID/stat, counted after the parenthesised command name.
+    const fields = fs.readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
+    return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS_PER_S;
+  } catch {
+    return NaN;
+  }
+}
+
+/** The kernel's USER_HZ, the unit of /proc/PID/stat's times (100 on every Linux we run on). */
+const CLOCK_TICKS_PER_S = 100;
+
+export interface FioResult {
+  /** MB/s or IOPS, as the workload's unit says. */
+  readonly value: number;
+  /**
+   * Requests over the whole run, ramp included (the span a server's CPU time is read over): fio
+   * counts only after the ramp, so the ramp's share is estimated at the measured rate.
+   */
+  readonly ops: number;
+}
+
 export function runFio(uri: string, w: Workload): number {
+  return runFioCounted(uri, w).value;
+}
+
+export function runFioCounted(uri: string, w: Workload): FioResult {
   const args = [
     "--name=bench",
     "--ioengine=nbd",
@@ -98,7 +128,7 @@ export function runFio(uri: string, w: Workload): number {
     `--size=${SIZE}`,
     "--time_based",
     `--runtime=${RUNTIME_S}`,
-    "--ramp_time=1",
+    `--ramp_time=${RAMP_S}`,
     "--randrepeat=0",
     "--output-format=json",
   ];
@@ -106,7 +136,10 @@ export function runFio(uri: string, w: Workload): number {
   if (r.status !== 0) throw new Error(`fio failed: ${r.stderr}`);
   const job = JSON.parse(r.stdout.slice(r.stdout.indexOf("{"))).jobs[0];
   const side = w.rw.includes("write") ? job.write : job.read;
-  return w.unit === "IOPS" ? side.iops : side.bw_bytes / 1e6;
+  return {
+    value: w.unit === "IOPS" ? side.iops : side.bw_bytes / 1e6,
+    ops: (side.total_ios * (RUNTIME_S + RAMP_S)) / RUNTIME_S,
+  };
 }
 
 export function median(xs: number[]): number {

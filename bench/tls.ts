@@ -4,7 +4,8 @@
  * The certificates (a CA and a server certificate) are made with openssl for the run. fio reaches
  * each server through libnbd's `nbds+unix://` URI. fio's nbd engine refuses URIs that name local
  * files (tls-certificates=), so the client does not verify the server. What is measured is the
- * session's encryption, the same for all three.
+ * session's encryption, the same for all three. Besides throughput it prints each server's CPU time
+ * per request, which the other load on a shared machine disturbs far less.
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import * as fs from "node:fs";
@@ -15,11 +16,12 @@ import {
   RUNTIME_S,
   SIZE,
   WORKLOADS,
+  cpuSeconds,
   need,
   peakRssBytes,
   printTable,
   qemuNbdArgs,
-  runFio,
+  runFioCounted,
   spread,
   stopProcess,
   waitForSocket,
@@ -118,6 +120,8 @@ export async function benchTls(dir: string, image: string, only?: readonly strin
   const certs = path.join(dir, "tls-certs");
   makeCerts(certs);
   const results = new Map<string, number[]>();
+  /** The server's CPU time (every thread) per request, in microseconds. */
+  const cpuPerOp = new Map<string, number[]>();
   let drivetapRss = 0;
   for (let round = 1; round <= ROUNDS; round++) {
     for (const w of TLS_WORKLOADS) {
@@ -127,12 +131,16 @@ export async function benchTls(dir: string, image: string, only?: readonly strin
         const proc = s.start(image, socket, certs);
         try {
           await waitForSocket(socket, proc);
-          const value = runFio(`nbds+unix:///?socket=${socket}&tls-verify-peer=false`, w);
+          const cpuBefore = cpuSeconds(proc.pid!);
+          const { value, ops } = runFioCounted(`nbds+unix:///?socket=${socket}&tls-verify-peer=false`, w);
+          const cpuUsPerOp = ((cpuSeconds(proc.pid!) - cpuBefore) * 1e6) / ops;
           const key = `${s.name}/${w.name}`;
           results.set(key, [...(results.get(key) ?? []), value]);
+          cpuPerOp.set(key, [...(cpuPerOp.get(key) ?? []), cpuUsPerOp]);
           if (s.name === "drivetap") drivetapRss = Math.max(drivetapRss, peakRssBytes(proc.pid!));
           process.stderr.write(
-            `tls round ${round} ${w.name.padEnd(20)} ${s.name.padEnd(9)} ${value.toFixed(0)} ${w.unit}\n`,
+            `tls round ${round} ${w.name.padEnd(20)} ${s.name.padEnd(9)} ${value.toFixed(0)} ${w.unit}, ` +
+              `${cpuUsPerOp.toFixed(1)} us CPU/request\n`,
           );
         } finally {
           await stopProcess(proc);
@@ -161,6 +169,15 @@ export async function benchTls(dir: string, image: string, only?: readonly strin
       `${ROUNDS} interleaved rounds; median (min-max), ratios per round`,
   );
   printTable(header, rows);
+  // Throughput on a shared machine moves with the load; CPU time per request moves much less.
+  console.log("\nServer CPU time (user + system, all threads) per request, us; median (min-max)");
+  printTable(
+    ["workload (TLS)", ...names],
+    TLS_WORKLOADS.map((w) => [
+      w.name,
+      ...names.map((n) => spread(cpuPerOp.get(`${n}/${w.name}`) ?? [NaN], 1, "")),
+    ]),
+  );
   if (names.includes("drivetap"))
     console.log(`\ndrivetap peak RSS over TLS: ${(drivetapRss / 1048576).toFixed(0)} MiB`);
 }

@@ -17,7 +17,13 @@ import { join } from "node:path";
 import * as tls from "node:tls";
 import * as C from "../../src/nbd/protocol/constants.js";
 import { encodeExportRequest } from "../../src/nbd/protocol/codec.js";
-import { HANDSHAKE_TIMEOUT_MS, HANDSHAKES_PER_ADDRESS_MAX } from "../../src/nbd/server/limits.js";
+import {
+  CONNECTION_BUFFER_BYTES_MAX,
+  HANDSHAKE_TIMEOUT_MS,
+  HANDSHAKES_PER_ADDRESS_MAX,
+  REQUEST_BYTES_MAX,
+} from "../../src/nbd/server/limits.js";
+import { SLABS_MAX } from "../../src/nbd/server/socket-reader.js";
 import { QmpClient } from "../../src/qmp/client.js";
 import { CLI, readImage, serveTempImage, type RunningDaemon } from "../helpers/daemon.js";
 import { RawNbd } from "../helpers/raw-nbd.js";
@@ -463,8 +469,10 @@ test("--tls on serves plaintext and TLS clients; TLS off answers STARTTLS with E
 });
 
 test("TCP on a non-loopback address warns at start unless TLS is required", async (t) => {
+  // The daemon logs asynchronously: a warning is awaited, and the absence of one is read after exit
+  // (which flushes the log).
   const plain = await serve(t, ["--port", "0", "--bind", "0.0.0.0"], { tcp: true });
-  assert.match(plain.daemon.stderr(), /non-loopback address without TLS/);
+  await plain.daemon.waitForStderr(/non-loopback address without TLS/);
   const optional = await serve(
     t,
     ["--port", "0", "--bind", "0.0.0.0", "--tls-creds", creds.good.dir, "--tls", "on"],
@@ -472,13 +480,15 @@ test("TCP on a non-loopback address warns at start unless TLS is required", asyn
       tcp: true,
     },
   );
-  assert.match(optional.daemon.stderr(), /non-loopback address with TLS optional/);
+  await optional.daemon.waitForStderr(/non-loopback address with TLS optional/);
   const required = await serve(t, ["--port", "0", "--bind", "0.0.0.0", "--tls-creds", creds.good.dir], {
     tcp: true,
   });
-  assert.doesNotMatch(required.daemon.stderr(), /non-loopback/);
   const loopback = await serve(t, ["--port", "0"], { tcp: true });
-  assert.doesNotMatch(loopback.daemon.stderr(), /non-loopback/);
+  for (const d of [required.daemon, loopback.daemon]) {
+    assert.equal(await d.stop("SIGTERM"), 0, "the daemon exits cleanly");
+    assert.doesNotMatch(d.stderr(), /non-loopback/);
+  }
 });
 
 test("an export added over QMP (block-export-add) has the server's TLS setting", async (t) => {
@@ -667,6 +677,83 @@ test("fio over TLS (nbds+unix, randwrite 4k..256k QD16) verifies with crc32c", a
     { timeoutMs: 60_000 },
   );
   assert.notEqual(plain.code, 0, "plaintext fio is refused");
+});
+
+test("TLS reads into recycled slabs: a write across slabs, more clients than slabs, and a write that arrives while reading is paused all reach the disk intact", async (t) => {
+  const bigBytes = REQUEST_BYTES_MAX;
+  const smallBytes = MiB;
+  const clients = SLABS_MAX + 4;
+  const smallBase = 2 * bigBytes;
+  const { daemon, image } = await serveTempImage(t, smallBase + clients * smallBytes, {
+    args: ["--tls-creds", creds.good.dir],
+  });
+  const open = async (): Promise<RawNbd> => {
+    const c = await rawClient(daemon);
+    await c.startTls(clientTls(creds.good.dir));
+    await c.go();
+    return c;
+  };
+  // One write of the largest size: its payload spans many 16 KiB TLS records and several slabs.
+  const big = await open();
+  const first = randomBytes(bigBytes);
+  assert.equal(await big.write(0, first), 0, "a 32 MiB write succeeds");
+
+  // More TLS clients at once than there are slabs: some read into one-shot buffers.
+  const many = await Promise.all(Array.from({ length: clients }, open));
+  const smallData = many.map(() => randomBytes(smallBytes));
+  const errors = await Promise.all(many.map((c, i) => c.write(smallBase + i * smallBytes, smallData[i])));
+  assert.deepEqual(errors, new Array(clients).fill(0), "every small write succeeds");
+
+  // The client stops reading replies, so they pile up unsent until the connection's buffer bound
+  // holds the next request with the server's reading paused; a 32 MiB write sent behind them is
+  // decrypted (in part) while paused, and must come out whole once the client reads again.
+  const reads = Math.ceil(CONNECTION_BUFFER_BYTES_MAX / MiB) + 8;
+  big.socket.pause();
+  const readAt = new Map<number, number>();
+  for (let i = 0; i < reads; i++) {
+    const offset = (i % (bigBytes / MiB)) * MiB;
+    readAt.set(big.sendRequest({ type: C.NBD_CMD_READ, offset, length: MiB }), offset);
+  }
+  const second = randomBytes(bigBytes);
+  const writeCookie = big.sendRequest({
+    type: C.NBD_CMD_WRITE,
+    offset: bigBytes,
+    length: bigBytes,
+    payload: second,
+  });
+  big.socket.resume();
+  let writeAnswered = false;
+  for (let i = 0; i < reads + 1; i++) {
+    const r = await big.readSimpleReply(60_000);
+    assert.equal(r.error, 0, `request ${r.cookie} succeeds`);
+    if (r.cookie === writeCookie) {
+      writeAnswered = true;
+      continue;
+    }
+    const offset = readAt.get(r.cookie);
+    assert.ok(offset !== undefined, `reply cookie ${r.cookie} is a read's`);
+    readAt.delete(r.cookie);
+    const data = await big.readExact(MiB);
+    assert.ok(
+      data.equals(first.subarray(offset, offset + MiB)),
+      `the read at ${offset} returns the first write`,
+    );
+  }
+  assert.ok(writeAnswered && readAt.size === 0, "every request is answered once");
+
+  assert.ok(readImage(image, 0, bigBytes).equals(first), "the first 32 MiB write is on the disk");
+  assert.ok(
+    readImage(image, bigBytes, bigBytes).equals(second),
+    "the write sent while paused is on the disk",
+  );
+  for (let i = 0; i < clients; i++) {
+    assert.ok(
+      readImage(image, smallBase + i * smallBytes, smallBytes).equals(smallData[i]),
+      `client ${i}'s write is on the disk`,
+    );
+  }
+  await Promise.all([big, ...many].map((c) => c.disconnect()));
+  assert.ok(daemon.alive());
 });
 
 // ---- the README -----------------------------------------------------------------------------------

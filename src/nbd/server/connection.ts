@@ -41,7 +41,7 @@ import { ServerDecoder, type ServerMessage } from "../protocol/decoder.js";
 import type { BudgetAccount } from "./buffer-budget.js";
 import * as L from "./limits.js";
 import { giveReplyBuffer, replyAllocationBytes, takeReplyBuffer } from "./reply-pool.js";
-import { slabTracker, stopSlabReads } from "./socket-reader.js";
+import { slabTracker, startTlsReading, stopSlabReads } from "./socket-reader.js";
 import type { ServerTls, UpgradeResult } from "./tls-upgrade.js";
 
 export interface NbdExport {
@@ -511,16 +511,19 @@ export class NbdConnection {
     this.#socket = secure;
     this.#readingPaused = false;
     this.#listen(secure);
-    secure.on("data", (chunk: Buffer) => this.onData(chunk));
+    startTlsReading(secure, (chunk) => this.onData(chunk));
   }
 
   #onTlsDone(r: UpgradeResult, secure: TLSSocket): void {
-    if (this.#closed) return;
     if (!r.ok) {
+      // Logged even when the connection has closed already: a client that hung up in the handshake
+      // closes the plain socket first about half the time, and the reason is still the one to tell.
       this.#log.warn({ why: r.reason }, "TLS handshake refused; closing");
+      if (this.#closed) return;
       this.#decoder.stop();
       return this.#destroy();
     }
+    if (this.#closed) return;
     this.#tls = Tls.Active;
     // The spec: nothing negotiated before STARTTLS survives it (nbdkit's CVE-2021-3716 kept
     // structured replies across it). Client flags belong to the greeting and stay.

@@ -16,8 +16,15 @@
  * Node offers `onread` only for sockets it creates, so an accepted socket is re-wrapped: a new
  * net.Socket takes over its handle. When that is not possible (a Node without the internals it relies
  * on, or DRIVETAP_PLAIN_READS=1), the plain 'data' path is used and the tracker does nothing.
+ *
+ * After STARTTLS the TLS socket reads the raw one, and its decrypted bytes (a TLS record, at most
+ * 16 KiB, at a time) come out through the same stream machinery: a fresh allocation, an ArrayBuffer
+ * and a readable-stream push per record. startTlsReading gives the TLS socket the `onread` treatment
+ * too (Node's TLS layer copies each record into the buffer a JS listener provides), so TLS reads also
+ * land in recycled slabs.
  */
 import * as net from "node:net";
+import type * as tls from "node:tls";
 import { KiB, MiB } from "../../core/units.js";
 import type { ChunkTracker } from "../protocol/decoder.js";
 
@@ -143,6 +150,10 @@ interface HandleInternals {
   _handle?: { useUserBuffer?: unknown } | null;
 }
 
+function plainReadsForced(): boolean {
+  return process.env.DRIVETAP_PLAIN_READS === "1";
+}
+
 /**
  * Starts reading an accepted socket (the server must use pauseOnConnect) and returns the socket to use
  * from now on, which may be a new object. Chunks go to onChunk; the caller's decoder retains them.
@@ -150,7 +161,7 @@ interface HandleInternals {
 export function startReading(accepted: net.Socket, onChunk: (chunk: Buffer) => void): net.Socket {
   const internals = accepted as unknown as HandleInternals;
   const handle = internals._handle;
-  if (!handle || typeof handle.useUserBuffer !== "function" || process.env.DRIVETAP_PLAIN_READS === "1") {
+  if (!handle || typeof handle.useUserBuffer !== "function" || plainReadsForced()) {
     accepted.on("data", onChunk);
     accepted.resume();
     return accepted;
@@ -176,4 +187,57 @@ export function startReading(accepted: net.Socket, onChunk: (chunk: Buffer) => v
   readers.set(socket, reader);
   socket.resume();
   return socket;
+}
+
+/** The private symbols under which a net.Socket keeps its `onread` buffer, generator and callback. */
+interface OnreadSymbols {
+  readonly buffer: symbol;
+  readonly generator: symbol;
+  readonly callback: symbol;
+}
+
+let onreadSymbolsFound: OnreadSymbols | null | undefined;
+
+/**
+ * Node keeps a socket's `onread` state under module-private symbols, set on every net.Socket; they
+ * are looked up once, by description, on a socket made for the purpose (null if this Node has none).
+ */
+function onreadSymbols(): OnreadSymbols | null {
+  if (onreadSymbolsFound !== undefined) return onreadSymbolsFound;
+  const probe = new net.Socket();
+  const byName = new Map(Object.getOwnPropertySymbols(probe).map((s) => [s.description, s]));
+  probe.destroy();
+  const buffer = byName.get("kBuffer");
+  const generator = byName.get("kBufferGen");
+  const callback = byName.get("kBufferCb");
+  onreadSymbolsFound = buffer && generator && callback ? { buffer, generator, callback } : null;
+  return onreadSymbolsFound;
+}
+
+/**
+ * Starts reading a TLS socket just made over an accepted one (before its first read, which Node
+ * starts on the next tick), into slabs like startReading; the plain 'data' path when this Node lacks
+ * what that needs or DRIVETAP_PLAIN_READS=1.
+ */
+export function startTlsReading(secure: tls.TLSSocket, onChunk: (chunk: Buffer) => void): void {
+  const handle = (secure as unknown as HandleInternals)._handle;
+  const symbols = onreadSymbols();
+  if (!handle || typeof handle.useUserBuffer !== "function" || symbols === null || plainReadsForced()) {
+    secure.on("data", onChunk);
+    return;
+  }
+  const reader = new SlabReader();
+  const first = reader.next();
+  // What net.Socket's constructor sets up for an `onread` option (its read callback reads these),
+  // and what it then asks of the handle.
+  const state = secure as unknown as Record<symbol, unknown>;
+  state[symbols.buffer] = first;
+  state[symbols.generator] = () => reader.next();
+  state[symbols.callback] = (n: number, space: Uint8Array) => {
+    onChunk(reader.take(n, space as Buffer));
+  };
+  (handle.useUserBuffer as (b: Buffer) => void).call(handle, first);
+  secure.once("close", () => reader.close());
+  // Flowing, as the 'data' path is: without it the readable side never emits 'end' at the peer's EOF.
+  secure.resume();
 }

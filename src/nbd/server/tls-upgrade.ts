@@ -114,8 +114,9 @@ export class ServerTls {
     };
     const onError = (err: Error & { code?: string }): void =>
       settle({ ok: false, reason: handshakeError(this.creds, err, offeredPskIdentity(socket)) });
-    const onClose = (): void =>
-      settle({ ok: false, reason: "the client closed the connection during the TLS handshake" });
+    // A client that refuses our certificate may just hang up: with a FIN (a clean close here) or, with
+    // bytes of ours unread, a reset (ECONNRESET, handshakeError). Either is worth the same hint.
+    const onClose = (): void => settle({ ok: false, reason: closedDuringHandshake(this.creds) });
     socket.on("error", onError);
     socket.on("close", onClose);
     // A TLSSocket made outside a tls.Server reports TLS errors after the handshake (a renegotiation
@@ -218,10 +219,14 @@ function handshakeError(creds: TlsCredentials, err: Error & { code?: string }, i
         : "the client refused the server's certificate: does it trust the CA that signed server-cert.pem, and is the certificate valid for the name it connects to?";
     return `${hint} (TLS alert '${alert}')`;
   }
-  if (code === "ECONNRESET" || code === "EPIPE") {
-    return `the client closed the connection during the TLS handshake (it may have refused the server's certificate) ${detail}`;
-  }
+  if (code === "ECONNRESET" || code === "EPIPE") return `${closedDuringHandshake(creds)} ${detail}`;
   return `TLS handshake failed: ${code ? `${code}: ` : ""}${err.message.trim()}`;
+}
+
+function closedDuringHandshake(creds: TlsCredentials): string {
+  return creds.kind === "x509"
+    ? "the client closed the connection during the TLS handshake (it may have refused the server's certificate)"
+    : "the client closed the connection during the TLS handshake";
 }
 
 /** Why the credentials could not become a secure context, naming the files. */

@@ -126,6 +126,8 @@ export const QEMU_COMMAND_ARGS: Readonly<Record<string, readonly string[]>> = {
     "x-dirty-bitmap",
     "reconnect-delay",
     "open-timeout",
+    // BlockdevOptionsThrottle
+    "throttle-group",
   ],
   "blockdev-del": ["node-name"],
   "job-pause": ["id"],

@@ -20,7 +20,13 @@ import {
   encodeRequest,
 } from "../protocol/codec.js";
 import { ReplyDecoder, type ReplyMessage } from "../protocol/reply-decoder.js";
-import { checkStartTlsReply, describeTlsError, upgradeToTls, type ClientTls } from "./starttls.js";
+import {
+  checkStartTlsReply,
+  describeTlsClose,
+  describeTlsError,
+  upgradeToTls,
+  type ClientTls,
+} from "./starttls.js";
 
 export type { ClientTls } from "./starttls.js";
 
@@ -69,9 +75,18 @@ class HandshakeReader {
   #ended: Error | null = null;
   readonly #socket: net.Socket;
 
-  /** `describeError` turns a socket error (a TLS alert after the handshake) into the reason given. */
-  constructor(socket: net.Socket, describeError: (err: Error) => Error = (e) => e) {
+  /**
+   * `describeError` turns a socket error (a TLS alert after the handshake) into the reason given;
+   * `describeSilentClose` names the reason for a close before the server sent anything (over TLS
+   * 1.3 a server refusing our certificate may just hang up after the handshake).
+   */
+  constructor(
+    socket: net.Socket,
+    describeError: (err: Error) => Error = (e) => e,
+    describeSilentClose?: () => Error,
+  ) {
     this.#socket = socket;
+    this.#describeSilentClose = describeSilentClose;
     this.#onError = (err: Error): void => {
       this.#ended ??= describeError(err);
       this.#wake?.();
@@ -83,12 +98,17 @@ class HandshakeReader {
 
   readonly #onError: (err: Error) => void;
 
+  readonly #describeSilentClose: (() => Error) | undefined;
+  #received = false;
+
   readonly #onClose = (): void => {
+    if (!this.#received && this.#describeSilentClose) this.#ended ??= this.#describeSilentClose();
     this.#ended ??= notConnected("the server closed the connection during the handshake");
     this.#wake?.();
   };
 
   readonly #onData = (b: Buffer): void => {
+    this.#received = true;
     this.#chunks.push(b);
     this.#buffered += b.length;
     this.#wake?.();
@@ -249,7 +269,11 @@ export class NbdConnection {
       socket = session.socket = await upgradeToTls(socket, tls);
       // A server that refuses our certificate says so after our side of the handshake is done (TLS
       // 1.3), that is while we wait for the next option reply.
-      reader = session.reader = new HandshakeReader(socket, (err) => describeTlsError(err, tls));
+      reader = session.reader = new HandshakeReader(
+        socket,
+        (err) => describeTlsError(err, tls),
+        () => describeTlsClose(tls),
+      );
     }
 
     const structured = (await option(C.NBD_OPT_STRUCTURED_REPLY)).at(-1)!.type === C.NBD_REP_ACK;

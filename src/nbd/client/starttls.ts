@@ -78,6 +78,11 @@ function closedHint(t: ClientTls): string {
   return `the server closed the connection: it may not accept the client certificate ${creds.dir}/client-cert.pem`;
 }
 
+/** The server hung up right after the TLS handshake without a word: what it probably refused. */
+export function describeTlsClose(t: ClientTls): BlockError {
+  return tlsFailed(closedHint(t));
+}
+
 /** A TLS error (during or right after the handshake) as a BlockError that says what to fix. */
 export function describeTlsError(err: Error, t: ClientTls): BlockError {
   const code = (err as NodeJS.ErrnoException).code ?? "";

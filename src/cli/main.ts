@@ -16,6 +16,8 @@ import { addJournalCommands } from "./journal-commands.js";
 import { addQmpCommands, DEFAULT_QMP_SOCKET } from "./qmp-commands.js";
 import { addVerifyCommand } from "./verify-command.js";
 import { addMirrorCommand } from "./mirror-command.js";
+import { addCreateCommand, formatOption } from "./create-command.js";
+import type { ImageFormat } from "../block/drivers/qcow2/image.js";
 
 const DEFAULT_SIZE = "1G";
 const DEFAULT_PORT = 10809;
@@ -46,6 +48,7 @@ function collect(value: string, previous: string[] | undefined): string[] {
 }
 
 interface ServeOptions {
+  format?: ImageFormat;
   socket?: string;
   port?: number;
   bind: string;
@@ -138,8 +141,11 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
       },
     );
   };
+  if (opts.format !== undefined && image === undefined)
+    throw new InvalidArgumentError("--format needs an IMAGE");
   const config: ServeConfig = {
     image,
+    format: opts.format,
     sizeBytes: opts.size,
     readOnly: opts.readOnly ?? false,
     forceShare: opts.forceShare ?? false,
@@ -204,9 +210,14 @@ program
 program
   .command("serve")
   .description(
-    `Serve IMAGE (a raw file) over NBD; without IMAGE, a built-in sparse memory disk (${NULL_IMAGE} serves the null driver)`,
+    `Serve IMAGE (raw or qcow2) over NBD; without IMAGE, a built-in sparse memory disk (${NULL_IMAGE} serves the null driver)`,
   )
-  .argument("[image]", "raw disk image to serve")
+  .argument("[image]", "disk image to serve (raw or qcow2)")
+  .option(
+    "-f, --format <fmt>",
+    "the image's format, raw or qcow2; default: probed by its magic (a raw guess is warned about)",
+    formatOption,
+  )
   .option("--socket <path>", "listen on this unix socket instead of TCP")
   .option("--port <n>", `TCP port (default ${DEFAULT_PORT})`, portOption)
   .option("--bind <addr>", "TCP address to bind", "127.0.0.1")
@@ -269,6 +280,7 @@ addQmpCommands(program);
 addJournalCommands(program);
 addTapCommand(program);
 addMirrorCommand(program);
+addCreateCommand(program);
 addVerifyCommand(program);
 
 await program.parseAsync(process.argv);

@@ -3,9 +3,9 @@
  * ServeConfig and calls Daemon.start; shutdown drains the server, flushes and closes the nodes.
  */
 import type { BlockDriver } from "../block/driver.js";
-import { FileDriver } from "../block/drivers/file.js";
 import { MemoryDriver } from "../block/drivers/memory.js";
 import { NullDriver } from "../block/drivers/null.js";
+import { openImage, type ImageFormat } from "../block/drivers/qcow2/image.js";
 import type { Logger } from "../core/log.js";
 import { BlockGraph } from "../graph/block-graph.js";
 import { BlockNode } from "../io/block-node.js";
@@ -20,8 +20,10 @@ export const DRIVETAP_VERSION = { major: 0, minor: 1, micro: 0, package: "drivet
 export const SERVE_EXPORT_ID = "export0";
 
 export interface ServeConfig {
-  /** A raw image file; "null-co://" for the null driver; undefined for the built-in memory disk. */
+  /** An image file (raw or qcow2); "null-co://" for the null driver; undefined for the built-in memory disk. */
   readonly image?: string;
+  /** The image's format; omitted: probed by its magic (a raw guess is warned about, as QEMU does). */
+  readonly format?: ImageFormat;
   /** Size of the built-in disk (memory or null driver). */
   readonly sizeBytes: number;
   readonly readOnly: boolean;
@@ -46,15 +48,29 @@ export interface ServeConfig {
 
 export const NULL_IMAGE = "null-co://";
 
-function openDriver(config: ServeConfig): BlockDriver {
+async function openDriver(config: ServeConfig): Promise<BlockDriver> {
   if (config.image === undefined) return new MemoryDriver(config.sizeBytes);
   if (config.image === NULL_IMAGE) return new NullDriver(config.sizeBytes);
   // Takes the image locks: an image another drivetap, qemu-nbd or QEMU uses in a conflicting way is
   // refused here, before any socket is touched.
-  return FileDriver.open(config.image, {
+  return openImage(config.image, {
     readOnly: config.readOnly,
     asyncOnly: config.asyncIo,
     forceShare: config.forceShare,
+    format: config.format,
+    onProbe: (path, format) => {
+      if (format === "raw" && path === config.image) {
+        config.log.warn(
+          { image: path },
+          `Image format was not specified for '${path}' and probing guessed raw (use --format raw or qcow2)`,
+        );
+      } else if (path !== config.image) {
+        config.log.warn(
+          { image: path, format },
+          `backing format of '${path}' not given, probed as ${format}`,
+        );
+      }
+    },
   });
 }
 
@@ -101,7 +117,7 @@ export class Daemon {
   }
 
   static async start(config: ServeConfig): Promise<Daemon> {
-    const driver = openDriver(config);
+    const driver = await openDriver(config);
     const node = new BlockNode(config.nodeName, driver, { readOnly: config.readOnly });
     const graph = new BlockGraph(config.log.child({ part: "graph" }));
     const filename = config.image === undefined || config.image === NULL_IMAGE ? undefined : config.image;

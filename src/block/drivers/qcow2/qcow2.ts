@@ -27,6 +27,8 @@ import {
   entryOffset,
   formatError,
   parseHeader,
+  QCOW2_CLUSTER_BITS_MAX,
+  QCOW2_CLUSTER_BITS_MIN,
   QCOW2_COMPAT_LAZY_REFCOUNTS,
   QCOW2_INCOMPAT_CORRUPT,
   QCOW2_INCOMPAT_DIRTY,
@@ -145,10 +147,13 @@ export class Qcow2Driver implements BlockDriver {
     const fileBytes = file.size();
     const probe = Buffer.alloc(Math.min(HEADER_PROBE_BYTES, fileBytes));
     await file.pread(0, probe);
-    let header = parseHeader(probe, fileBytes);
-    const first = Buffer.alloc(Math.min(header.clusterBytes, fileBytes));
-    await file.pread(0, first);
-    header = parseHeader(first, fileBytes);
+    // The header, its extensions and the backing file name all lie in cluster 0: read it whole
+    // (parseHeader refuses an out-of-range cluster size before anything is trusted).
+    const bits = probe.length >= 24 ? probe.readUInt32BE(20) : 0;
+    const inRange = bits >= QCOW2_CLUSTER_BITS_MIN && bits <= QCOW2_CLUSTER_BITS_MAX;
+    const first = inRange ? Buffer.alloc(Math.min(2 ** bits, fileBytes)) : probe;
+    if (inRange) await file.pread(0, first);
+    const header = parseHeader(first, fileBytes);
     const readOnly = o.readOnly ?? false;
     if (!readOnly && header.incompatible & QCOW2_INCOMPAT_CORRUPT) {
       throw new BlockError(

@@ -46,10 +46,15 @@ export function blockDeviceInfo(graph: BlockGraph, node: BlockNode): Record<stri
 }
 
 const blockdevAddArgs = {
-  driver: { type: "enum", values: ["file", "raw", "memory", "null-co", "error-inject", "journal", "nbd"] },
+  driver: {
+    type: "enum",
+    values: ["file", "raw", "memory", "null-co", "error-inject", "journal", "nbd", "qcow2"],
+  },
   "node-name": { type: "str" },
   filename: { type: "str", optional: true },
   file: { type: "any", optional: true },
+  /** qcow2: a node name, inline options, or null (none); absent: the backing file its header names. */
+  backing: { type: "any", optional: true },
   size: { type: "int", min: 0, optional: true },
   "read-only": { type: "bool", optional: true },
   "auto-read-only": { type: "bool", optional: true },

@@ -460,7 +460,7 @@ export class Qcow2Driver implements BlockDriver {
     const idx = (ci % this.#l2Entries) * 8;
     table.writeUInt32BE(hi >>> 0, idx);
     table.writeUInt32BE(lo >>> 0, idx + 4);
-    this.#l2.markDirty(l2Offset);
+    this.#l2.markDirty(l2Offset, table);
   }
 
   /** A writable L2 table for L1 index l1i: allocated if missing, copied if shared (not COPIED). */

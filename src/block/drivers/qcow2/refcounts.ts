@@ -127,7 +127,7 @@ export class Refcounts {
           continue;
         }
         block.writeUInt16BE(1, i * 2);
-        this.#cache.markDirty(blockOff);
+        this.#cache.markDirty(blockOff, block);
         const found = ti * this.#blockEntries + i;
         this.#freeHint = found + 1;
         this.#allocatedEnd = Math.max(this.#allocatedEnd, found + 1);
@@ -155,7 +155,7 @@ export class Refcounts {
           throw formatError(`refcount of the cluster at ${ci * this.#clusterBytes} would become ${v}`);
         }
         block.writeUInt16BE(v, at);
-        this.#cache.markDirty(blockOff);
+        this.#cache.markDirty(blockOff, block);
         if (v === 0) {
           this.#freeHint = Math.min(this.#freeHint, ci);
           this.#o.onFreed(ci * this.#clusterBytes);
@@ -248,7 +248,7 @@ export class Refcounts {
       const v = block.readUInt16BE(at);
       if (v > 0) {
         block.writeUInt16BE(v - 1, at);
-        this.#cache.markDirty(blockOff);
+        this.#cache.markDirty(blockOff, block);
         if (v === 1) this.#freeHint = Math.min(this.#freeHint, c);
       }
     }

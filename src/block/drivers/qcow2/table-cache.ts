@@ -83,16 +83,23 @@ export class TableCache {
     const e = this.#entries.get(offset);
     if (e) {
       table.copy(e.table);
-      if (dirty) this.markDirty(offset);
+      if (dirty) this.markDirty(offset, e.table);
       return e.table;
     }
     this.#insert(offset, { table, generation: 1, dirty });
     return table;
   }
 
-  markDirty(offset: number): void {
+  /**
+   * Records a change the caller made to `table` (got from this cache, with no await since). If the
+   * table was evicted meanwhile (a full cache evicts even a fresh clean table), it goes back in.
+   */
+  markDirty(offset: number, table: Buffer): void {
     const e = this.#entries.get(offset);
-    if (!e) throw new Error(`table cache: markDirty of uncached table ${offset}`);
+    if (!e || e.table !== table) {
+      this.#entries.set(offset, { table, generation: (e?.generation ?? 0) + 1, dirty: true });
+      return;
+    }
     e.generation++;
     e.dirty = true;
   }
@@ -137,8 +144,9 @@ export class TableCache {
   /** Evicts clean tables, least recently used first, down to the bound. */
   #trim(): void {
     if (this.#entries.size <= this.#capacity) return;
+    let left = this.#entries.size - 1; // never the newest: its caller is about to use it
     for (const [offset, e] of this.#entries) {
-      if (this.#entries.size <= this.#capacity) break;
+      if (this.#entries.size <= this.#capacity || left-- === 0) break;
       if (!e.dirty) this.#entries.delete(offset);
     }
   }

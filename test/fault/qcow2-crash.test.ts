@@ -12,6 +12,7 @@ import { join } from "node:path";
 import { NbdDriver } from "../../src/nbd/client/nbd-driver.js";
 import { startDaemon, stopAfter, type RunningDaemon } from "../helpers/daemon.js";
 import { KiB, MiB, prng, seededBytes, testSeed } from "../helpers/jobs.js";
+import { qemuImgCreate } from "../helpers/qcow2.js";
 import { run, runOk, tempDir } from "../helpers/run.js";
 
 const DISK_BYTES = 32 * MiB;
@@ -58,16 +59,7 @@ for (const cluster of ["4k", "64k"]) {
     const rnd = prng(seed);
     const dir = tempDir(t, "drivetap-qcow2-crash-");
     const image = join(dir, "crash.qcow2");
-    await runOk("qemu-img", [
-      "create",
-      "-q",
-      "-f",
-      "qcow2",
-      "-o",
-      `cluster_size=${cluster}`,
-      image,
-      String(DISK_BYTES),
-    ]);
+    await qemuImgCreate(image, DISK_BYTES, { options: [`cluster_size=${cluster}`] });
     const daemon = await startDaemon({ image });
     stopAfter(t, daemon);
     const client = await connect(daemon);

@@ -19,6 +19,7 @@ import { Qcow2Driver } from "../../src/block/drivers/qcow2/qcow2.js";
 import { BlockError } from "../../src/core/errors.js";
 import { KiB, MiB } from "../../src/core/units.js";
 import { CLI, startDaemon, stopAfter } from "../helpers/daemon.js";
+import { qemuImgCreate } from "../helpers/qcow2.js";
 import { run, runOk, tempDir } from "../helpers/run.js";
 
 const CASE_DEADLINE_MS = 10_000;
@@ -110,17 +111,7 @@ interface Layout {
 
 async function validImage(dir: string, cluster: string, extra: readonly string[] = []): Promise<Layout> {
   const path = join(dir, `valid-${cluster}-${extra.join("-")}.qcow2`);
-  await runOk("qemu-img", [
-    "create",
-    "-q",
-    "-f",
-    "qcow2",
-    "-o",
-    `cluster_size=${cluster}`,
-    ...extra,
-    path,
-    "16M",
-  ]);
+  await qemuImgCreate(path, "16M", { options: [`cluster_size=${cluster}`, ...extra] });
   await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x42 0 1M", "-c", "write -P 0x43 8M 64k", path]);
   const image = readFileSync(path);
   const l1Offset = Number(image.readBigUInt64BE(40));
@@ -181,12 +172,12 @@ test("qcow2 hostile headers and unsupported features are refused by name", async
     assert.match(seen[0], expected, what);
   }
   // The real thing where qemu-img can make it.
-  const real = await validImage(dir, "64k", ["-o", "extended_l2=on"]).catch(() => null);
+  const real = await validImage(dir, "64k", ["extended_l2=on"]).catch(() => null);
   if (real === null) assert.fail("qemu-img could not create an extended_l2 image");
   const extl2 = await exercise(real.image);
   assert.match(extl2[0], /extended L2 entries are not supported/);
   const r8 = join(dir, "r8.qcow2");
-  await runOk("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "refcount_bits=8", r8, "1M"]);
+  await qemuImgCreate(r8, "1M", { options: ["refcount_bits=8"] });
   assert.match((await exercise(readFileSync(r8)))[0], /refcount_order 3/);
 });
 

@@ -11,6 +11,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { CLI, startDaemon, stopAfter, unixUri } from "../helpers/daemon.js";
 import { connectQmp } from "../helpers/jobs.js";
+import { assertChecks, assertSame, qemuImgCreate, qemuIo } from "../helpers/qcow2.js";
 import { run, runOk, tempDir } from "../helpers/run.js";
 import { QmpError } from "../../src/qmp/errors.js";
 
@@ -32,23 +33,6 @@ const GUEST_OPS = [
   "write -P 0xa7 41M 512",
 ];
 
-function qemuIo(target: string, format: string, commands: readonly string[], readOnly = false) {
-  const args = [...(readOnly ? ["-r"] : []), "-f", format, target];
-  for (const c of commands) args.push("-c", c);
-  return runOk("qemu-io", args);
-}
-
-async function assertChecks(image: string): Promise<void> {
-  const r = await run("qemu-img", ["check", image]);
-  assert.equal(r.code, 0, `qemu-img check ${image}: ${r.stdout}${r.stderr}`);
-  assert.match(r.stdout, /No errors were found on the image/);
-}
-
-async function assertSame(a: string, b: string): Promise<void> {
-  const r = await run("qemu-img", ["compare", a, b]);
-  assert.equal(r.code, 0, `qemu-img compare ${a} ${b}: ${r.stdout}${r.stderr}`);
-}
-
 function sha(path: string): string {
   return createHash("sha256").update(readFileSync(path)).digest("hex");
 }
@@ -64,8 +48,8 @@ for (const cluster of ["512", "64k", "2M"]) {
     const dir = tempDir(t, "drivetap-qcow2-");
     const image = join(dir, "disk.qcow2");
     const raw = join(dir, "expected.raw");
-    await runOk("qemu-img", ["create", "-q", "-f", "qcow2", "-o", `cluster_size=${cluster}`, image, "64M"]);
-    await runOk("qemu-img", ["create", "-q", "-f", "raw", raw, "64M"]);
+    await qemuImgCreate(image, "64M", { options: [`cluster_size=${cluster}`] });
+    await qemuImgCreate(raw, "64M", { format: "raw" });
     const daemon = await serveImage(t, image);
     assert.match(daemon.stdout(), /67108864 bytes/);
     await qemuIo(daemon.uri, "raw", GUEST_OPS);
@@ -89,17 +73,16 @@ test("qcow2 backing chain: qcow2 over qcow2 over raw, relative names resolved ne
   const mid = join(dir, "mid.qcow2");
   const top = join(dir, "top.qcow2");
   const expected = join(dir, "expected.raw");
-  await runOk("qemu-img", ["create", "-q", "-f", "raw", base, "64M"]);
+  await qemuImgCreate(base, "64M", { format: "raw" });
   await qemuIo(base, "raw", ["write -P 0x11 0 64M"]);
-  await runOk("qemu-img", ["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", mid], { cwd: dir });
+  await qemuImgCreate(mid, undefined, { backing: "base.raw", backingFormat: "raw", cwd: dir });
   await qemuIo(mid, "qcow2", ["write -P 0x22 1M 1M", "write -z 8M 1M"]);
-  await runOk(
-    "qemu-img",
-    ["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "mid.qcow2", "-F", "qcow2", top],
-    {
-      cwd: dir,
-    },
-  );
+  await qemuImgCreate(top, undefined, {
+    options: ["cluster_size=4k"],
+    backing: "mid.qcow2",
+    backingFormat: "qcow2",
+    cwd: dir,
+  });
   const ops = [
     "write -P 0x33 1000 100",
     "write -P 0x44 1M 512",
@@ -135,7 +118,7 @@ test("qcow2 compressed clusters (qemu-img convert -c) read back, and a write int
   const dir = tempDir(t, "drivetap-qcow2-zip-");
   const raw = join(dir, "src.raw");
   const image = join(dir, "c.qcow2");
-  await runOk("qemu-img", ["create", "-q", "-f", "raw", raw, "16M"]);
+  await qemuImgCreate(raw, "16M", { format: "raw" });
   await qemuIo(raw, "raw", ["write -P 0x61 0 3M", "write -P 0x62 5M 64k", "write -P 0x63 10M 1000"]);
   await runOk("qemu-img", ["convert", "-c", "-O", "qcow2", raw, image]);
   const info = (await runOk("qemu-img", ["check", image])).stdout;
@@ -156,7 +139,7 @@ test("qcow2 internal snapshot: writes honour the COPIED flag (shared clusters ar
   const dir = tempDir(t, "drivetap-qcow2-snap-");
   const image = join(dir, "s.qcow2");
   const before = join(dir, "before.raw");
-  await runOk("qemu-img", ["create", "-q", "-f", "qcow2", image, "16M"]);
+  await qemuImgCreate(image, "16M");
   await qemuIo(image, "qcow2", ["write -P 0x71 0 4M"]);
   await runOk("qemu-img", ["snapshot", "-c", "s1", image]);
   await runOk("qemu-img", ["convert", "-O", "raw", image, before]);
@@ -183,8 +166,8 @@ test("qcow2 v2 (compat=0.10): read and written (zeroes emulated as data), qemu-i
   const dir = tempDir(t, "drivetap-qcow2-v2-");
   const image = join(dir, "v2.qcow2");
   const raw = join(dir, "expected.raw");
-  await runOk("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "compat=0.10", image, "16M"]);
-  await runOk("qemu-img", ["create", "-q", "-f", "raw", raw, "16M"]);
+  await qemuImgCreate(image, "16M", { options: ["compat=0.10"] });
+  await qemuImgCreate(raw, "16M", { format: "raw" });
   const pre = ["write -P 0x81 0 2M", "write -P 0x82 7M 100k"];
   await qemuIo(image, "qcow2", pre);
   await qemuIo(raw, "raw", pre);
@@ -267,7 +250,7 @@ test("serve probes the format: qcow2 by its magic, a raw guess is warned about; 
   const dir = tempDir(t, "drivetap-qcow2-probe-");
   const image = join(dir, "p.qcow2");
   const raw = join(dir, "p.raw");
-  await runOk("qemu-img", ["create", "-q", "-f", "qcow2", image, "8M"]);
+  await qemuImgCreate(image, "8M");
   writeFileSync(raw, Buffer.alloc(MiB));
   const q = await serveImage(t, image);
   assert.match(q.stdout(), /8388608 bytes/);
@@ -284,7 +267,7 @@ test("serve probes the format: qcow2 by its magic, a raw guess is warned about; 
 test("a dirty image with lazy refcounts (qemu-io killed) is refused writable with the repair command, served read-only", async (t) => {
   const dir = tempDir(t, "drivetap-qcow2-lazy-");
   const image = join(dir, "lazy.qcow2");
-  await runOk("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", image, "8M"]);
+  await qemuImgCreate(image, "8M", { options: ["lazy_refcounts=on"] });
   // sigraise 9 kills qemu-io before it can clear the dirty bit.
   const r = await run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x99 0 64k", "-c", "sigraise 9", image]);
   assert.equal(r.signal, "SIGKILL");
@@ -303,9 +286,9 @@ test("blockdev-add driver=qcow2 over QMP: inline file, a file node by name, back
   const dir = tempDir(t, "drivetap-qcow2-qmp-");
   const base = join(dir, "base.qcow2");
   const top = join(dir, "top.qcow2");
-  await runOk("qemu-img", ["create", "-q", "-f", "qcow2", base, "8M"]);
+  await qemuImgCreate(base, "8M");
   await qemuIo(base, "qcow2", ["write -P 0x3c 0 1M"]);
-  await runOk("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top]);
+  await qemuImgCreate(top, undefined, { backing: base, backingFormat: "qcow2" });
   const qmpPath = join(dir, "qmp.sock");
   const daemon = await startDaemon({ args: ["--qmp", qmpPath] });
   stopAfter(t, daemon);

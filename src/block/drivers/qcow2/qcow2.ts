@@ -267,12 +267,7 @@ export class Qcow2Driver implements BlockDriver {
       if (runLen > 0) tasks.push(this.file.pread(runHost, into.subarray(runAt, runAt + runLen)));
       runLen = 0;
     };
-    let done = 0;
-    while (done < into.length) {
-      const pos = offset + done;
-      const ci = Math.floor(pos / cb);
-      const within = pos - ci * cb;
-      const n = Math.min(cb - within, into.length - done);
+    for (const { pos, ci, within, n, done } of clusterSpans(offset, into.length, cb)) {
       const m0 = this.#mapping(ci);
       const m = m0 instanceof Promise ? await m0 : m0;
       const part = into.subarray(done, done + n);
@@ -291,7 +286,6 @@ export class Qcow2Driver implements BlockDriver {
         else if (m.kind === Kind.Unallocated) tasks.push(this.#readBelow(pos, part));
         else tasks.push(this.#readCompressed(m, within, part));
       }
-      done += n;
     }
     endRun();
     await settleAll(tasks);
@@ -355,12 +349,7 @@ export class Qcow2Driver implements BlockDriver {
         runPieces = [];
         runLen = 0;
       };
-      let done = 0;
-      while (done < total) {
-        const pos = offset + done;
-        const ci = Math.floor(pos / cb);
-        const within = pos - ci * cb;
-        const n = Math.min(cb - within, total - done);
+      for (const { ci, within, n, done } of clusterSpans(offset, total, cb)) {
         const pieces = sliceIov(data, done, n);
         const m0 = this.#mapping(ci);
         const m = m0 instanceof Promise ? await m0 : m0;
@@ -379,7 +368,6 @@ export class Qcow2Driver implements BlockDriver {
           endRun();
           tasks.push(this.#allocWrite(ci, m, within, pieces));
         }
-        done += n;
       }
       endRun();
       await settleAll(tasks);
@@ -763,6 +751,23 @@ async function settleAll(tasks: Promise<void>[]): Promise<void> {
   if (tasks.length === 1) return tasks[0];
   const results = await Promise.allSettled(tasks);
   for (const r of results) if (r.status === "rejected") throw r.reason;
+}
+
+/** The clusters that [offset, offset + length) touches: index, start within it, bytes, bytes before. */
+function* clusterSpans(
+  offset: number,
+  length: number,
+  clusterBytes: number,
+): Generator<{ pos: number; ci: number; within: number; n: number; done: number }> {
+  let done = 0;
+  while (done < length) {
+    const pos = offset + done;
+    const ci = Math.floor(pos / clusterBytes);
+    const within = pos - ci * clusterBytes;
+    const n = Math.min(clusterBytes - within, length - done);
+    yield { pos, ci, within, n, done };
+    done += n;
+  }
 }
 
 /** The views of `bytes` bytes starting `skip` bytes into the buffers (no copy). */

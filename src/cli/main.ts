@@ -6,6 +6,7 @@
 import { Command, InvalidArgumentError } from "commander";
 import pino from "pino";
 import { FileDriver } from "../block/drivers/file.js";
+import { FilterDriver } from "../block/filters/filter.js";
 import { formatSize, parseSize } from "../core/units.js";
 import { Daemon, NULL_IMAGE, type ServeConfig } from "../daemon/daemon.js";
 import type { ServerTlsConfig, TlsMode } from "../nbd/server/tls-upgrade.js";
@@ -165,7 +166,8 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
   daemonRef = await Daemon.start(config);
   const daemon = daemonRef;
   log.debug({ native: FileDriver.nativeAvailable }, "file driver native addon");
-  if (daemon.node.driver instanceof FileDriver && !daemon.node.driver.locked) {
+  const served = daemon.node.driver instanceof FilterDriver ? daemon.node.driver.next : daemon.node.driver;
+  if (served instanceof FileDriver && !served.locked) {
     process.stderr.write(
       "drivetap: warning: the native addon is missing, so the image is not locked: other programs can open it\n",
     );

@@ -5,7 +5,8 @@
 import type { BlockDriver } from "../block/driver.js";
 import { MemoryDriver } from "../block/drivers/memory.js";
 import { NullDriver } from "../block/drivers/null.js";
-import { openImage, type ImageFormat } from "../block/drivers/qcow2/image.js";
+import { openImage, probedBackingMessage, type ImageFormat } from "../block/drivers/qcow2/image.js";
+import { ProbedRawGuard } from "../block/filters/probed-raw.js";
 import type { Logger } from "../core/log.js";
 import { BlockGraph } from "../graph/block-graph.js";
 import { BlockNode } from "../io/block-node.js";
@@ -53,25 +54,25 @@ async function openDriver(config: ServeConfig): Promise<BlockDriver> {
   if (config.image === NULL_IMAGE) return new NullDriver(config.sizeBytes);
   // Takes the image locks: an image another drivetap, qemu-nbd or QEMU uses in a conflicting way is
   // refused here, before any socket is touched.
-  return openImage(config.image, {
+  let probedRaw = false;
+  const driver = await openImage(config.image, {
     readOnly: config.readOnly,
     asyncOnly: config.asyncIo,
     forceShare: config.forceShare,
     format: config.format,
     onProbe: (path, format) => {
-      if (format === "raw" && path === config.image) {
+      if (path !== config.image) {
+        config.log.warn({ image: path, format }, probedBackingMessage(path, format));
+      } else if (format === "raw") {
+        probedRaw = true;
         config.log.warn(
           { image: path },
           `Image format was not specified for '${path}' and probing guessed raw (use --format raw or qcow2)`,
         );
-      } else if (path !== config.image) {
-        config.log.warn(
-          { image: path, format },
-          `backing format of '${path}' not given, probed as ${format}`,
-        );
       }
     },
   });
+  return probedRaw ? new ProbedRawGuard(driver) : driver;
 }
 
 /** The URI a client connects to (`nbds` when the server offers TLS). */

@@ -11,7 +11,7 @@ import { ImageLockError, imagePermissions, type ImagePermissions } from "../bloc
 import { JournalDriver } from "../block/drivers/journal.js";
 import { MemoryDriver } from "../block/drivers/memory.js";
 import { NullDriver } from "../block/drivers/null.js";
-import { openQcow2Over } from "../block/drivers/qcow2/image.js";
+import { openQcow2Over, probedBackingMessage } from "../block/drivers/qcow2/image.js";
 import type { ClientTls, ServerAddress } from "../nbd/client/connection.js";
 import { NbdDriver } from "../nbd/client/nbd-driver.js";
 import { ErrorInjectDriver } from "../block/filters/error-inject.js";
@@ -236,8 +236,7 @@ async function openQcow2(
       readOnly,
       backing,
       ownsFile: owns,
-      onProbe: (path, format) =>
-        graph.log.warn({ path, format }, `backing format of '${path}' not given, probed as ${format}`),
+      onProbe: (path, format) => graph.log.warn({ path, format }, probedBackingMessage(path, format)),
     });
     return { driver, info: { ...info, backing: backingNode } };
   } catch (err) {

@@ -246,7 +246,7 @@ test("drivetap create -f qcow2 makes images qemu-img accepts (cluster sizes, bac
   assert.match(badCluster.stderr, /Cluster size must be a power of two between 512 and 2048k/);
 });
 
-test("serve probes the format: qcow2 by its magic, a raw guess is warned about; --format raw serves a qcow2 file's bytes", async (t) => {
+test("serve probes the format: qcow2 by its magic, a raw guess is warned about and its block 0 cannot become a qcow2 header; --format raw serves a qcow2 file's bytes", async (t) => {
   const dir = tempDir(t, "drivetap-qcow2-probe-");
   const image = join(dir, "p.qcow2");
   const raw = join(dir, "p.raw");
@@ -257,7 +257,15 @@ test("serve probes the format: qcow2 by its magic, a raw guess is warned about; 
   assert.equal(await q.stop(), 0);
   const r = await serveImage(t, raw, ["-v"]);
   await r.waitForStderr(/probing guessed raw/);
+  // A guest may not turn a probed raw image into a qcow2 header (QEMU's rule for block 0)...
+  const headerFile = join(dir, "header.bin");
+  writeFileSync(headerFile, readFileSync(image).subarray(0, 512));
+  const refused = await run("qemu-io", ["-f", "raw", r.uri, "-c", `write -s ${headerFile} 0 512`]);
+  assert.match(refused.stdout + refused.stderr, /Operation not permitted/);
+  // ...but other writes to block 0 go through.
+  await qemuIo(r.uri, "raw", ["write -P 0x51 0 512", "read -P 0x51 0 512"]);
   assert.equal(await r.stop(), 0);
+  assert.equal(readFileSync(raw)[0], 0x51);
   const forced = await serveImage(t, image, ["--format", "raw", "--read-only"]);
   const size = readFileSync(image).length;
   assert.match(forced.stdout(), new RegExp(`${size} bytes`));

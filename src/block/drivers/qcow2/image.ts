@@ -18,6 +18,11 @@ export type ImageFormat = "raw" | "qcow2";
 
 export const IMAGE_FORMATS: readonly ImageFormat[] = ["raw", "qcow2"];
 
+/** The warning for a backing file whose format the header did not name (QEMU probes it too). */
+export function probedBackingMessage(path: string, format: ImageFormat): string {
+  return `backing format of '${path}' not given, probed as ${format}`;
+}
+
 /** "qcow2" when the first bytes are qcow2's magic, else "raw". */
 export async function probeFormat(file: BlockDriver): Promise<ImageFormat> {
   if (file.size() < 4) return "raw";

@@ -464,7 +464,8 @@ test("--tls on serves plaintext and TLS clients; TLS off answers STARTTLS with E
 
 test("TCP on a non-loopback address warns at start unless TLS is required", async (t) => {
   const plain = await serve(t, ["--port", "0", "--bind", "0.0.0.0"], { tcp: true });
-  assert.match(plain.daemon.stderr(), /non-loopback address without TLS/);
+  // The daemon logs asynchronously (and the raw-probe warning may come first): await the line.
+  await plain.daemon.waitForStderr(/non-loopback address without TLS/);
   const optional = await serve(
     t,
     ["--port", "0", "--bind", "0.0.0.0", "--tls-creds", creds.good.dir, "--tls", "on"],
@@ -472,7 +473,7 @@ test("TCP on a non-loopback address warns at start unless TLS is required", asyn
       tcp: true,
     },
   );
-  assert.match(optional.daemon.stderr(), /non-loopback address with TLS optional/);
+  await optional.daemon.waitForStderr(/non-loopback address with TLS optional/);
   const required = await serve(t, ["--port", "0", "--bind", "0.0.0.0", "--tls-creds", creds.good.dir], {
     tcp: true,
   });

@@ -244,3 +244,24 @@ test("qcow2 with 512-byte clusters: 20 MiB of writes grow the refcount table (ne
   const cmp = await run("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", image, raw]);
   assert.equal(cmp.code, 0, `qemu-img compare: ${cmp.stdout}${cmp.stderr}`);
 });
+
+test("qcow2: 128 concurrent partial writes into one new cluster are serialised: each lands, one cluster is allocated", async (t) => {
+  const dir = tempDir(t, "drivetap-qcow2-same-");
+  const image = join(dir, "same.qcow2");
+  writeFileSync(image, "");
+  const f = FileDriver.open(image);
+  await createQcow2(f, DISK_BYTES, { clusterSize: 64 * KiB });
+  await f.close();
+  const node = await open(image, 64 * KiB);
+  const parts = Array.from({ length: 128 }, (_, i) => Buffer.alloc(512, i + 1));
+  await Promise.all(parts.map((p, i) => node.write(MiB + i * 512, [p])));
+  const got = Buffer.alloc(64 * KiB);
+  await node.read(MiB, got);
+  assert.ok(got.equals(Buffer.concat(parts)), "every 512-byte write is in the cluster");
+  await node.close();
+  const check = await run("qemu-img", ["check", "--output=json", image]);
+  assert.equal(check.code, 0, check.stdout + check.stderr);
+  const report = JSON.parse(check.stdout) as { "allocated-clusters": number; leaks?: number };
+  assert.equal(report["allocated-clusters"], 1, "one data cluster, not one per racing write");
+  assert.equal(report.leaks ?? 0, 0);
+});

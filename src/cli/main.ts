@@ -6,6 +6,7 @@
 import { Command, InvalidArgumentError } from "commander";
 import pino from "pino";
 import { FileDriver } from "../block/drivers/file.js";
+import { FilterDriver } from "../block/filters/filter.js";
 import { formatSize, parseSize } from "../core/units.js";
 import { Daemon, NULL_IMAGE, type ServeConfig } from "../daemon/daemon.js";
 import { listedPeers, type ServerTlsConfig, type TlsMode } from "../nbd/server/tls-upgrade.js";
@@ -17,6 +18,8 @@ import { addQmpCommands, DEFAULT_QMP_SOCKET } from "./qmp-commands.js";
 import { addVerifyCommand } from "./verify-command.js";
 import { addMirrorCommand } from "./mirror-command.js";
 import { storageDaemonMain } from "./storage-daemon.js";
+import { addCreateCommand, formatOption } from "./create-command.js";
+import type { ImageFormat } from "../block/drivers/qcow2/image.js";
 
 const DEFAULT_SIZE = "1G";
 const DEFAULT_PORT = 10809;
@@ -47,6 +50,7 @@ function collect(value: string, previous: string[] | undefined): string[] {
 }
 
 interface ServeOptions {
+  format?: ImageFormat;
   socket?: string;
   port?: number;
   bind: string;
@@ -139,8 +143,11 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
       },
     );
   };
+  if (opts.format !== undefined && image === undefined)
+    throw new InvalidArgumentError("--format needs an IMAGE");
   const config: ServeConfig = {
     image,
+    format: opts.format,
     sizeBytes: opts.size,
     readOnly: opts.readOnly ?? false,
     forceShare: opts.forceShare ?? false,
@@ -160,7 +167,8 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
   daemonRef = await Daemon.start(config);
   const daemon = daemonRef;
   log.debug({ native: FileDriver.nativeAvailable }, "file driver native addon");
-  if (daemon.node.driver instanceof FileDriver && !daemon.node.driver.locked) {
+  const served = daemon.node.driver instanceof FilterDriver ? daemon.node.driver.next : daemon.node.driver;
+  if (served instanceof FileDriver && !served.locked) {
     process.stderr.write(
       "drivetap: warning: the native addon is missing, so the image is not locked: other programs can open it\n",
     );
@@ -205,9 +213,14 @@ program
 program
   .command("serve")
   .description(
-    `Serve IMAGE (a raw file) over NBD; without IMAGE, a built-in sparse memory disk (${NULL_IMAGE} serves the null driver)`,
+    `Serve IMAGE (raw or qcow2) over NBD; without IMAGE, a built-in sparse memory disk (${NULL_IMAGE} serves the null driver)`,
   )
-  .argument("[image]", "raw disk image to serve")
+  .argument("[image]", "disk image to serve (raw or qcow2)")
+  .option(
+    "-f, --format <fmt>",
+    "the image's format, raw or qcow2; default: probed by its magic (a raw guess is warned about)",
+    formatOption,
+  )
   .option("--socket <path>", "listen on this unix socket instead of TCP")
   .option("--port <n>", `TCP port (default ${DEFAULT_PORT})`, portOption)
   .option("--bind <addr>", "TCP address to bind", "127.0.0.1")
@@ -278,6 +291,7 @@ addQmpCommands(program);
 addJournalCommands(program);
 addTapCommand(program);
 addMirrorCommand(program);
+addCreateCommand(program);
 addVerifyCommand(program);
 
 if (process.argv[2] === "storage-daemon") await storageDaemonMain(process.argv.slice(3));

@@ -4,9 +4,10 @@
  */
 import { readFileSync } from "node:fs";
 import type { BlockDriver } from "../block/driver.js";
-import { FileDriver } from "../block/drivers/file.js";
 import { MemoryDriver } from "../block/drivers/memory.js";
 import { NullDriver } from "../block/drivers/null.js";
+import { openImage, probedBackingMessage, type ImageFormat } from "../block/drivers/qcow2/image.js";
+import { ProbedRawGuard } from "../block/filters/probed-raw.js";
 import type { Logger } from "../core/log.js";
 import { BlockGraph } from "../graph/block-graph.js";
 import { BlockNode } from "../io/block-node.js";
@@ -36,8 +37,10 @@ export const DRIVETAP_VERSION = {
 export const SERVE_EXPORT_ID = "export0";
 
 export interface ServeConfig {
-  /** A raw image file; "null-co://" for the null driver; undefined for the built-in memory disk. */
+  /** An image file (raw or qcow2); "null-co://" for the null driver; undefined for the built-in memory disk. */
   readonly image?: string;
+  /** The image's format; omitted: probed by its magic (a raw guess is warned about, as QEMU does). */
+  readonly format?: ImageFormat;
   /** Size of the built-in disk (memory or null driver). */
   readonly sizeBytes: number;
   readonly readOnly: boolean;
@@ -62,16 +65,30 @@ export interface ServeConfig {
 
 export const NULL_IMAGE = "null-co://";
 
-function openDriver(config: ServeConfig): BlockDriver {
+async function openDriver(config: ServeConfig): Promise<BlockDriver> {
   if (config.image === undefined) return new MemoryDriver(config.sizeBytes);
   if (config.image === NULL_IMAGE) return new NullDriver(config.sizeBytes);
   // Takes the image locks: an image another drivetap, qemu-nbd or QEMU uses in a conflicting way is
   // refused here, before any socket is touched.
-  return FileDriver.open(config.image, {
+  let probedRaw = false;
+  const driver = await openImage(config.image, {
     readOnly: config.readOnly,
     asyncOnly: config.asyncIo,
     forceShare: config.forceShare,
+    format: config.format,
+    onProbe: (path, format) => {
+      if (path !== config.image) {
+        config.log.warn({ image: path, format }, probedBackingMessage(path, format));
+      } else if (format === "raw") {
+        probedRaw = true;
+        config.log.warn(
+          { image: path },
+          `Image format was not specified for '${path}' and probing guessed raw (use --format raw or qcow2)`,
+        );
+      }
+    },
   });
+  return probedRaw ? new ProbedRawGuard(driver) : driver;
 }
 
 /** The URI a client connects to (`nbds` when the server offers TLS). */
@@ -155,7 +172,7 @@ export class Daemon {
   }
 
   static async start(config: ServeConfig): Promise<Daemon> {
-    const driver = openDriver(config);
+    const driver = await openDriver(config);
     const node = new BlockNode(config.nodeName, driver, { readOnly: config.readOnly });
     const graph = new BlockGraph(config.log.child({ part: "graph" }));
     const filename = config.image === undefined || config.image === NULL_IMAGE ? undefined : config.image;

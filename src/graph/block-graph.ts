@@ -9,6 +9,7 @@ import type { BlockDriver } from "../block/driver.js";
 import { FileDriver, fileIdAt, type FileId } from "../block/drivers/file.js";
 import { permissionConflict, type ImagePermissions } from "../block/drivers/image-lock.js";
 import { JournalDriver } from "../block/drivers/journal.js";
+import { Qcow2Driver } from "../block/drivers/qcow2/qcow2.js";
 import { FilterDriver } from "../block/filters/filter.js";
 import { EventBus } from "../core/events.js";
 import { silentLogger, type Logger } from "../core/log.js";
@@ -28,6 +29,8 @@ export interface NodeInfo {
   readonly filename?: string;
   /** Name of a child node this one is layered on. */
   readonly child?: string;
+  /** Name of the node a qcow2 node reads its unallocated clusters from (held while this one exists). */
+  readonly backing?: string;
   /** The id of the TLS credentials object the node uses (nbd with tls-creds); held while it exists. */
   readonly tlsCreds?: string;
   /** The id of the throttle group a throttle node is a member of; held while the node exists. */
@@ -58,6 +61,7 @@ function openFileOf(driver: BlockDriver): OpenFile | null {
     return { id: driver.fileId, permissions: driver.permissions };
   }
   if (driver instanceof FilterDriver && driver.ownsNext) return openFileOf(driver.next);
+  if (driver instanceof Qcow2Driver && driver.ownsFile) return openFileOf(driver.file);
   return null;
 }
 
@@ -189,6 +193,7 @@ export class BlockGraph {
     if (e.users.size > 0) throw new Error(`Node '${name}' is busy: ${[...e.users.values()].join(", ")}`);
     this.#nodes.delete(name);
     if (e.info.child) this.release(e.info.child, `node:${name}`);
+    if (e.info.backing) this.release(e.info.backing, `backing:${name}`);
     this.#releaseObjects(name, e.info);
     const child = e.info.child ? this.getNode(e.info.child) : undefined;
     if (child) this.bitmaps.move(name, child);

@@ -1,8 +1,9 @@
 /**
  * Opens block nodes from blockdev-add options (QEMU's shapes): file, raw over a file child (inline
  * options or a node name), memory, null-co, journal, nbd (a remote export, optionally over TLS with
- * `tls-creds` naming an object-add'ed credentials object), throttle (a filter that names an
- * object-add'ed throttle group) and the error-inject test filter.
+ * `tls-creds` naming an object-add'ed credentials object), qcow2 (over a file child, with its backing
+ * chain), throttle (a filter that names an object-add'ed throttle group) and the error-inject test
+ * filter.
  */
 import * as fs from "node:fs";
 import type { BlockDriver } from "../block/driver.js";
@@ -11,6 +12,7 @@ import { ImageLockError, imagePermissions, type ImagePermissions } from "../bloc
 import { JournalDriver } from "../block/drivers/journal.js";
 import { MemoryDriver } from "../block/drivers/memory.js";
 import { NullDriver } from "../block/drivers/null.js";
+import { openQcow2Over, probedBackingMessage } from "../block/drivers/qcow2/image.js";
 import type { ClientTls, ServerAddress } from "../nbd/client/connection.js";
 import { NbdDriver } from "../nbd/client/nbd-driver.js";
 import { ErrorInjectDriver } from "../block/filters/error-inject.js";
@@ -100,6 +102,44 @@ interface Inherited {
   readonly forceShare: boolean;
 }
 
+/**
+ * The `file` child of a format or filter node: a node name (claimed as the parent's child; the
+ * parent writes to its driver directly, so a read-only child stays read-only) or inline options.
+ */
+function openChild(
+  graph: BlockGraph,
+  o: BlockdevOptions,
+  readOnly: boolean,
+  where: string,
+  parent: string,
+  inherited: Inherited,
+  driver: string,
+): { next: BlockDriver; info: NodeInfo; owns: boolean } {
+  const child = o.file;
+  if (typeof child === "string") {
+    const node = graph.getNode(child);
+    if (!node) throw new NodeOptionError(`Cannot find device='' nor node-name='${child}'`);
+    if (node.readOnly && !readOnly) throw new NodeOptionError(`Block node '${child}' is read-only`);
+    try {
+      graph.claim(child, `node:${parent}`, `child of ${parent}`, true);
+    } catch (err) {
+      throw new NodeOptionError((err as Error).message);
+    }
+    return {
+      next: node.driver,
+      owns: false,
+      info: { driver, child, filename: graph.nodeInfo(child)?.filename },
+    };
+  }
+  if (child && typeof child === "object") {
+    const inner = open(graph, child as BlockdevOptions, readOnly, `${where}file.`, parent, {
+      forceShare: flag(o, "force-share", where) || inherited.forceShare,
+    });
+    return { next: inner.driver, owns: true, info: { driver, filename: inner.info.filename } };
+  }
+  throw new NodeOptionError(`Parameter '${where}file' is missing`);
+}
+
 /** Opens the driver stack described by `o`; `nodeName` names the node for messages and claims. */
 function open(
   graph: BlockGraph,
@@ -154,32 +194,7 @@ function open(
           throw err;
         }
       }
-      const child = o.file;
-      let next: BlockDriver;
-      let info: NodeInfo;
-      let owns = true;
-      if (typeof child === "string") {
-        const node = graph.getNode(child);
-        if (!node) throw new NodeOptionError(`Cannot find device='' nor node-name='${child}'`);
-        // Writes to the parent reach the child's driver directly: a read-only child stays read-only.
-        if (node.readOnly && !readOnly) throw new NodeOptionError(`Block node '${child}' is read-only`);
-        try {
-          graph.claim(child, `node:${parent}`, `child of ${parent}`, true);
-        } catch (err) {
-          throw new NodeOptionError((err as Error).message);
-        }
-        next = node.driver;
-        owns = false;
-        info = { driver, child, filename: graph.nodeInfo(child)?.filename };
-      } else if (child && typeof child === "object") {
-        const inner = open(graph, child as BlockdevOptions, readOnly, `${where}file.`, parent, {
-          forceShare: flag(o, "force-share", where) || inherited.forceShare,
-        });
-        next = inner.driver;
-        info = { driver, filename: inner.info.filename };
-      } else {
-        throw new NodeOptionError(`Parameter '${where}file' is missing`);
-      }
+      const { next, info, owns } = openChild(graph, o, readOnly, where, parent, inherited, driver);
       if (driver === "raw") return { driver: new FilterDriver("raw", next, owns), info };
       if (group) {
         // Nothing below can fail: the node is added right after this returns (open() is synchronous).
@@ -199,6 +214,71 @@ function open(
     default:
       throw new NodeOptionError(`Parameter 'driver' does not accept value '${driver}'`);
   }
+}
+
+/**
+ * blockdev-add driver=qcow2: the format driver over its `file` child. `backing` absent opens the
+ * chain the header names (read-only, locked); null opens none; a node name uses that node (held as
+ * the backing of this one); inline options open a node-less backing driver.
+ */
+async function openQcow2(
+  graph: BlockGraph,
+  o: BlockdevOptions,
+  readOnly: boolean,
+  where: string,
+  parent: string,
+): Promise<Opened> {
+  const { next, info, owns } = openChild(graph, o, readOnly, where, parent, { forceShare: false }, "qcow2");
+  const release: Array<() => void | Promise<void>> = [];
+  if (owns) release.push(() => next.close());
+  else release.push(() => graph.release(info.child!, `node:${parent}`));
+  try {
+    let backing: BlockDriver | null | undefined;
+    let backingNode: string | undefined;
+    const b = o.backing;
+    if (b === null) backing = null;
+    else if (typeof b === "string") {
+      const node = graph.getNode(b);
+      if (!node) throw new NodeOptionError(`Cannot find device='' nor node-name='${b}'`);
+      try {
+        graph.claim(b, `backing:${parent}`, `backing of ${parent}`);
+      } catch (err) {
+        throw new NodeOptionError((err as Error).message);
+      }
+      release.push(() => graph.release(b, `backing:${parent}`));
+      backing = node.driver;
+      backingNode = b;
+    } else if (b && typeof b === "object") {
+      const inner = await openAny(graph, b as BlockdevOptions, true, `${where}backing.`, parent);
+      release.push(() => inner.driver.close());
+      backing = inner.driver;
+    } else if (b !== undefined) {
+      throw new NodeOptionError(`Invalid parameter type for '${where}backing', expected: string or null`);
+    }
+    const driver = await openQcow2Over(next, info.filename, {
+      readOnly,
+      backing,
+      ownsFile: owns,
+      onProbe: (path, format) => graph.log.warn({ path, format }, probedBackingMessage(path, format)),
+    });
+    return { driver, info: { ...info, backing: backingNode } };
+  } catch (err) {
+    for (const r of release.reverse()) await r();
+    if (err instanceof NodeOptionError) throw err;
+    throw new NodeOptionError(`Could not open '${info.filename ?? info.child}': ${(err as Error).message}`);
+  }
+}
+
+/** Any driver stack: qcow2 opens asynchronously (it reads its header), the others synchronously. */
+async function openAny(
+  graph: BlockGraph,
+  o: BlockdevOptions,
+  readOnly: boolean,
+  where: string,
+  parent: string,
+): Promise<Opened> {
+  if (o.driver === "qcow2") return openQcow2(graph, o, readOnly, where, parent);
+  return open(graph, o, readOnly, where, parent);
 }
 
 /** Seconds from a QMP option, as milliseconds. */
@@ -299,7 +379,7 @@ export async function addNodeFromOptions(graph: BlockGraph, o: BlockdevOptions):
   if (graph.getNode(name)) throw new NodeOptionError(`Duplicate nodes with node-name='${name}'`);
   let readOnly = o["read-only"] === true;
   const { driver, info } =
-    o.driver === "nbd" ? await openNbd(graph, o, name) : open(graph, o, readOnly, "", name);
+    o.driver === "nbd" ? await openNbd(graph, o, name) : await openAny(graph, o, readOnly, "", name);
   if (driver instanceof NbdDriver && driver.readOnly) readOnly = true;
   // The connect was awaited: the name may have been taken meanwhile.
   if (graph.getNode(name)) {

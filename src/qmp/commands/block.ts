@@ -55,6 +55,7 @@ export const BLOCKDEV_DRIVERS = [
   "journal",
   "nbd",
   "throttle",
+  "qcow2",
 ] as const;
 
 /** blockdev-add's members (the command line's `--blockdev` is typed by them too). */
@@ -63,6 +64,8 @@ export const blockdevAddArgs = {
   "node-name": { type: "str" },
   filename: { type: "str", optional: true },
   file: { type: "any", optional: true },
+  /** qcow2: a node name, inline options, or null (none); absent: the backing file its header names. */
+  backing: { type: "any", optional: true },
   size: { type: "int", min: 0, optional: true },
   "read-only": { type: "bool", optional: true },
   "auto-read-only": { type: "bool", optional: true },

@@ -8,6 +8,7 @@ import pino from "pino";
 import { FileDriver } from "../block/drivers/file.js";
 import { formatSize, parseSize } from "../core/units.js";
 import { Daemon, NULL_IMAGE, type ServeConfig } from "../daemon/daemon.js";
+import { NODE_NAME_PATTERN } from "../graph/node-factory.js";
 import { listedPeers, type ServerTlsConfig, type TlsMode } from "../nbd/server/tls-upgrade.js";
 import { loadPsk, loadX509 } from "../nbd/tls/credentials.js";
 import type { Logger } from "../core/log.js";
@@ -116,6 +117,10 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
   ) as unknown as Logger;
   if (opts.socket && opts.port !== undefined)
     throw new InvalidArgumentError("use --socket or --port, not both");
+  // QMP names the node, and the image's file node is derived from it (daemon.ts imageFileNodeName).
+  if (!NODE_NAME_PATTERN.test(opts.nodeName)) {
+    throw new InvalidArgumentError(`Invalid node-name: '${opts.nodeName}'`);
+  }
   if (opts.forceShare && !opts.readOnly) {
     throw new InvalidArgumentError(
       "--force-share needs --read-only (force-share=on can only be used with read-only images)",
@@ -160,7 +165,7 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
   daemonRef = await Daemon.start(config);
   const daemon = daemonRef;
   log.debug({ native: FileDriver.nativeAvailable }, "file driver native addon");
-  if (daemon.node.driver instanceof FileDriver && !daemon.node.driver.locked) {
+  if (daemon.file?.driver instanceof FileDriver && !daemon.file.driver.locked) {
     process.stderr.write(
       "drivetap: warning: the native addon is missing, so the image is not locked: other programs can open it\n",
     );

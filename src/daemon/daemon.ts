@@ -9,6 +9,7 @@ import { MemoryDriver } from "../block/drivers/memory.js";
 import { NullDriver } from "../block/drivers/null.js";
 import type { Logger } from "../core/log.js";
 import { BlockGraph } from "../graph/block-graph.js";
+import { addRawOverNode } from "../graph/node-factory.js";
 import { BlockNode } from "../io/block-node.js";
 import { isIP } from "node:net";
 import { NbdServer, type ListenAddress } from "../nbd/server/server.js";
@@ -61,6 +62,15 @@ export interface ServeConfig {
 }
 
 export const NULL_IMAGE = "null-co://";
+
+/**
+ * The name of the `file` node under a served image's `raw` node. QEMU names the nodes it makes itself
+ * `#blockNNN`; this one is derived from the raw node's name so it stays the same across restarts and
+ * can be named in QMP, and the `#` keeps it out of NODE_NAME_PATTERN, so no user node takes it.
+ */
+export function imageFileNodeName(nodeName: string): string {
+  return `#block-${nodeName}-file`;
+}
 
 function openDriver(config: ServeConfig): BlockDriver {
   if (config.image === undefined) return new MemoryDriver(config.sizeBytes);
@@ -133,7 +143,10 @@ export class Daemon {
   /** The NBD server `serve` started (QMP's nbd-server-stop can stop it; see graph.nbd). */
   readonly nbd: NbdServer;
   readonly qmp: QmpServer | null;
+  /** The served node: the raw node over `file` for an image, else the built-in disk's own node. */
   readonly node: BlockNode;
+  /** The image's `file` node under `node` (null for the built-in disks). */
+  readonly file: BlockNode | null;
   readonly address: ListenAddress;
   readonly uri: string;
   #closing: Promise<void> | null = null;
@@ -143,9 +156,11 @@ export class Daemon {
     nbd: NbdServer,
     qmp: QmpServer | null,
     node: BlockNode,
+    file: BlockNode | null,
     address: ListenAddress,
     uri: string,
   ) {
+    this.file = file;
     this.graph = graph;
     this.nbd = nbd;
     this.qmp = qmp;
@@ -156,10 +171,20 @@ export class Daemon {
 
   static async start(config: ServeConfig): Promise<Daemon> {
     const driver = openDriver(config);
-    const node = new BlockNode(config.nodeName, driver, { readOnly: config.readOnly });
     const graph = new BlockGraph(config.log.child({ part: "graph" }));
-    const filename = config.image === undefined || config.image === NULL_IMAGE ? undefined : config.image;
-    graph.addNode(node, { driver: driver.driverName === "null" ? "null-co" : driver.driverName, filename });
+    let node: BlockNode;
+    let file: BlockNode | null = null;
+    if (driver instanceof FileDriver) {
+      // QEMU's layout for an image: a `file` protocol node with a `raw` format node over it, which
+      // keeps the user's name (exports, jobs and bitmaps name it).
+      file = new BlockNode(imageFileNodeName(config.nodeName), driver, { readOnly: config.readOnly });
+      graph.addNode(file, { driver: "file", filename: config.image });
+      node = addRawOverNode(graph, config.nodeName, file.name, config.readOnly);
+    } else {
+      // The built-in disks are protocol nodes with no format on top, as QEMU's null-co is.
+      node = new BlockNode(config.nodeName, driver, { readOnly: config.readOnly });
+      graph.addNode(node, { driver: driver.driverName === "null" ? "null-co" : driver.driverName });
+    }
     let qmp: QmpServer | null = null;
     try {
       const address = await graph.nbd.start({
@@ -186,7 +211,8 @@ export class Daemon {
       if (nbd.tls) config.log.info({ tls: nbd.tls.describe() }, "TLS");
       if (config.qmpPath) qmp = await openMonitor(graph, config.qmpPath, config.log, config.onQuit);
       config.log.info({ node: node.name, driver: driver.driverName, size: driver.size() }, "serving");
-      return new Daemon(graph, nbd, qmp, node, address, nbdUri(address, config.exportName, nbd.tls !== null));
+      const uri = nbdUri(address, config.exportName, nbd.tls !== null);
+      return new Daemon(graph, nbd, qmp, node, file, address, uri);
     } catch (err) {
       await graph.closeAll();
       throw err;

@@ -92,6 +92,37 @@ function openChecked<D extends BlockDriver & { readonly fileId: string }>(
   return driver;
 }
 
+/**
+ * Makes node `child` the child of `parent`: claimed alone (nobody else may use it meanwhile), and its
+ * driver is what the parent calls, so the parent's requests skip the child's node. A read-only child
+ * stays read-only.
+ */
+function claimChild(graph: BlockGraph, child: string, parent: string, readOnly: boolean): BlockDriver {
+  const node = graph.getNode(child);
+  if (!node) throw new NodeOptionError(`Cannot find device='' nor node-name='${child}'`);
+  if (node.readOnly && !readOnly) throw new NodeOptionError(`Block node '${child}' is read-only`);
+  try {
+    graph.claim(child, `node:${parent}`, `child of ${parent}`, true);
+  } catch (err) {
+    throw new NodeOptionError((err as Error).message);
+  }
+  return node.driver;
+}
+
+/**
+ * A raw format node over the existing node `child`, as `blockdev-add {"driver": "raw", "file":
+ * CHILD}` makes it: the child is claimed and its bitmaps move to the new node (graph.addNode).
+ * `drivetap serve` builds its file + raw pair with it; `name` is not checked against
+ * NODE_NAME_PATTERN, so the caller vouches for it.
+ */
+export function addRawOverNode(graph: BlockGraph, name: string, child: string, readOnly: boolean): BlockNode {
+  if (graph.getNode(name)) throw new NodeOptionError(`Duplicate nodes with node-name='${name}'`);
+  const next = claimChild(graph, child, name, readOnly);
+  const node = new BlockNode(name, new FilterDriver("raw", next, false), { readOnly });
+  graph.addNode(node, { driver: "raw", child, filename: graph.nodeInfo(child)?.filename });
+  return node;
+}
+
 /** Options a parent passes down to the file it opens inline (raw's force-share reaches its file). */
 interface Inherited {
   readonly forceShare: boolean;
@@ -144,16 +175,7 @@ function open(
       let info: NodeInfo;
       let owns = true;
       if (typeof child === "string") {
-        const node = graph.getNode(child);
-        if (!node) throw new NodeOptionError(`Cannot find device='' nor node-name='${child}'`);
-        // Writes to the parent reach the child's driver directly: a read-only child stays read-only.
-        if (node.readOnly && !readOnly) throw new NodeOptionError(`Block node '${child}' is read-only`);
-        try {
-          graph.claim(child, `node:${parent}`, `child of ${parent}`, true);
-        } catch (err) {
-          throw new NodeOptionError((err as Error).message);
-        }
-        next = node.driver;
+        next = claimChild(graph, child, parent, readOnly);
         owns = false;
         info = { driver, child, filename: graph.nodeInfo(child)?.filename };
       } else if (child && typeof child === "object") {

@@ -160,7 +160,8 @@ function open(
       const sizeBytes = o.size === undefined ? undefined : size(o, where);
       const want = imagePermissions({ readOnly: false, resize: true });
       const driver = openChecked(graph, filename, want, () =>
-        JournalDriver.open(filename, { data, size: sizeBytes }),
+        // Without size, a new journal waits unsized for the stream job that gives it its source's.
+        JournalDriver.open(filename, { data, size: sizeBytes, deferSize: true }),
       );
       return { driver, info: { driver: "journal", filename } };
     }

@@ -494,11 +494,17 @@ test("query-blockstats counts what qemu-io did, with QEMU's members and types (c
   const qsd = await startQsd(t);
   const qsdImage = join(qsd.dir, "q.img");
   writeFileSync(qsdImage, Buffer.alloc(MiB));
+  // The layout `drivetap serve IMAGE` builds: a raw node over a file node, whose stats are `parent`.
   await qsd.qmp.execute("blockdev-add", { driver: "file", "node-name": "q", filename: qsdImage });
-  const [theirs] = (await qsd.qmp.execute("query-blockstats", { "query-nodes": true })) as Array<
+  await qsd.qmp.execute("blockdev-add", { driver: "raw", "node-name": "qr", file: "q" });
+  const theirStats = (await qsd.qmp.execute("query-blockstats", { "query-nodes": true })) as Array<
     Record<string, unknown>
   >;
-  const ours = (await statsOf({ "query-nodes": true })).find((e) => e["node-name"] === "disk0")!;
+  const theirs = theirStats.find((e) => e["node-name"] === "q")!;
+  const theirRaw = theirStats.find((e) => e["node-name"] === "qr")!;
+  const ourStats = await statsOf({ "query-nodes": true });
+  const ours = ourStats.find((e) => e["node-name"] === "#block-disk0-file")!;
+  const ourRaw = ourStats.find((e) => e["node-name"] === "disk0")!;
   const shape = (o: Record<string, unknown>): Array<[string, string]> =>
     Object.entries(o)
       .filter(([k]) => !k.startsWith("x-") && k !== "idle_time_ns")
@@ -510,6 +516,9 @@ test("query-blockstats counts what qemu-io did, with QEMU's members and types (c
       .filter((k) => k !== "driver-specific")
       .sort();
   assert.deepEqual(members(ours), members(theirs));
+  assert.deepEqual(members(ourRaw), members(theirRaw));
+  assert.deepEqual(members(ourRaw), ["node-name", "parent", "stats"]);
+  assert.deepEqual(shape(ourRaw.stats as Stats), shape(theirRaw.stats as Stats));
   // A file node carries QEMU's BlockStatsSpecificFile.
   const fileImage = join(d.dir, "f.img");
   writeFileSync(fileImage, Buffer.alloc(MiB));

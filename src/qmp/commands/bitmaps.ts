@@ -80,7 +80,10 @@ export function checkNotBusy(bm: NamedBitmap): void {
 
 /** Where a persistent bitmap of this node is stored, or why it cannot be. */
 function persistentImage(graph: BlockGraph, nodeName: string): string {
-  const info = graph.nodeInfo(nodeName);
+  let info = graph.nodeInfo(nodeName);
+  // A raw node over a child node (serve's raw over its file node) keeps the bitmaps of the child's
+  // image: writes to it reach the child's driver, so they are the image's writes.
+  while (info?.driver === "raw" && info.child !== undefined) info = graph.nodeInfo(info.child);
   const why = (reason: string): QmpError =>
     new QmpError("GenericError", `Can't store persistent bitmaps to ${nodeName}: ${reason}`);
   const filename = info?.filename;
@@ -104,6 +107,12 @@ function prepareAdd(graph: BlockGraph, a: Record<string, unknown>): PreparedActi
   const name = a.name as string;
   if (name === "") throw new QmpError("GenericError", "Bitmap name cannot be empty");
   const node = requireNode(graph, nodeName);
+  try {
+    // A bitmap takes the node's size now; an unsized journal has none yet.
+    graph.requireSized(nodeName);
+  } catch (err) {
+    throw new QmpError("GenericError", (err as Error).message);
+  }
   const granularity = (a.granularity as number | undefined) ?? DEFAULT_GRANULARITY_BYTES;
   if (granularity < GRANULARITY_BYTES_MIN || (granularity & (granularity - 1)) !== 0) {
     throw new QmpError("GenericError", "Granularity must be power of 2 and at least 512");

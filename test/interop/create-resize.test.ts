@@ -21,37 +21,10 @@ import {
   statusEvent,
   type QmpDaemon,
 } from "../helpers/jobs.js";
-import { run, runOk, tempDir } from "../helpers/run.js";
+import { startQsd } from "../helpers/qsd.js";
+import { run, runOk } from "../helpers/run.js";
 
 const MiB = 1024 * 1024;
-const QSD = "/usr/bin/qemu-storage-daemon";
-
-/** Starts qemu-storage-daemon with a QMP monitor; --daemonize returns once its sockets listen. */
-async function startQsd(t: Pick<TestContext, "after">): Promise<{ qmp: QmpClient; dir: string }> {
-  const dir = tempDir(t, "drivetap-qsd-");
-  const sock = join(dir, "qmp.sock");
-  const pidfile = join(dir, "qsd.pid");
-  await runOk(QSD, [
-    "--chardev",
-    `socket,path=${sock},server=on,wait=off,id=m0`,
-    "--monitor",
-    "chardev=m0",
-    "--pidfile",
-    pidfile,
-    "--daemonize",
-  ]);
-  const pid = Number(readFileSync(pidfile, "utf8"));
-  t.after(() => {
-    try {
-      process.kill(pid, "SIGKILL");
-    } catch {
-      // Already gone.
-    }
-  });
-  const qmp = await QmpClient.connect(sock);
-  t.after(() => qmp.close());
-  return { qmp, dir };
-}
 
 /** Runs blockdev-create and waits for the job to conclude; returns its query-jobs entry. */
 async function create(

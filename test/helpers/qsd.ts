@@ -1,0 +1,42 @@
+/** The installed qemu-storage-daemon 7.2, started for a test to compare drivetap's replies with. */
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import type { TestContext } from "node:test";
+import { QmpClient } from "../../src/qmp/client.js";
+import { runOk, tempDir } from "./run.js";
+
+export const QSD = "/usr/bin/qemu-storage-daemon";
+
+/**
+ * Starts qemu-storage-daemon with a QMP monitor and `extraArgs` (its own command line); --daemonize
+ * returns once its sockets listen. Killed after the test.
+ */
+export async function startQsd(
+  t: Pick<TestContext, "after">,
+  extraArgs: readonly string[] = [],
+): Promise<{ qmp: QmpClient; dir: string }> {
+  const dir = tempDir(t, "drivetap-qsd-");
+  const sock = join(dir, "qmp.sock");
+  const pidfile = join(dir, "qsd.pid");
+  await runOk(QSD, [
+    "--chardev",
+    `socket,path=${sock},server=on,wait=off,id=m0`,
+    "--monitor",
+    "chardev=m0",
+    ...extraArgs,
+    "--pidfile",
+    pidfile,
+    "--daemonize",
+  ]);
+  const pid = Number(readFileSync(pidfile, "utf8"));
+  t.after(() => {
+    try {
+      process.kill(pid, "SIGKILL");
+    } catch {
+      // Already gone.
+    }
+  });
+  const qmp = await QmpClient.connect(sock);
+  t.after(() => qmp.close());
+  return { qmp, dir };
+}

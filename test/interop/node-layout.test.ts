@@ -68,12 +68,18 @@ test("serve IMAGE: a file node under a raw node that keeps --node-name, as qemu-
   await qsd.qmp.execute("blockdev-add", { driver: "raw", "node-name": "disk0", file: "f0" });
   const theirs = (await qsd.qmp.execute("query-named-block-nodes")) as NodeEntry[];
   assert.deepEqual(
-    role(theirs.find((n) => n["node-name"] === "disk0")!, qsdImage),
+    role(
+      theirs.find((n) => n["node-name"] === "disk0")!,
+      qsdImage,
+    ),
     role(raw, d.image),
     "the raw node",
   );
   assert.deepEqual(
-    role(theirs.find((n) => n["node-name"] === "f0")!, qsdImage),
+    role(
+      theirs.find((n) => n["node-name"] === "f0")!,
+      qsdImage,
+    ),
     role(file, d.image),
     "the file node",
   );
@@ -128,13 +134,10 @@ test("serve IMAGE --node-name: the raw node takes the name, the file node is der
   stopAfter(t, daemon);
   const qmp = await connectQmp(t, qmpPath);
   const nodes = (await qmp.execute("query-named-block-nodes")) as NodeEntry[];
-  assert.deepEqual(
-    nodes.map((n) => [n["node-name"], n.drv]).sort(),
-    [
-      ["#block-vda-file", "file"],
-      ["vda", "raw"],
-    ],
-  );
+  assert.deepEqual(nodes.map((n) => [n["node-name"], n.drv]).sort(), [
+    ["#block-vda-file", "file"],
+    ["vda", "raw"],
+  ]);
   const exports = (await qmp.execute("query-block-exports")) as Array<{ "node-name": string }>;
   assert.deepEqual(
     exports.map((e) => e["node-name"]),

@@ -13,6 +13,7 @@ import type { Job, ErrorAction } from "../../jobs/job.js";
 import { isUnsizedStreamTarget, sizeStreamTarget, StreamJob } from "../../jobs/stream.js";
 import { QmpError } from "../errors.js";
 import { openDriveTarget } from "./drive-target.js";
+import { requireSizedNode } from "./block.js";
 import { checkJobStart, JOB_START_ARGS } from "./job-start.js";
 import { validateArgs } from "../schema.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
@@ -203,13 +204,7 @@ export async function prepareBlockdevBackup(
   if (target === checked.source) throw new QmpError("GenericError", "Source and target cannot be the same");
   // An unsized journal is for a stream job, which sizes it below; everything else is refused here.
   const sizedByJob = checked.sync === "stream" && isUnsizedStreamTarget(target);
-  if (!sizedByJob) {
-    try {
-      graph.requireSized(target.name);
-    } catch (err) {
-      throw new QmpError("GenericError", (err as Error).message);
-    }
-  }
+  if (!sizedByJob) requireSizedNode(graph, target.name);
   if (!sizedByJob && target.size() !== checked.source.size()) {
     throw new QmpError(
       "GenericError",

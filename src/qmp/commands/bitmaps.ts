@@ -12,7 +12,7 @@ import { NamedBitmap, type NodeBitmaps } from "../../io/named-bitmaps.js";
 import { QmpError } from "../errors.js";
 import { validateArgs, type ArgsSpec } from "../schema.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
-import { requireNode } from "./block.js";
+import { requireNode, requireSizedNode } from "./block.js";
 
 export const DEFAULT_GRANULARITY_BYTES = 64 * 1024;
 export const GRANULARITY_BYTES_MIN = 512;
@@ -107,12 +107,8 @@ function prepareAdd(graph: BlockGraph, a: Record<string, unknown>): PreparedActi
   const name = a.name as string;
   if (name === "") throw new QmpError("GenericError", "Bitmap name cannot be empty");
   const node = requireNode(graph, nodeName);
-  try {
-    // A bitmap takes the node's size now; an unsized journal has none yet.
-    graph.requireSized(nodeName);
-  } catch (err) {
-    throw new QmpError("GenericError", (err as Error).message);
-  }
+  // A bitmap takes the node's size now; an unsized journal has none yet.
+  requireSizedNode(graph, nodeName);
   const granularity = (a.granularity as number | undefined) ?? DEFAULT_GRANULARITY_BYTES;
   if (granularity < GRANULARITY_BYTES_MIN || (granularity & (granularity - 1)) !== 0) {
     throw new QmpError("GenericError", "Granularity must be power of 2 and at least 512");

@@ -3,22 +3,27 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import type { TestContext } from "node:test";
 import { QmpClient } from "../../src/qmp/client.js";
+import { CLI } from "./daemon.js";
 import { runOk, tempDir } from "./run.js";
 
 export const QSD = "/usr/bin/qemu-storage-daemon";
+/** drivetap's qemu-storage-daemon command line, to be started exactly as QSD is. */
+export const DRIVETAP_STORAGE_DAEMON: readonly string[] = [process.execPath, CLI, "storage-daemon"];
 
 /**
- * Starts qemu-storage-daemon with a QMP monitor and `extraArgs` (its own command line); --daemonize
- * returns once its sockets listen. Killed after the test.
+ * Starts qemu-storage-daemon (or `command`, taking its command line) with a QMP monitor and
+ * `extraArgs`; --daemonize returns once its sockets listen. Killed after the test.
  */
 export async function startQsd(
   t: Pick<TestContext, "after">,
   extraArgs: readonly string[] = [],
+  command: readonly string[] = [QSD],
 ): Promise<{ qmp: QmpClient; dir: string }> {
   const dir = tempDir(t, "drivetap-qsd-");
   const sock = join(dir, "qmp.sock");
   const pidfile = join(dir, "qsd.pid");
-  await runOk(QSD, [
+  await runOk(command[0], [
+    ...command.slice(1),
     "--chardev",
     `socket,path=${sock},server=on,wait=off,id=m0`,
     "--monitor",

@@ -29,7 +29,7 @@ const NO_ABORT = async (): Promise<void> => {};
 const addArgs = {
   node: { type: "str" },
   name: { type: "str" },
-  granularity: { type: "int", min: 0, max: 0xffffffff, optional: true },
+  granularity: { type: "int", min: 0, max: 0xffffffff, ctype: "uint32_t", optional: true },
   persistent: { type: "bool", optional: true },
   disabled: { type: "bool", optional: true },
 } as const satisfies ArgsSpec;

@@ -6,9 +6,9 @@
 import { Command, InvalidArgumentError } from "commander";
 import pino from "pino";
 import { FileDriver } from "../block/drivers/file.js";
-import { FilterDriver } from "../block/filters/filter.js";
 import { formatSize, parseSize } from "../core/units.js";
 import { Daemon, NULL_IMAGE, type ServeConfig } from "../daemon/daemon.js";
+import { NODE_NAME_PATTERN } from "../graph/node-factory.js";
 import { listedPeers, type ServerTlsConfig, type TlsMode } from "../nbd/server/tls-upgrade.js";
 import { loadPsk, loadX509 } from "../nbd/tls/credentials.js";
 import type { Logger } from "../core/log.js";
@@ -120,6 +120,10 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
   ) as unknown as Logger;
   if (opts.socket && opts.port !== undefined)
     throw new InvalidArgumentError("use --socket or --port, not both");
+  // QMP names the node, and the image's file node is derived from it (daemon.ts imageFileNodeName).
+  if (!NODE_NAME_PATTERN.test(opts.nodeName)) {
+    throw new InvalidArgumentError(`Invalid node-name: '${opts.nodeName}'`);
+  }
   if (opts.forceShare && !opts.readOnly) {
     throw new InvalidArgumentError(
       "--force-share needs --read-only (force-share=on can only be used with read-only images)",
@@ -167,8 +171,7 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
   daemonRef = await Daemon.start(config);
   const daemon = daemonRef;
   log.debug({ native: FileDriver.nativeAvailable }, "file driver native addon");
-  const served = daemon.node.driver instanceof FilterDriver ? daemon.node.driver.next : daemon.node.driver;
-  if (served instanceof FileDriver && !served.locked) {
+  if (daemon.file?.driver instanceof FileDriver && !daemon.file.driver.locked) {
     process.stderr.write(
       "drivetap: warning: the native addon is missing, so the image is not locked: other programs can open it\n",
     );

@@ -4,12 +4,13 @@
  */
 import { readFileSync } from "node:fs";
 import type { BlockDriver } from "../block/driver.js";
+import { FileDriver } from "../block/drivers/file.js";
 import { MemoryDriver } from "../block/drivers/memory.js";
 import { NullDriver } from "../block/drivers/null.js";
-import { openImage, probedBackingMessage, type ImageFormat } from "../block/drivers/qcow2/image.js";
-import { ProbedRawGuard } from "../block/filters/probed-raw.js";
+import { probedBackingMessage, type ImageFormat } from "../block/drivers/qcow2/image.js";
 import type { Logger } from "../core/log.js";
 import { BlockGraph } from "../graph/block-graph.js";
+import { addFormatOverNode } from "../graph/node-factory.js";
 import { BlockNode } from "../io/block-node.js";
 import { isIP } from "node:net";
 import { NbdServer, type ListenAddress } from "../nbd/server/server.js";
@@ -65,30 +66,27 @@ export interface ServeConfig {
 
 export const NULL_IMAGE = "null-co://";
 
-async function openDriver(config: ServeConfig): Promise<BlockDriver> {
+/**
+ * The name of the `file` node under a served image's format node. QEMU names the nodes it makes
+ * itself `#blockNNN`; this one is derived from the format node's name so it stays the same across
+ * restarts and can be named in QMP, and the `#` keeps it out of NODE_NAME_PATTERN, so no user node
+ * takes it.
+ */
+export function imageFileNodeName(nodeName: string): string {
+  return `#block-${nodeName}-file`;
+}
+
+/** The built-in disk's driver, or the image's file driver (its format is opened over it). */
+function openDriver(config: ServeConfig): BlockDriver {
   if (config.image === undefined) return new MemoryDriver(config.sizeBytes);
   if (config.image === NULL_IMAGE) return new NullDriver(config.sizeBytes);
   // Takes the image locks: an image another drivetap, qemu-nbd or QEMU uses in a conflicting way is
   // refused here, before any socket is touched.
-  let probedRaw = false;
-  const driver = await openImage(config.image, {
+  return FileDriver.open(config.image, {
     readOnly: config.readOnly,
     asyncOnly: config.asyncIo,
     forceShare: config.forceShare,
-    format: config.format,
-    onProbe: (path, format) => {
-      if (path !== config.image) {
-        config.log.warn({ image: path, format }, probedBackingMessage(path, format));
-      } else if (format === "raw") {
-        probedRaw = true;
-        config.log.warn(
-          { image: path },
-          `Image format was not specified for '${path}' and probing guessed raw (use --format raw or qcow2)`,
-        );
-      }
-    },
   });
-  return probedRaw ? new ProbedRawGuard(driver) : driver;
 }
 
 /** The URI a client connects to (`nbds` when the server offers TLS). */
@@ -150,7 +148,10 @@ export class Daemon {
   /** The NBD server `serve` started (QMP's nbd-server-stop can stop it; see graph.nbd). */
   readonly nbd: NbdServer;
   readonly qmp: QmpServer | null;
+  /** The served node: the raw node over `file` for an image, else the built-in disk's own node. */
   readonly node: BlockNode;
+  /** The image's `file` node under `node` (null for the built-in disks). */
+  readonly file: BlockNode | null;
   readonly address: ListenAddress;
   readonly uri: string;
   #closing: Promise<void> | null = null;
@@ -160,9 +161,11 @@ export class Daemon {
     nbd: NbdServer,
     qmp: QmpServer | null,
     node: BlockNode,
+    file: BlockNode | null,
     address: ListenAddress,
     uri: string,
   ) {
+    this.file = file;
     this.graph = graph;
     this.nbd = nbd;
     this.qmp = qmp;
@@ -172,11 +175,42 @@ export class Daemon {
   }
 
   static async start(config: ServeConfig): Promise<Daemon> {
-    const driver = await openDriver(config);
-    const node = new BlockNode(config.nodeName, driver, { readOnly: config.readOnly });
+    const driver = openDriver(config);
     const graph = new BlockGraph(config.log.child({ part: "graph" }));
-    const filename = config.image === undefined || config.image === NULL_IMAGE ? undefined : config.image;
-    graph.addNode(node, { driver: driver.driverName === "null" ? "null-co" : driver.driverName, filename });
+    let node: BlockNode;
+    let file: BlockNode | null = null;
+    if (driver instanceof FileDriver) {
+      // QEMU's layout for an image: a `file` protocol node with a format node (raw or qcow2) over
+      // it, which keeps the user's name (exports, jobs and bitmaps name it).
+      file = new BlockNode(imageFileNodeName(config.nodeName), driver, { readOnly: config.readOnly });
+      graph.addNode(file, { driver: "file", filename: config.image });
+      const image = config.image!;
+      try {
+        node = await addFormatOverNode(
+          graph,
+          config.nodeName,
+          file.name,
+          config.readOnly,
+          config.format,
+          (path, format) => {
+            if (path !== image) config.log.warn({ image: path, format }, probedBackingMessage(path, format));
+            else if (format === "raw") {
+              config.log.warn(
+                { image: path },
+                `Image format was not specified for '${path}' and probing guessed raw (use --format raw or qcow2)`,
+              );
+            }
+          },
+        );
+      } catch (err) {
+        await graph.closeAll();
+        throw err;
+      }
+    } else {
+      // The built-in disks are protocol nodes with no format on top, as QEMU's null-co is.
+      node = new BlockNode(config.nodeName, driver, { readOnly: config.readOnly });
+      graph.addNode(node, { driver: driver.driverName === "null" ? "null-co" : driver.driverName });
+    }
     let qmp: QmpServer | null = null;
     try {
       const address = await graph.nbd.start({
@@ -203,7 +237,8 @@ export class Daemon {
       if (nbd.tls) config.log.info({ tls: nbd.tls.describe() }, "TLS");
       if (config.qmpPath) qmp = await openMonitor(graph, config.qmpPath, config.log, config.onQuit);
       config.log.info({ node: node.name, driver: driver.driverName, size: driver.size() }, "serving");
-      return new Daemon(graph, nbd, qmp, node, address, nbdUri(address, config.exportName, nbd.tls !== null));
+      const uri = nbdUri(address, config.exportName, nbd.tls !== null);
+      return new Daemon(graph, nbd, qmp, node, file, address, uri);
     } catch (err) {
       await graph.closeAll();
       throw err;

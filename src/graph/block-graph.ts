@@ -127,10 +127,24 @@ export class BlockGraph {
     return [...this.#nodes.values()].map((e) => e.node);
   }
 
+  /**
+   * Refuses a node that cannot be used yet: a journal opened without a size has none until a stream
+   * job sizes it from its source (jobs/stream.ts sizeStreamTarget), and refuses everyone else.
+   */
+  requireSized(nodeName: string): void {
+    const driver = this.#nodes.get(nodeName)?.node.driver;
+    if (driver instanceof JournalDriver && !driver.sized) {
+      throw new GraphError(
+        `Journal node '${nodeName}' has no size yet: only a stream backup (sync=stream) can use it, and gives it its source's size`,
+      );
+    }
+  }
+
   /** Records that `user` uses the node; refuses when `exclusive` and anyone else does. */
   claim(nodeName: string, user: string, why: string, exclusive = false): void {
     const e = this.#nodes.get(nodeName);
     if (!e) throw new GraphError(`Cannot find node-name='${nodeName}'`);
+    this.requireSized(nodeName);
     if ((exclusive && e.users.size > 0) || (e.exclusive !== null && e.exclusive !== user)) {
       throw new GraphError(`Node '${nodeName}' is busy: ${[...e.users.values()].join(", ")}`);
     }
@@ -154,8 +168,23 @@ export class BlockGraph {
     return id === undefined ? [] : this.nodesWithFile(id);
   }
 
+  /**
+   * The nodes that have file `id` open, each named by its outermost parent: users know serve's disk
+   * as `disk0`, the raw node over the `#block-disk0-file` node that holds the file.
+   */
   nodesWithFile(id: FileId): string[] {
-    return [...this.#nodes.entries()].filter(([, e]) => e.file?.id === id).map(([name]) => name);
+    const holders = [...this.#nodes.entries()].filter(([, e]) => e.file?.id === id);
+    return [...new Set(holders.map(([name]) => this.outermostParent(name)))];
+  }
+
+  /** The node layered (through raw or filter parents) over `name`, or `name` itself if none is. */
+  outermostParent(name: string): string {
+    for (let depth = 0; depth < this.#nodes.size; depth++) {
+      const parent = [...this.#nodes.entries()].find(([, e]) => e.info.child === name)?.[0];
+      if (parent === undefined) break;
+      name = parent;
+    }
+    return name;
   }
 
   /**
@@ -163,10 +192,11 @@ export class BlockGraph {
    * (the same rule as the lock bytes, so it holds without the native addon too). Names the node.
    */
   checkFileOpen(id: FileId, want: ImagePermissions, filename: string): void {
-    for (const [name, e] of this.#nodes) {
+    for (const [holder, e] of this.#nodes) {
       if (e.file?.id !== id) continue;
       const c = permissionConflict(want, e.file.permissions);
       if (!c) continue;
+      const name = this.outermostParent(holder);
       const why =
         c.conflict === "unshared"
           ? `node '${name}' has '${filename}' open and does not share "${c.permission}"`

@@ -12,7 +12,13 @@ import { ImageLockError, imagePermissions, type ImagePermissions } from "../bloc
 import { JournalDriver } from "../block/drivers/journal.js";
 import { MemoryDriver } from "../block/drivers/memory.js";
 import { NullDriver } from "../block/drivers/null.js";
-import { openQcow2Over, probedBackingMessage } from "../block/drivers/qcow2/image.js";
+import {
+  openQcow2Over,
+  probeFormat,
+  probedBackingMessage,
+  type ImageFormat,
+} from "../block/drivers/qcow2/image.js";
+import { ProbedRawGuard } from "../block/filters/probed-raw.js";
 import type { ClientTls, ServerAddress } from "../nbd/client/connection.js";
 import { NbdDriver } from "../nbd/client/nbd-driver.js";
 import { ErrorInjectDriver } from "../block/filters/error-inject.js";
@@ -97,6 +103,64 @@ function openChecked<D extends BlockDriver & { readonly fileId: string }>(
   return driver;
 }
 
+/**
+ * Makes node `child` the child of `parent`: claimed alone (nobody else may use it meanwhile), and its
+ * driver is what the parent calls, so the parent's requests skip the child's node. A read-only child
+ * stays read-only.
+ */
+function claimChild(graph: BlockGraph, child: string, parent: string, readOnly: boolean): BlockDriver {
+  const node = graph.getNode(child);
+  if (!node) throw new NodeOptionError(`Cannot find device='' nor node-name='${child}'`);
+  if (node.readOnly && !readOnly) throw new NodeOptionError(`Block node '${child}' is read-only`);
+  try {
+    graph.claim(child, `node:${parent}`, `child of ${parent}`, true);
+  } catch (err) {
+    throw new NodeOptionError((err as Error).message);
+  }
+  return node.driver;
+}
+
+/**
+ * The format node over the existing node `child`, as `blockdev-add {"driver": FORMAT, "file": CHILD}`
+ * makes it: the child is claimed and its bitmaps move to the new node (graph.addNode). `drivetap
+ * serve` builds its file + format pair (QSD's layout) with it. `format` undefined probes the child and
+ * reports the guess through `onProbe` (QEMU warns about probing); a probed raw image refuses writes
+ * that would make it probe as another format next time (probed-raw.ts). A qcow2 node opens the
+ * backing chain its header names. `name` is not checked against NODE_NAME_PATTERN: the caller vouches.
+ */
+export async function addFormatOverNode(
+  graph: BlockGraph,
+  name: string,
+  child: string,
+  readOnly: boolean,
+  format: ImageFormat | undefined,
+  onProbe?: (path: string, format: ImageFormat) => void,
+): Promise<BlockNode> {
+  if (graph.getNode(name)) throw new NodeOptionError(`Duplicate nodes with node-name='${name}'`);
+  const filename = graph.nodeInfo(child)?.filename;
+  const next = claimChild(graph, child, name, readOnly);
+  try {
+    let chosen = format;
+    if (chosen === undefined) {
+      chosen = await probeFormat(next);
+      if (filename !== undefined) onProbe?.(filename, chosen);
+    }
+    let driver: BlockDriver;
+    if (chosen === "raw") {
+      const raw = new FilterDriver("raw", next, false);
+      driver = format === undefined ? new ProbedRawGuard(raw) : raw;
+    } else {
+      driver = await openQcow2Over(next, filename, { readOnly, ownsFile: false, onProbe });
+    }
+    const node = new BlockNode(name, driver, { readOnly });
+    graph.addNode(node, { driver: chosen, child, filename });
+    return node;
+  } catch (err) {
+    graph.release(child, `node:${name}`);
+    throw err;
+  }
+}
+
 /** Options a parent passes down to the file it opens inline (raw's force-share reaches its file). */
 interface Inherited {
   readonly forceShare: boolean;
@@ -117,16 +181,8 @@ function openChild(
 ): { next: BlockDriver; info: NodeInfo; owns: boolean } {
   const child = o.file;
   if (typeof child === "string") {
-    const node = graph.getNode(child);
-    if (!node) throw new NodeOptionError(`Cannot find device='' nor node-name='${child}'`);
-    if (node.readOnly && !readOnly) throw new NodeOptionError(`Block node '${child}' is read-only`);
-    try {
-      graph.claim(child, `node:${parent}`, `child of ${parent}`, true);
-    } catch (err) {
-      throw new NodeOptionError((err as Error).message);
-    }
     return {
-      next: node.driver,
+      next: claimChild(graph, child, parent, readOnly),
       owns: false,
       info: { driver, child, filename: graph.nodeInfo(child)?.filename },
     };
@@ -172,7 +228,8 @@ function open(
       const sizeBytes = o.size === undefined ? undefined : size(o, where);
       const want = imagePermissions({ readOnly: false, resize: true });
       const driver = openChecked(graph, filename, want, () =>
-        JournalDriver.open(filename, { data, size: sizeBytes }),
+        // Without size, a new journal waits unsized for the stream job that gives it its source's.
+        JournalDriver.open(filename, { data, size: sizeBytes, deferSize: true }),
       );
       return { driver, info: { driver: "journal", filename } };
     }

@@ -17,13 +17,37 @@
  * - Cancel (not forced) repairs what is still dirty, waits for in-flight duplicates and flushes the
  *   target, so afterwards target == source.
  */
+import { JournalDriver } from "../block/drivers/journal.js";
 import { BlockError, toBlockError } from "../core/errors.js";
 import { rangesOverlap } from "../core/ranges.js";
 import { MiB } from "../core/units.js";
+import type { BlockNode } from "../io/block-node.js";
 import { DirtyBitmap } from "../io/dirty-bitmap.js";
 import type { TrackedRequest, WriteHook } from "../io/tracked-request.js";
 import { applyToTarget, isTargetOutage, sourceDiscard } from "./target-op.js";
 import { BACKUP_CLUSTER_BYTES, BackupJobBase, type BackupOptions } from "./backup-common.js";
+
+/**
+ * A stream target opened without a size (a journal added without `size`) takes its source's size
+ * when a stream job is about to claim it: the journal's header is written now. Returns the undo, for
+ * a job that is then not started (an aborted transaction), or null when the target had a size.
+ */
+export function sizeStreamTarget(source: BlockNode, target: BlockNode): (() => void) | null {
+  const driver = unsizedJournal(target);
+  if (!driver) return null;
+  driver.setSize(source.size());
+  return () => driver.unsetSize();
+}
+
+/** Whether `target` waits for a stream job to give it a size (sizeStreamTarget). */
+export function isUnsizedStreamTarget(target: BlockNode): boolean {
+  return unsizedJournal(target) !== null;
+}
+
+function unsizedJournal(target: BlockNode): JournalDriver | null {
+  const driver = target.driver;
+  return driver instanceof JournalDriver && !driver.sized ? driver : null;
+}
 
 /** One repair copies at most this much. */
 export const REPAIR_BYTES_MAX = 1 * MiB;

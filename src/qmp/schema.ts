@@ -8,7 +8,13 @@ import { QmpError } from "./errors.js";
 
 export type TypeSpec =
   | { readonly type: "str" }
-  | { readonly type: "int"; readonly min?: number; readonly max?: number }
+  | {
+      readonly type: "int";
+      readonly min?: number;
+      readonly max?: number;
+      /** A QAPI fixed-width type ("uint32_t" for uint32): out of range gets QEMU's text naming it. */
+      readonly ctype?: "uint32_t";
+    }
   | { readonly type: "bool" }
   | { readonly type: "number" }
   | { readonly type: "enum"; readonly values: readonly string[] }
@@ -48,6 +54,15 @@ export type InferArgs<S extends ArgsSpec> = {
 
 function isObject(value: unknown): value is Record<string, unknown> {
   return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+/**
+ * The name QEMU's visitor gives in enum and fixed-width range errors: the member's own name, not its
+ * path (`format`, not `rules[0].format`), and "null" for an array element, which has no name.
+ */
+function leafName(name: string): string {
+  if (name.endsWith("]")) return "null";
+  return name.slice(name.lastIndexOf(".") + 1);
 }
 
 function typeError(name: string, expected: string): QmpError {
@@ -94,6 +109,8 @@ function checkValue(spec: TypeSpec, value: unknown, name: string): unknown {
       const min = spec.min ?? Number.MIN_SAFE_INTEGER;
       const max = spec.max ?? Number.MAX_SAFE_INTEGER;
       if (value < min || value > max) {
+        if (spec.ctype)
+          throw new QmpError("GenericError", `Parameter '${leafName(name)}' expects ${spec.ctype}`);
         throw new QmpError("GenericError", `Parameter '${name}' expects a value between ${min} and ${max}`);
       }
       return value;
@@ -107,7 +124,7 @@ function checkValue(spec: TypeSpec, value: unknown, name: string): unknown {
     case "enum":
       if (typeof value !== "string") throw typeError(name, "string");
       if (!spec.values.includes(value)) {
-        throw new QmpError("GenericError", `Parameter '${name}' does not accept value '${value}'`);
+        throw new QmpError("GenericError", `Parameter '${leafName(name)}' does not accept value '${value}'`);
       }
       return value;
     case "object":

@@ -132,8 +132,11 @@ test("a writable alias of a --read-only export is refused by blockdev-add; reade
   const nodes = (await s.qmp.execute("query-named-block-nodes")) as Array<Record<string, unknown>>;
   assert.deepEqual(
     nodes.map((n) => [n["node-name"], n.ro]),
-    [["disk0", true]],
-    "only the export's node exists, still read-only",
+    [
+      ["#block-disk0-file", true],
+      ["disk0", true],
+    ],
+    "only the export's nodes exist (serve's file node and the raw node over it), still read-only",
   );
 
   // A read-only alias shares what the export shares, so it is accepted, and it is really read-only.

@@ -8,24 +8,37 @@ import { join } from "node:path";
 import type { TestContext } from "node:test";
 import { QmpClient } from "../../src/qmp/client.js";
 import { QmpError } from "../../src/qmp/errors.js";
+import { CLI } from "./daemon.js";
 import { runOk, tempDir } from "./run.js";
 
-export const QSD = "qemu-storage-daemon";
+export const QSD = "/usr/bin/qemu-storage-daemon";
+/** drivetap's qemu-storage-daemon command line, to be started exactly as QSD is. */
+export const DRIVETAP_STORAGE_DAEMON: readonly string[] = [process.execPath, CLI, "storage-daemon"];
 
-export async function startQsd(t: Pick<TestContext, "after">): Promise<QmpClient> {
+/**
+ * Starts qemu-storage-daemon (or `command`, taking its command line) with a QMP monitor and
+ * `extraArgs`; --daemonize returns once its sockets listen. Killed after the test.
+ */
+export async function startQsd(
+  t: Pick<TestContext, "after">,
+  extraArgs: readonly string[] = [],
+  command: readonly string[] = [QSD],
+): Promise<{ qmp: QmpClient; dir: string }> {
   const dir = tempDir(t, "drivetap-qsd-");
-  const socket = join(dir, "qmp.sock");
+  const sock = join(dir, "qmp.sock");
   const pidfile = join(dir, "qsd.pid");
-  await runOk(QSD, [
+  await runOk(command[0], [
+    ...command.slice(1),
     "--chardev",
-    `socket,path=${socket},server=on,wait=off,id=m`,
+    `socket,path=${sock},server=on,wait=off,id=m0`,
     "--monitor",
-    "chardev=m",
-    "--daemonize",
+    "chardev=m0",
+    ...extraArgs,
     "--pidfile",
     pidfile,
+    "--daemonize",
   ]);
-  const pid = Number(readFileSync(pidfile, "utf8").trim());
+  const pid = Number(readFileSync(pidfile, "utf8"));
   t.after(() => {
     try {
       process.kill(pid, "SIGKILL");
@@ -33,9 +46,9 @@ export async function startQsd(t: Pick<TestContext, "after">): Promise<QmpClient
       // Already gone.
     }
   });
-  const qmp = await QmpClient.connect(socket);
+  const qmp = await QmpClient.connect(sock);
   t.after(() => qmp.close());
-  return qmp;
+  return { qmp, dir };
 }
 
 /** A command's reply as data: `{return}` or `{error: {class, desc}}`, so two servers' can be compared. */

@@ -21,37 +21,10 @@ import {
   statusEvent,
   type QmpDaemon,
 } from "../helpers/jobs.js";
-import { run, runOk, tempDir } from "../helpers/run.js";
+import { startQsd } from "../helpers/qsd.js";
+import { run, runOk } from "../helpers/run.js";
 
 const MiB = 1024 * 1024;
-const QSD = "/usr/bin/qemu-storage-daemon";
-
-/** Starts qemu-storage-daemon with a QMP monitor; --daemonize returns once its sockets listen. */
-async function startQsd(t: Pick<TestContext, "after">): Promise<{ qmp: QmpClient; dir: string }> {
-  const dir = tempDir(t, "drivetap-qsd-");
-  const sock = join(dir, "qmp.sock");
-  const pidfile = join(dir, "qsd.pid");
-  await runOk(QSD, [
-    "--chardev",
-    `socket,path=${sock},server=on,wait=off,id=m0`,
-    "--monitor",
-    "chardev=m0",
-    "--pidfile",
-    pidfile,
-    "--daemonize",
-  ]);
-  const pid = Number(readFileSync(pidfile, "utf8"));
-  t.after(() => {
-    try {
-      process.kill(pid, "SIGKILL");
-    } catch {
-      // Already gone.
-    }
-  });
-  const qmp = await QmpClient.connect(sock);
-  t.after(() => qmp.close());
-  return { qmp, dir };
-}
 
 /** Runs blockdev-create and waits for the job to conclude; returns its query-jobs entry. */
 async function create(
@@ -494,11 +467,17 @@ test("query-blockstats counts what qemu-io did, with QEMU's members and types (c
   const qsd = await startQsd(t);
   const qsdImage = join(qsd.dir, "q.img");
   writeFileSync(qsdImage, Buffer.alloc(MiB));
+  // The layout `drivetap serve IMAGE` builds: a raw node over a file node, whose stats are `parent`.
   await qsd.qmp.execute("blockdev-add", { driver: "file", "node-name": "q", filename: qsdImage });
-  const [theirs] = (await qsd.qmp.execute("query-blockstats", { "query-nodes": true })) as Array<
+  await qsd.qmp.execute("blockdev-add", { driver: "raw", "node-name": "qr", file: "q" });
+  const theirStats = (await qsd.qmp.execute("query-blockstats", { "query-nodes": true })) as Array<
     Record<string, unknown>
   >;
-  const ours = (await statsOf({ "query-nodes": true })).find((e) => e["node-name"] === "disk0")!;
+  const theirs = theirStats.find((e) => e["node-name"] === "q")!;
+  const theirRaw = theirStats.find((e) => e["node-name"] === "qr")!;
+  const ourStats = await statsOf({ "query-nodes": true });
+  const ours = ourStats.find((e) => e["node-name"] === "#block-disk0-file")!;
+  const ourRaw = ourStats.find((e) => e["node-name"] === "disk0")!;
   const shape = (o: Record<string, unknown>): Array<[string, string]> =>
     Object.entries(o)
       .filter(([k]) => !k.startsWith("x-") && k !== "idle_time_ns")
@@ -510,6 +489,9 @@ test("query-blockstats counts what qemu-io did, with QEMU's members and types (c
       .filter((k) => k !== "driver-specific")
       .sort();
   assert.deepEqual(members(ours), members(theirs));
+  assert.deepEqual(members(ourRaw), members(theirRaw));
+  assert.deepEqual(members(ourRaw), ["node-name", "parent", "stats"]);
+  assert.deepEqual(shape(ourRaw.stats as Stats), shape(theirRaw.stats as Stats));
   // A file node carries QEMU's BlockStatsSpecificFile.
   const fileImage = join(d.dir, "f.img");
   writeFileSync(fileImage, Buffer.alloc(MiB));

@@ -6,7 +6,9 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
+import { QmpError } from "../../src/qmp/errors.js";
 import { jobEvent, MiB, serveWithQmp, statusEvent } from "../helpers/jobs.js";
+import { DRIVETAP_STORAGE_DAEMON, QSD, startQsd } from "../helpers/qsd.js";
 import { jobEventRecords, SchemaIndex, shapeProblems, type SchemaInfo } from "../helpers/qmp-shapes.js";
 import {
   DRIVETAP_DRIVER_OPTIONS,
@@ -14,6 +16,8 @@ import {
   QEMU_EVENTS,
   QEMU_JOB_SEQUENCES,
   QEMU_RETURNS,
+  QSD_ERROR_SESSION,
+  QSD_ERROR_SESSION_BLOCKDEV,
 } from "./qmp-expected.js";
 
 test("every argument of a command shared with QEMU is QEMU's, or drivetap's own named x-...", async (t) => {
@@ -101,3 +105,49 @@ test("replies and events of a session have QEMU's members and types; extras are 
   // auto-dismiss=false: null came at job-dismiss; the sequence is the same.
   assert.deepEqual(sequence("b"), QEMU_JOB_SEQUENCES["backup sync=none, cancelled"]);
 });
+
+test("query-blockstats with query-nodes: every node has QEMU's BlockStats, the raw node its file node as parent", async (t) => {
+  const d = await serveWithQmp(t, { sizeBytes: 1 * MiB });
+  const stats = (await d.qmp.execute("query-blockstats", { "query-nodes": true })) as Array<
+    Record<string, unknown>
+  >;
+  assert.deepEqual(shapeProblems(stats, QEMU_RETURNS["query-blockstats"], "query-blockstats"), []);
+  const raw = stats.find((e) => e["node-name"] === "disk0") as { parent?: Record<string, unknown> };
+  assert.equal(raw.parent?.["node-name"], "#block-disk0-file");
+  assert.deepEqual(
+    (raw.parent?.["driver-specific"] as { driver?: string } | undefined)?.driver,
+    "file",
+    "the file node's driver-specific stats are checked too",
+  );
+});
+
+test("a session of bad and good arguments to the NBD server, create, resize, blockstats and authz commands gets QSD 7.2's replies", async (t) => {
+  // The same command line for both; each replays the recorded session, so the table is QSD's own.
+  const args = ["--blockdev", QSD_ERROR_SESSION_BLOCKDEV];
+  for (const [who, command] of [
+    ["qemu-storage-daemon", [QSD]],
+    ["drivetap storage-daemon", DRIVETAP_STORAGE_DAEMON],
+  ] as const) {
+    const { qmp, dir } = await startQsd(t, args, command);
+    const sock = join(dir, "nbd.sock");
+    const problems: string[] = [];
+    for (const [i, row] of QSD_ERROR_SESSION.entries()) {
+      const rowArgs =
+        row.args && JSON.parse(JSON.stringify(row.args).replaceAll('"SOCK"', JSON.stringify(sock)));
+      let got: SessionReply;
+      try {
+        await qmp.execute(row.command, rowArgs);
+        got = "ok";
+      } catch (err) {
+        if (!(err instanceof QmpError)) throw err;
+        got = { class: err.errorClass, desc: err.message };
+      }
+      if (JSON.stringify(got) !== JSON.stringify(row.reply)) {
+        problems.push(`#${i} ${row.command} ${JSON.stringify(row.args)}: ${JSON.stringify(got)}`);
+      }
+    }
+    assert.deepEqual(problems, [], who);
+  }
+});
+
+type SessionReply = (typeof QSD_ERROR_SESSION)[number]["reply"];

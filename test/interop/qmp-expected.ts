@@ -285,6 +285,13 @@ export const QEMU_COMMAND_ARGS: Readonly<Record<string, readonly string[]>> = {
   ],
   "object-del": ["id"],
   transaction: ["actions", "properties"],
+  "nbd-server-start": ["addr", "tls-creds", "tls-authz", "max-connections"],
+  "nbd-server-stop": [],
+  "nbd-server-add": ["name", "description", "device", "writable", "bitmap"],
+  "nbd-server-remove": ["name", "mode"],
+  "blockdev-create": ["job-id", "options"],
+  block_resize: ["device", "node-name", "size"],
+  "query-blockstats": ["query-nodes"],
 };
 
 /**
@@ -375,6 +382,67 @@ const BLOCK_DEVICE_INFO: ShapeSpec = {
   "dirty-bitmaps?": [BLOCK_DIRTY_INFO],
 };
 
+/** BlockDeviceStats (qapi/block-core.json); timed_stats' BlockDeviceTimedStats entries as objects. */
+const BLOCK_DEVICE_STATS: ShapeSpec = {
+  rd_bytes: "int",
+  wr_bytes: "int",
+  unmap_bytes: "int",
+  rd_operations: "int",
+  wr_operations: "int",
+  flush_operations: "int",
+  unmap_operations: "int",
+  rd_total_time_ns: "int",
+  wr_total_time_ns: "int",
+  flush_total_time_ns: "int",
+  unmap_total_time_ns: "int",
+  wr_highest_offset: "int",
+  rd_merged: "int",
+  wr_merged: "int",
+  unmap_merged: "int",
+  "idle_time_ns?": "int",
+  failed_rd_operations: "int",
+  failed_wr_operations: "int",
+  failed_flush_operations: "int",
+  failed_unmap_operations: "int",
+  invalid_rd_operations: "int",
+  invalid_wr_operations: "int",
+  invalid_flush_operations: "int",
+  invalid_unmap_operations: "int",
+  account_invalid: "boolean",
+  account_failed: "boolean",
+  timed_stats: ["object"],
+  "rd_latency_histogram?": "object",
+  "wr_latency_histogram?": "object",
+  "flush_latency_histogram?": "object",
+};
+
+/**
+ * BlockStatsSpecific (qapi/block-core.json): the union's base and the members of its file variant
+ * (BlockStatsSpecificFile), the only driver drivetap reports them for.
+ */
+const BLOCK_STATS_SPECIFIC: ShapeSpec = {
+  driver: "string",
+  "discard-nb-ok?": "int",
+  "discard-nb-failed?": "int",
+  "discard-bytes-ok?": "int",
+};
+
+/** BlockStats (qapi/block-core.json), recursive through `parent` and `backing`: two levels checked. */
+const BLOCK_STATS_INNER: ShapeSpec = {
+  "device?": "string",
+  "qdev?": "string",
+  "node-name?": "string",
+  stats: BLOCK_DEVICE_STATS,
+  "driver-specific?": BLOCK_STATS_SPECIFIC,
+  "parent?": "object",
+  "backing?": "object",
+};
+const BLOCK_STATS: ShapeSpec = {
+  ...BLOCK_STATS_INNER,
+  "parent?": BLOCK_STATS_INNER,
+  "backing?": BLOCK_STATS_INNER,
+};
+
 /** The return value of each query command, by its QAPI type. */
 export const QEMU_RETURNS: Readonly<Record<string, ShapeSpec>> = {
   /** VersionInfo (qapi/control.json). */
@@ -411,6 +479,8 @@ export const QEMU_RETURNS: Readonly<Record<string, ShapeSpec>> = {
       "io-status?": "string",
     },
   ],
+  /** [BlockStats] (qapi/block-core.json). */
+  "query-blockstats": [BLOCK_STATS],
 };
 
 /** BLOCK_JOB_COMPLETED's data (qapi/block-core.json); READY and CANCELLED have it without error. */
@@ -469,3 +539,243 @@ export const QEMU_JOB_SEQUENCES: Readonly<Record<string, readonly string[]>> = {
     "null",
   ],
 };
+
+/** The node the recorded session's daemons are started with (`--blockdev`). */
+export const QSD_ERROR_SESSION_BLOCKDEV = "driver=null-co,node-name=n0,size=1048576";
+
+export interface SessionRow {
+  readonly command: string;
+  readonly args?: Record<string, unknown>;
+  /** QEMU's error, or "ok" when the command succeeds. */
+  readonly reply: { readonly class: string; readonly desc: string } | "ok";
+}
+/**
+ * One QMP session against a fresh qemu-storage-daemon 7.2 started with
+ * `--blockdev driver=null-co,node-name=n0,size=1048576` and no NBD server, in order (later rows rely
+ * on earlier ones: the server started, export e0 added, objects a0 and l1 created), with QEMU's reply
+ * to each: its error class and text, or `ok` for a success. `SOCK` stands for a unix socket path of
+ * the test's. Recorded from the installed qemu-storage-daemon; the conformance test replays it
+ * against both that daemon and `drivetap storage-daemon` with the same command line.
+ */
+export const QSD_ERROR_SESSION: readonly SessionRow[] = [
+  {
+    command: "nbd-server-add",
+    args: { device: "n0" },
+    reply: { class: "GenericError", desc: "NBD server not running" },
+  },
+  {
+    command: "nbd-server-remove",
+    args: { name: "x" },
+    reply: { class: "GenericError", desc: "Export 'x' is not found" },
+  },
+  { command: "nbd-server-stop", reply: { class: "GenericError", desc: "NBD server not running" } },
+  {
+    command: "nbd-server-start",
+    args: {},
+    reply: { class: "GenericError", desc: "Parameter 'addr' is missing" },
+  },
+  {
+    command: "nbd-server-start",
+    args: { addr: { type: "bogus" } },
+    reply: { class: "GenericError", desc: "Parameter 'type' does not accept value 'bogus'" },
+  },
+  {
+    command: "nbd-server-start",
+    args: { addr: { type: "unix", data: { path: "SOCK" } }, "max-connections": -1 },
+    reply: { class: "GenericError", desc: "Parameter 'max-connections' expects uint32_t" },
+  },
+  {
+    command: "nbd-server-start",
+    args: { addr: { type: "unix", data: { path: "SOCK" } }, "tls-creds": "nope" },
+    reply: { class: "GenericError", desc: "No TLS credentials with id 'nope'" },
+  },
+  { command: "nbd-server-start", args: { addr: { type: "unix", data: { path: "SOCK" } } }, reply: "ok" },
+  {
+    command: "nbd-server-start",
+    args: { addr: { type: "unix", data: { path: "SOCK" } } },
+    reply: { class: "GenericError", desc: "NBD server already running" },
+  },
+  {
+    command: "nbd-server-add",
+    args: {},
+    reply: { class: "GenericError", desc: "Parameter 'device' is missing" },
+  },
+  {
+    command: "nbd-server-add",
+    args: { device: "nope" },
+    reply: { class: "GenericError", desc: "Cannot find device='nope' nor node-name='nope'" },
+  },
+  { command: "nbd-server-add", args: { device: "n0", name: "e0" }, reply: "ok" },
+  {
+    command: "nbd-server-add",
+    args: { device: "n0", name: "e0" },
+    reply: { class: "GenericError", desc: "Block export id 'e0' is already in use" },
+  },
+  {
+    command: "nbd-server-add",
+    args: { device: "n0", name: "e1", bitmap: "nope" },
+    reply: { class: "GenericError", desc: "Bitmap 'nope' is not found" },
+  },
+  {
+    command: "nbd-server-add",
+    args: { device: "n0", name: "e2", writable: "yes" },
+    reply: { class: "GenericError", desc: "Invalid parameter type for 'writable', expected: boolean" },
+  },
+  {
+    command: "nbd-server-remove",
+    args: { name: "nope" },
+    reply: { class: "GenericError", desc: "Export 'nope' is not found" },
+  },
+  {
+    command: "nbd-server-remove",
+    args: { name: "e0", mode: "bogus" },
+    reply: { class: "GenericError", desc: "Parameter 'mode' does not accept value 'bogus'" },
+  },
+  {
+    command: "nbd-server-remove",
+    args: {},
+    reply: { class: "GenericError", desc: "Parameter 'name' is missing" },
+  },
+  { command: "nbd-server-remove", args: { name: "e0" }, reply: "ok" },
+  {
+    command: "nbd-server-stop",
+    args: { x: 1 },
+    reply: { class: "GenericError", desc: "Parameter 'x' is unexpected" },
+  },
+  {
+    command: "block_resize",
+    args: { "node-name": "nope", size: 1 },
+    reply: { class: "GenericError", desc: "Cannot find device='' nor node-name='nope'" },
+  },
+  {
+    command: "block_resize",
+    args: { device: "nope", size: 1 },
+    reply: { class: "GenericError", desc: "Cannot find device='nope' nor node-name=''" },
+  },
+  {
+    command: "block_resize",
+    args: { size: 1 },
+    reply: { class: "GenericError", desc: "Cannot find device='' nor node-name=''" },
+  },
+  {
+    command: "block_resize",
+    args: { "node-name": "n0" },
+    reply: { class: "GenericError", desc: "Parameter 'size' is missing" },
+  },
+  {
+    command: "block_resize",
+    args: { "node-name": "n0", size: -1 },
+    reply: { class: "GenericError", desc: "Parameter 'size' expects a >0 size" },
+  },
+  {
+    command: "block_resize",
+    args: { "node-name": "n0", size: "big" },
+    reply: { class: "GenericError", desc: "Invalid parameter type for 'size', expected: integer" },
+  },
+  {
+    command: "block_resize",
+    args: { "node-name": "n0", size: 4096 },
+    reply: { class: "GenericError", desc: "Image format driver does not support resize" },
+  },
+  {
+    command: "blockdev-create",
+    args: { options: { driver: "file", filename: "/nonexistent/x", size: 0 } },
+    reply: { class: "GenericError", desc: "Parameter 'job-id' is missing" },
+  },
+  {
+    command: "blockdev-create",
+    args: { "job-id": "c0" },
+    reply: { class: "GenericError", desc: "Parameter 'options' is missing" },
+  },
+  {
+    command: "blockdev-create",
+    args: { "job-id": "c0", options: { driver: "nope" } },
+    reply: { class: "GenericError", desc: "Parameter 'driver' does not accept value 'nope'" },
+  },
+  {
+    command: "blockdev-create",
+    args: { "job-id": "c0", options: { driver: "file" } },
+    reply: { class: "GenericError", desc: "Parameter 'options.filename' is missing" },
+  },
+  {
+    command: "blockdev-create",
+    args: { "job-id": "c0", options: { driver: "file", filename: "/nonexistent/x" } },
+    reply: { class: "GenericError", desc: "Parameter 'options.size' is missing" },
+  },
+  {
+    command: "blockdev-create",
+    args: { "job-id": "0bad", options: { driver: "file", filename: "/nonexistent/x", size: 0 } },
+    reply: { class: "GenericError", desc: "Invalid job ID '0bad'" },
+  },
+  {
+    command: "query-blockstats",
+    args: { "query-nodes": "yes" },
+    reply: { class: "GenericError", desc: "Invalid parameter type for 'query-nodes', expected: boolean" },
+  },
+  {
+    command: "query-blockstats",
+    args: { bogus: true },
+    reply: { class: "GenericError", desc: "Parameter 'bogus' is unexpected" },
+  },
+  {
+    command: "object-add",
+    args: { "qom-type": "authz-simple", id: "a0" },
+    reply: { class: "GenericError", desc: "Parameter 'identity' is missing" },
+  },
+  { command: "object-add", args: { "qom-type": "authz-simple", id: "a0", identity: "CN=x" }, reply: "ok" },
+  {
+    command: "object-add",
+    args: { "qom-type": "authz-simple", id: "a0", identity: "CN=x" },
+    reply: {
+      class: "GenericError",
+      desc: "attempt to add duplicate property 'a0' to object (type 'container')",
+    },
+  },
+  {
+    command: "object-add",
+    args: { "qom-type": "authz-simple", id: "a1", identity: "CN=x", policy: "allow" },
+    reply: { class: "GenericError", desc: "Parameter 'policy' is unexpected" },
+  },
+  {
+    command: "object-add",
+    args: { "qom-type": "authz-list", id: "l0", policy: "maybe" },
+    reply: { class: "GenericError", desc: "Parameter 'policy' does not accept value 'maybe'" },
+  },
+  {
+    command: "object-add",
+    args: { "qom-type": "authz-list", id: "l0", rules: [{ match: "x" }] },
+    reply: { class: "GenericError", desc: "Parameter 'rules[0].policy' is missing" },
+  },
+  {
+    command: "object-add",
+    args: { "qom-type": "authz-list", id: "l0", rules: [{ match: "x", policy: "allow", format: "regex" }] },
+    reply: { class: "GenericError", desc: "Parameter 'format' does not accept value 'regex'" },
+  },
+  {
+    command: "object-add",
+    args: { "qom-type": "authz-list", id: "l0", rules: "x" },
+    reply: { class: "GenericError", desc: "Invalid parameter type for 'rules', expected: array" },
+  },
+  {
+    command: "object-add",
+    args: {
+      "qom-type": "authz-list",
+      id: "l1",
+      policy: "allow",
+      rules: [{ match: "CN=*", policy: "deny", format: "glob" }],
+    },
+    reply: "ok",
+  },
+  {
+    command: "object-add",
+    args: { "qom-type": "nope", id: "z" },
+    reply: { class: "GenericError", desc: "Parameter 'qom-type' does not accept value 'nope'" },
+  },
+  {
+    command: "object-del",
+    args: { id: "nope" },
+    reply: { class: "GenericError", desc: "object 'nope' not found" },
+  },
+  { command: "nbd-server-stop", reply: "ok" },
+  { command: "nbd-server-stop", reply: { class: "GenericError", desc: "NBD server not running" } },
+];

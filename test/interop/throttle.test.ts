@@ -118,7 +118,7 @@ test("two nodes in one group share its limit, about half each", async (t) => {
 
 test("a group in use cannot be deleted; after blockdev-del it can; bad throttle nodes", async (t) => {
   const d = await serveWithQmp(t, { sizeBytes: MiB });
-  const qsd = await startQsd(t);
+  const { qmp: qsd } = await startQsd(t);
   const both = async (command: string, args: Record<string, unknown>): Promise<unknown> => {
     const ours = await outcome(d.qmp, command, args);
     assert.deepEqual(ours, await outcome(qsd, command, args), `${command} ${JSON.stringify(args)}`);
@@ -149,7 +149,7 @@ test("a group in use cannot be deleted; after blockdev-del it can; bad throttle 
 
 test("object-add of throttle-group: QEMU's checks and texts, reply by reply", async (t) => {
   const d = await serveWithQmp(t, { sizeBytes: MiB });
-  const qsd = await startQsd(t);
+  const { qmp: qsd } = await startQsd(t);
   const cases: Array<Record<string, unknown>> = [
     { limits: { "bps-total": 1000 } },
     { limits: { "bps-total": 1000, "bps-read": 10 } },
@@ -194,7 +194,7 @@ test("object-add of throttle-group: QEMU's checks and texts, reply by reply", as
 
 test("qom-get and qom-set of a group's limits, and qom-list, as QEMU answers them", async (t) => {
   const d = await serveWithQmp(t, { sizeBytes: MiB });
-  const qsd = await startQsd(t);
+  const { qmp: qsd } = await startQsd(t);
   const steps: Array<[string, Record<string, unknown>]> = [
     [
       "object-add",
@@ -256,7 +256,7 @@ test("new limits apply to a node at once: qom-set from 4 MiB/s to 40 MiB/s", asy
 
 test("secret objects: data or file, raw or base64, QEMU's refusals; keyid is refused (no master key)", async (t) => {
   const d = await serveWithQmp(t, { sizeBytes: MiB });
-  const qsd = await startQsd(t);
+  const { qmp: qsd } = await startQsd(t);
   const file = join(d.dir, "secret.txt");
   writeFileSync(file, "c2VjcmV0Cg==");
   const key = join(d.dir, "key");

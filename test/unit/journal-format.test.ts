@@ -341,3 +341,43 @@ test("journal driver: data=false stores a SHA-256; a full disk and a closed jour
   // Writing after close fails loudly rather than dropping the entry.
   await assert.rejects(j.pwrite(0, [data], {}), (e: Error & { code?: string }) => e.code === "ESHUTDOWN");
 });
+
+test("journal driver: deferSize opens a new journal unsized (every request refused) until setSize writes the header", async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), "drivetap-journal-"));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const path = join(dir, "j");
+  const j = JournalDriver.open(path, { deferSize: true, data: false });
+  assert.equal(j.sized, false);
+  assert.equal(j.size(), 0);
+  assert.equal(statSync(path).size, 0, "no header until a size is given");
+  const unsized = (e: Error & { code?: string }): boolean =>
+    e.code === "EINVAL" && /journal has no size yet/.test(e.message);
+  await assert.rejects(j.pwrite(0, [Buffer.alloc(512)], {}), unsized);
+  await assert.rejects(j.pwrite(0, [Buffer.alloc(512)], { fua: true }), unsized);
+  await assert.rejects(j.pwriteZeroes(0, 512, {}), unsized);
+  await assert.rejects(j.pdiscard(0, 512), unsized);
+  await assert.rejects(j.mark("m"), unsized);
+  assert.throws(() => j.header, unsized);
+  await j.flush(); // nothing was written, so nothing to make durable
+  assert.equal(statSync(path).size, 0);
+
+  // A size given and taken back (an aborted transaction) leaves the file empty again.
+  j.setSize(DISK);
+  assert.equal(statSync(path).size, 64);
+  j.unsetSize();
+  assert.equal(statSync(path).size, 0);
+  assert.equal(j.sized, false);
+
+  j.setSize(DISK);
+  assert.throws(() => j.setSize(DISK), /already has a size/);
+  await j.pwrite(4096, [Buffer.alloc(4096, 7)], {});
+  assert.throws(() => j.unsetSize(), /has entries, its size stays/);
+  await j.close();
+  const s = scanJournalFile(path);
+  assert.equal(s.header.diskBytes, DISK);
+  assert.equal(s.header.data, false, "the data option given at open is the header's");
+  assert.equal(s.entryCount, 1);
+  const again = JournalDriver.open(path, { deferSize: true });
+  assert.equal(again.size(), DISK, "an existing journal has its header's size");
+  await again.close();
+});

@@ -124,6 +124,19 @@ describe("validateArgs", () => {
     });
   });
 
+  test("an enum error names the member, not its path; an array element is 'null' (QEMU 7.2's texts)", () => {
+    const spec = {
+      rules: {
+        type: "array",
+        items: { type: "object", fields: { format: { type: "enum", values: ["exact", "glob"] } } },
+      },
+      caps: { type: "array", optional: true, items: { type: "enum", values: ["oob"] } },
+    } as const satisfies ArgsSpec;
+    rejects({ rules: [{ format: "regex" }] }, "Parameter 'format' does not accept value 'regex'", spec);
+    rejects({ rules: [], caps: ["foo"] }, "Parameter 'null' does not accept value 'foo'", spec);
+    rejects({ rules: [{}] }, "Parameter 'rules[0].format' is missing", spec);
+  });
+
   test("integer bounds", () => {
     const spec = { n: { type: "int", min: 1, max: 10 } } as const;
     assert.deepEqual(validateArgs(spec, { n: 1 }), { n: 1 });
@@ -134,6 +147,12 @@ describe("validateArgs", () => {
       { device: "d0", sync: "full", speed: -1 },
       `Parameter 'speed' expects a value between 0 and ${Number.MAX_SAFE_INTEGER}`,
     );
+    // A QAPI uint32 names its C type, and the member by its own name, as QEMU 7.2's visitor does.
+    const u32 = {
+      o: { type: "object", fields: { n: { type: "int", min: 0, max: 0xffffffff, ctype: "uint32_t" } } },
+    } as const satisfies ArgsSpec;
+    rejects({ o: { n: -1 } }, "Parameter 'n' expects uint32_t", u32);
+    rejects({ o: { n: 2 ** 32 } }, "Parameter 'n' expects uint32_t", u32);
     const unbounded = { n: { type: "int" } } as const;
     assert.equal(validateArgs(unbounded, { n: Number.MIN_SAFE_INTEGER }).n, Number.MIN_SAFE_INTEGER);
     assert.equal(validateArgs(unbounded, { n: Number.MAX_SAFE_INTEGER }).n, Number.MAX_SAFE_INTEGER);

@@ -208,7 +208,8 @@ describe("QmpServer", { timeout: 60_000 }, () => {
     // oob is the one capability offered: asking for another fails and leaves the client in negotiation.
     assert.deepEqual(
       await client.execute("qmp_capabilities", { enable: ["foo"] }),
-      error("GenericError", "Parameter 'enable[0]' does not accept value 'foo'"),
+      // QEMU 7.2's text: a list element has no name, so its visitor says 'null'.
+      error("GenericError", "Parameter 'null' does not accept value 'foo'"),
     );
     assert.deepEqual(await client.execute("query-version"), error("CommandNotFound", expecting));
     assert.deepEqual(await client.execute("qmp_capabilities", { enable: [] }), { return: {} });

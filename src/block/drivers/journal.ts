@@ -17,6 +17,8 @@
  * - Reopen: the header is checked, entries are scanned to the end of the valid prefix, a torn tail is
  *   truncated, and seq numbering continues, in the journal's own format version (a version 1 journal
  *   gets version 1 entries).
+ * - Unsized: a new journal opened with deferSize and no size has an empty file and refuses every
+ *   request until setSize() writes the header, so the disk size can come from the stream job's source.
  * - Per-write CPU is the journal's whole cost against a plain stream job, so the append path makes few
  *   objects: headers are encoded from arguments into a slab that is reused once its batch is written,
  *   one promise serves a whole batch, and the checksum is a hardware CRC-32C (journal-format.ts).
@@ -48,6 +50,14 @@ import {
 } from "./journal-format.js";
 import { fdatasyncAsync, remainingIov, writevAsync } from "./fs-async.js";
 
+/** Writes a new journal's file header at offset 0 and makes it durable. */
+function writeFileHeader(fd: number, data: boolean, diskBytes: number): FileHeader {
+  const header = encodeFileHeader({ data, diskBytes, createdMs: Date.now() });
+  fs.writeSync(fd, header, 0, header.length, 0);
+  fs.fdatasyncSync(fd);
+  return decodeFileHeader(header);
+}
+
 export const SYNC_APPEND_BYTES_MAX = 128 * KiB;
 const NO_PAYLOAD: readonly Buffer[] = [];
 /** A batch of small appends is written once it holds this many pieces (Linux's IOV_MAX is 1024). */
@@ -65,8 +75,13 @@ const JOURNAL_PERMISSIONS = imagePermissions({ readOnly: false, resize: true });
 export interface JournalOptions {
   /** Store each write's data (replayable); false stores its SHA-256. Only used when creating. */
   readonly data?: boolean;
-  /** Disk size; required to create a journal, must match the header when opening one. */
+  /** Disk size; required to create a journal (unless deferSize), must match the header when opening one. */
   readonly size?: number;
+  /**
+   * A new journal without `size` opens unsized instead of failing: it refuses every request until
+   * setSize() writes its header (a stream job gives it its source's size when it starts).
+   */
+  readonly deferSize?: boolean;
 }
 
 // ---- reading ------------------------------------------------------------------------------------------
@@ -188,7 +203,10 @@ export class JournalDriver implements BlockDriver {
   /** Device and inode of the journal file, and the image permissions its open holds (it appends). */
   readonly fileId: FileId;
   readonly permissions: ImagePermissions = JOURNAL_PERMISSIONS;
-  readonly header: FileHeader;
+  /** Null while the journal is unsized (deferSize, nothing written yet). */
+  #header: FileHeader | null;
+  /** Whether entries carry the write's data (the header's flag; for an unsized journal, the option). */
+  #data: boolean;
   readonly #fd: number;
   #appendAt: number;
   #nextSeq: number;
@@ -204,11 +222,19 @@ export class JournalDriver implements BlockDriver {
   #failed: BlockError | null = null;
   #closed = false;
 
-  private constructor(path: string, fd: number, header: FileHeader, appendAt: number, nextSeq: number) {
+  private constructor(
+    path: string,
+    fd: number,
+    header: FileHeader | null,
+    appendAt: number,
+    nextSeq: number,
+    data: boolean,
+  ) {
     this.path = path;
     this.fileId = fileIdOf(fs.fstatSync(fd, { bigint: true }));
     this.#fd = fd;
-    this.header = header;
+    this.#header = header;
+    this.#data = header?.data ?? data;
     this.#appendAt = appendAt;
     this.#nextSeq = nextSeq;
   }
@@ -232,16 +258,14 @@ export class JournalDriver implements BlockDriver {
       // Locked before anything is written: a journal named like a served image must not touch it.
       lockImage(fd, path, JOURNAL_PERMISSIONS);
       if (created || fs.fstatSync(fd).size === 0) {
-        if (options.size === undefined)
-          throw new BlockError("EINVAL", `${path}: size is required to create a journal`);
-        const header = encodeFileHeader({
-          data: options.data ?? true,
-          diskBytes: options.size,
-          createdMs: Date.now(),
-        });
-        fs.writeSync(fd, header, 0, header.length, 0);
-        fs.fdatasyncSync(fd);
-        return new JournalDriver(path, fd, decodeFileHeader(header), FILE_HEADER_BYTES, 0);
+        const data = options.data ?? true;
+        if (options.size === undefined) {
+          if (!options.deferSize)
+            throw new BlockError("EINVAL", `${path}: size is required to create a journal`);
+          return new JournalDriver(path, fd, null, 0, 0, data);
+        }
+        const header = writeFileHeader(fd, data, options.size);
+        return new JournalDriver(path, fd, header, FILE_HEADER_BYTES, 0, data);
       }
       const scan = scanJournal(fd);
       if (options.size !== undefined && options.size !== scan.header.diskBytes) {
@@ -258,7 +282,7 @@ export class JournalDriver implements BlockDriver {
         fs.ftruncateSync(fd, scan.validBytes);
         fs.fdatasyncSync(fd);
       }
-      return new JournalDriver(path, fd, scan.header, scan.validBytes, scan.nextSeq);
+      return new JournalDriver(path, fd, scan.header, scan.validBytes, scan.nextSeq, scan.header.data);
     } catch (err) {
       fs.closeSync(fd);
       if (err instanceof JournalFormatError) throw new BlockError("EINVAL", `${path}: ${err.message}`);
@@ -267,7 +291,54 @@ export class JournalDriver implements BlockDriver {
   }
 
   size(): number {
-    return this.header.diskBytes;
+    return this.#header?.diskBytes ?? 0;
+  }
+
+  /** The file header; the journal must be sized. */
+  get header(): FileHeader {
+    if (this.#header === null) throw this.#unsizedError();
+    return this.#header;
+  }
+
+  /** False while a journal opened without a size waits for one (setSize). */
+  get sized(): boolean {
+    return this.#header !== null;
+  }
+
+  /** Gives an unsized journal its disk size: writes and syncs the header (a BlockError if that fails). */
+  setSize(sizeBytes: number): void {
+    if (this.#header !== null) throw new BlockError("EINVAL", `${this.path}: journal already has a size`);
+    if (this.#closed) throw new BlockError("ESHUTDOWN", `${this.path}: journal is closed`);
+    try {
+      this.#header = writeFileHeader(this.#fd, this.#data, sizeBytes);
+    } catch (err) {
+      // Leave the file empty, as it was: a half-written header would fail every later open.
+      try {
+        fs.ftruncateSync(this.#fd, 0);
+      } catch {
+        // The open below still refuses a short header, and the error is reported either way.
+      }
+      throw toBlockError(err);
+    }
+    this.#appendAt = FILE_HEADER_BYTES;
+  }
+
+  /** Undoes setSize before anything was appended (a transaction that sized it was aborted). */
+  unsetSize(): void {
+    if (this.#header === null) return;
+    if (this.#nextSeq !== 0 || this.#appendAt !== FILE_HEADER_BYTES) {
+      throw new BlockError("EINVAL", `${this.path}: journal has entries, its size stays`);
+    }
+    fs.ftruncateSync(this.#fd, 0);
+    this.#header = null;
+    this.#appendAt = 0;
+  }
+
+  #unsizedError(): BlockError {
+    return new BlockError(
+      "EINVAL",
+      `${this.path}: journal has no size yet (a stream job gives it its source's size)`,
+    );
   }
 
   /** The seq the next entry gets. */
@@ -289,7 +360,7 @@ export class JournalDriver implements BlockDriver {
   pwrite(offset: number, data: readonly Buffer[], flags: WriteFlags): Promise<void> {
     let length = 0;
     for (const b of data) length += b.length;
-    if (!this.header.data || flags.fua) return this.#pwriteSlow(offset, data, length, flags);
+    if (!this.#data || flags.fua) return this.#pwriteSlow(offset, data, length, flags);
     try {
       return this.#append("write", ENTRY_FLAG_DATA, offset, length, data, length);
     } catch (err) {
@@ -304,7 +375,8 @@ export class JournalDriver implements BlockDriver {
     flags: WriteFlags,
   ): Promise<void> {
     const fua = flags.fua ? ENTRY_FLAG_FUA : 0;
-    if (this.header.data) {
+    this.#check();
+    if (this.#data) {
       await this.#append("write", fua | ENTRY_FLAG_DATA, offset, length, data, length);
     } else {
       const h = createHash("sha256");
@@ -326,6 +398,9 @@ export class JournalDriver implements BlockDriver {
   }
 
   async flush(): Promise<void> {
+    // Nothing was ever written to an unsized journal, so there is nothing to make durable (and the
+    // daemon's final flush of every node must not fail on it).
+    if (this.#header === null && !this.#closed) return;
     await this.#append("flush", 0, 0, 0, NO_PAYLOAD, 0);
     await this.#sync();
   }
@@ -355,6 +430,7 @@ export class JournalDriver implements BlockDriver {
   #check(): void {
     if (this.#failed) throw this.#failed;
     if (this.#closed) throw new BlockError("ESHUTDOWN", `${this.path}: journal is closed`);
+    if (this.#header === null) throw this.#unsizedError();
   }
 
   #fail(err: unknown): BlockError {
@@ -411,7 +487,7 @@ export class JournalDriver implements BlockDriver {
     encodeEntryHeaderInto(
       header,
       0,
-      this.header.version,
+      this.#header!.version,
       kind,
       flags,
       seq,

@@ -10,9 +10,10 @@ import { CbwBackupJob } from "../../jobs/backup.js";
 import type { NamedBitmap } from "../../io/named-bitmaps.js";
 import type { BackupOptions, BitmapMode, SyncMode } from "../../jobs/backup-common.js";
 import type { Job, ErrorAction } from "../../jobs/job.js";
-import { StreamJob } from "../../jobs/stream.js";
+import { isUnsizedStreamTarget, sizeStreamTarget, StreamJob } from "../../jobs/stream.js";
 import { QmpError } from "../errors.js";
 import { openDriveTarget } from "./drive-target.js";
+import { requireSizedNode } from "./block.js";
 import { checkJobStart, JOB_START_ARGS } from "./job-start.js";
 import { validateArgs } from "../schema.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
@@ -201,7 +202,10 @@ export async function prepareBlockdevBackup(
   if (!target)
     throw new QmpError("GenericError", `Cannot find device='${a.target}' nor node-name='${a.target}'`);
   if (target === checked.source) throw new QmpError("GenericError", "Source and target cannot be the same");
-  if (target.size() !== checked.source.size()) {
+  // An unsized journal is for a stream job, which sizes it below; everything else is refused here.
+  const sizedByJob = checked.sync === "stream" && isUnsizedStreamTarget(target);
+  if (!sizedByJob) requireSizedNode(graph, target.name);
+  if (!sizedByJob && target.size() !== checked.source.size()) {
     throw new QmpError(
       "GenericError",
       `Source and target image have different sizes (${checked.source.size()} and ${target.size()})`,
@@ -211,7 +215,28 @@ export async function prepareBlockdevBackup(
   const users = graph.usersOf(target.name);
   if (users.length > 0)
     throw new QmpError("GenericError", `Node '${target.name}' is busy: ${users.join(", ")}`);
-  return prepareJob(graph, a, checked, target, async () => {});
+  let unsize: (() => void) | null = null;
+  try {
+    unsize = sizeStreamTarget(checked.source, target);
+  } catch (err) {
+    throw new QmpError("GenericError", `Could not size '${target.name}': ${(err as Error).message}`);
+  }
+  let prepared: PreparedBackup;
+  try {
+    prepared = prepareJob(graph, a, checked, target, async () => {});
+  } catch (err) {
+    unsize?.();
+    throw err;
+  }
+  if (!unsize) return prepared;
+  const undo = unsize;
+  return {
+    ...prepared,
+    abort: async () => {
+      await prepared.abort();
+      undo();
+    },
+  };
 }
 
 export async function prepareDriveBackup(graph: BlockGraph, a: DriveBackupArgs): Promise<PreparedBackup> {

@@ -12,7 +12,7 @@ import { NamedBitmap, type NodeBitmaps } from "../../io/named-bitmaps.js";
 import { QmpError } from "../errors.js";
 import { validateArgs, type ArgsSpec } from "../schema.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
-import { requireNode } from "./block.js";
+import { requireNode, requireSizedNode } from "./block.js";
 
 export const DEFAULT_GRANULARITY_BYTES = 64 * 1024;
 export const GRANULARITY_BYTES_MIN = 512;
@@ -29,7 +29,7 @@ const NO_ABORT = async (): Promise<void> => {};
 const addArgs = {
   node: { type: "str" },
   name: { type: "str" },
-  granularity: { type: "int", min: 0, max: 0xffffffff, optional: true },
+  granularity: { type: "int", min: 0, max: 0xffffffff, ctype: "uint32_t", optional: true },
   persistent: { type: "bool", optional: true },
   disabled: { type: "bool", optional: true },
 } as const satisfies ArgsSpec;
@@ -80,7 +80,10 @@ export function checkNotBusy(bm: NamedBitmap): void {
 
 /** Where a persistent bitmap of this node is stored, or why it cannot be. */
 function persistentImage(graph: BlockGraph, nodeName: string): string {
-  const info = graph.nodeInfo(nodeName);
+  let info = graph.nodeInfo(nodeName);
+  // A raw node over a child node (serve's raw over its file node) keeps the bitmaps of the child's
+  // image: writes to it reach the child's driver, so they are the image's writes.
+  while (info?.driver === "raw" && info.child !== undefined) info = graph.nodeInfo(info.child);
   const why = (reason: string): QmpError =>
     new QmpError("GenericError", `Can't store persistent bitmaps to ${nodeName}: ${reason}`);
   const filename = info?.filename;
@@ -104,6 +107,8 @@ function prepareAdd(graph: BlockGraph, a: Record<string, unknown>): PreparedActi
   const name = a.name as string;
   if (name === "") throw new QmpError("GenericError", "Bitmap name cannot be empty");
   const node = requireNode(graph, nodeName);
+  // A bitmap takes the node's size now; an unsized journal has none yet.
+  requireSizedNode(graph, nodeName);
   const granularity = (a.granularity as number | undefined) ?? DEFAULT_GRANULARITY_BYTES;
   if (granularity < GRANULARITY_BYTES_MIN || (granularity & (granularity - 1)) !== 0) {
     throw new QmpError("GenericError", "Granularity must be power of 2 and at least 512");

@@ -13,6 +13,15 @@ export function requireNode(graph: BlockGraph, name: string): BlockNode {
   return node;
 }
 
+/** Refuses a node that has no size yet (a journal waiting for its stream job), as a GenericError. */
+export function requireSizedNode(graph: BlockGraph, name: string): void {
+  try {
+    graph.requireSized(name);
+  } catch (err) {
+    throw new QmpError("GenericError", (err as Error).message);
+  }
+}
+
 /** QEMU's BlockDeviceInfo, with what drivetap knows. */
 export function blockDeviceInfo(graph: BlockGraph, node: BlockNode): Record<string, unknown> {
   const info = graph.nodeInfo(node.name);

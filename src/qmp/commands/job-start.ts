@@ -2,6 +2,7 @@
 import type { BlockGraph } from "../../graph/block-graph.js";
 import type { BlockNode } from "../../io/block-node.js";
 import { QmpError } from "../errors.js";
+import { requireSizedNode } from "./block.js";
 
 export const ERROR_ACTIONS = ["report", "ignore", "stop", "enospc"] as const;
 
@@ -26,6 +27,7 @@ export function checkJobStart(
 ): { source: BlockNode; jobId: string } {
   const source = graph.getNode(device);
   if (!source) throw new QmpError("GenericError", `Cannot find device='${device}' nor node-name='${device}'`);
+  requireSizedNode(graph, device);
   const jobId = jobIdArg ?? device;
   checkJobId(graph, jobId);
   return { source, jobId };

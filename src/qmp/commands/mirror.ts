@@ -11,6 +11,7 @@ import { MirrorJob, type CopyMode, type MirrorSync } from "../../jobs/mirror.js"
 import { QmpError } from "../errors.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
 import { openDriveTarget } from "./drive-target.js";
+import { requireSizedNode } from "./block.js";
 import { checkJobStart, JOB_START_ARGS } from "./job-start.js";
 
 /** QEMU's DriveMirror has no filter-node-name (only blockdev-mirror has). */
@@ -121,8 +122,10 @@ function startMirror(
   return job;
 }
 
-function checkTarget(source: BlockNode, target: BlockNode): void {
+function checkTarget(graph: BlockGraph, source: BlockNode, target: BlockNode): void {
   if (target === source) throw new QmpError("GenericError", "Source and target cannot be the same");
+  // Before the size check: an unsized journal's size (0) is not the reason it is refused.
+  requireSizedNode(graph, target.name);
   if (target.size() !== source.size()) {
     throw new QmpError(
       "GenericError",
@@ -142,7 +145,7 @@ export function mirrorCommands(graph: BlockGraph): QmpCommandDef[] {
         const target = graph.getNode(a.target);
         if (!target)
           throw new QmpError("GenericError", `Cannot find device='${a.target}' nor node-name='${a.target}'`);
-        checkTarget(source, target);
+        checkTarget(graph, source, target);
         const users = graph.usersOf(target.name);
         if (users.length > 0)
           throw new QmpError("GenericError", `Node '${target.name}' is busy: ${users.join(", ")}`);

@@ -35,7 +35,7 @@ const INET_ADDRESS = {
 const SERVER_OPTIONS = {
   "tls-creds": { type: "str", optional: true },
   "tls-authz": { type: "str", optional: true },
-  "max-connections": { type: "int", min: 0, max: UINT32_MAX, optional: true },
+  "max-connections": { type: "int", min: 0, max: UINT32_MAX, ctype: "uint32_t", optional: true },
 } as const satisfies ArgsSpec;
 
 /** The flat SocketAddress of NbdServerOptions, typed per member for the command line's keyval. */

@@ -128,6 +128,8 @@ export const QEMU_COMMAND_ARGS: Readonly<Record<string, readonly string[]>> = {
     "open-timeout",
     // BlockdevOptionsThrottle
     "throttle-group",
+    // BlockdevOptionsGenericCOWFormat (qcow2)
+    "backing",
   ],
   "blockdev-del": ["node-name"],
   "job-pause": ["id"],

@@ -545,3 +545,64 @@ test("block_resize takes the resize lock: another process that does not share re
   });
   await runOk("qemu-io", ["-f", "raw", unixUri(d.daemon.socket, "s"), "-c", "write -P 9 0 4k"]);
 });
+
+test("blockdev-create driver=qcow2 writes an image into a file node that qemu-img checks and drivetap serves", async (t) => {
+  const d = await served(t);
+  const image = join(d.dir, "made.qcow2");
+  // QEMU's workflow: create and add the file node, then create the format inside it.
+  await create(d.qmp, "c-file", { driver: "file", filename: image, size: 0 });
+  await d.qmp.execute("blockdev-add", { driver: "file", "node-name": "made-file", filename: image });
+  const refused = await create(d.qmp, "c-enc", {
+    driver: "qcow2",
+    file: "made-file",
+    size: 64 * MiB,
+    encrypt: { format: "luks", "key-secret": "s0" },
+  });
+  assert.match(String(refused.error), /drivetap cannot create qcow2 images with encryption/);
+  assert.equal(statSync(image).size, 0, "a refused create writes nothing");
+  const job = await create(d.qmp, "c-qcow2", {
+    driver: "qcow2",
+    file: "made-file",
+    size: 64 * MiB,
+    "cluster-size": 65536,
+  });
+  assert.equal(job.error, undefined, `the create job succeeded: ${String(job.error)}`);
+  assert.equal(await qemuImgSize(image), 64 * MiB);
+  await runOk("qemu-img", ["check", "-U", image]);
+
+  // The file node now holds the image: a qcow2 node over it serves it.
+  await d.qmp.execute("blockdev-add", { driver: "qcow2", "node-name": "made", file: "made-file" });
+  await d.qmp.execute("block-export-add", {
+    type: "nbd",
+    id: "e1",
+    "node-name": "made",
+    name: "made",
+    writable: true,
+  });
+  const uri = unixUri(d.daemon.socket, "made");
+  assert.equal(await nbdSize(uri), 64 * MiB);
+  await runOk("qemu-io", ["-f", "raw", uri, "-c", "write -P 0x7c 5M 192k"]);
+  const read = await runOk("qemu-io", [
+    "-f",
+    "raw",
+    uri,
+    "-c",
+    "read -P 0x7c 5M 192k",
+    "-c",
+    "read -P 0 0 5M",
+  ]);
+  assert.doesNotMatch(read.stdout + read.stderr, /Pattern verification failed/);
+
+  // A file node in use (under the qcow2 node) cannot be recreated.
+  const busy = await create(d.qmp, "c-busy", { driver: "qcow2", file: "made-file", size: 1 * MiB });
+  assert.match(String(busy.error), /busy/);
+  await d.qmp.execute("block-export-del", { id: "e1" });
+  await d.qmp.execute("blockdev-del", { "node-name": "made" });
+  await d.qmp.execute("blockdev-del", { "node-name": "made-file" });
+  const check = await runOk("qemu-img", ["check", "--output=json", image]);
+  const result = JSON.parse(check.stdout) as { corruptions?: number; leaks?: number };
+  assert.equal(result.corruptions ?? 0, 0);
+  assert.equal(result.leaks ?? 0, 0);
+  const verify = await runOk("qemu-io", ["-f", "qcow2", image, "-c", "read -P 0x7c 5M 192k"]);
+  assert.doesNotMatch(verify.stdout + verify.stderr, /Pattern verification failed/);
+});

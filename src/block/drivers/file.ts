@@ -218,6 +218,11 @@ export class FileDriver implements BlockDriver {
     this.#size = sizeBytes;
   }
 
+  /** Reads the file's size again after writes past its end (a format written into it, blockdev-create). */
+  refreshSize(): void {
+    this.#size = Number(fs.fstatSync(this.#fd).size);
+  }
+
   /**
    * Grows or shrinks the file (block_resize, blockdev-create), with QEMU's preallocation modes for
    * the grown part and QEMU's error texts. An open without the resize permission takes it for the

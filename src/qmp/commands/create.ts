@@ -1,12 +1,15 @@
 /**
  * blockdev-create (QEMU 7.2: `job-id`, `options` = BlockdevCreateOptions, a union on `driver`).
  * CREATORS is the table of what can be created: each entry is the driver's option schema and its
- * creator, so a qcow2 creator is one more entry. The other drivers drivetap has get QEMU's answer
+ * creator: `file` makes a file, `qcow2` writes an empty image into an existing file node (v3, 16-bit
+ * refcounts, deflate; what drivetap's qcow2 does not write is refused by name). The other drivers drivetap has get QEMU's answer
  * for drivers without create support (raw, null-co, nbd: "Driver does not support blockdev-create").
  * The work runs as a CreateJob (jobs/create.ts), which never sees these options' QMP shape.
  */
 import { createFileImage, type FileCreateOptions } from "../../block/drivers/file-create.js";
-import type { FileId } from "../../block/drivers/file.js";
+import type { BlockDriver } from "../../block/driver.js";
+import { FileDriver, type FileId } from "../../block/drivers/file.js";
+import { createQcow2 } from "../../block/drivers/qcow2/create.js";
 import type { BlockGraph } from "../../graph/block-graph.js";
 import { CreateJob } from "../../jobs/create.js";
 import { QmpError } from "../errors.js";
@@ -19,6 +22,28 @@ import { checkJobId } from "./job-start.js";
 interface CreateContext {
   /** Throws when file `id` (reached as `filename`) must not be written: a node has it open. */
   refuseFile(id: FileId, filename: string): void;
+  /**
+   * The driver of node `name` (a format's `file`), held alone for the creation: a node that
+   * anything uses (an export, a job, a parent) or that is read-only is refused. Call `release`.
+   */
+  takeNode(name: string): { driver: BlockDriver; release(): void };
+}
+
+/** qcow2 creation options drivetap does not implement, refused by name before anything is written. */
+function refuseQcow2Options(o: Record<string, unknown>): void {
+  const refuse = (what: string): never => {
+    throw new QmpError("GenericError", `drivetap cannot create qcow2 images with ${what}`);
+  };
+  if (o.encrypt !== undefined) refuse("encryption");
+  if (o["data-file"] !== undefined || o["data-file-raw"] !== undefined) refuse("an external data file");
+  if (o["extended-l2"] === true) refuse("extended L2 entries");
+  if (o["compression-type"] === "zstd") refuse("zstd compression");
+  if (o.version === "v2") refuse("version v2 (compat 0.10)");
+  if (o["lazy-refcounts"] === true) refuse("lazy refcounts");
+  if (o["refcount-bits"] !== undefined && o["refcount-bits"] !== 16) refuse("refcount bits other than 16");
+  if (o.preallocation !== undefined && o.preallocation !== "off")
+    refuse(`preallocation=${String(o.preallocation)}`);
+  if (typeof o.file !== "string") refuse("an inline file: give the file node's name");
 }
 
 interface Creator {
@@ -38,6 +63,43 @@ const CREATORS: Readonly<Record<string, Creator>> = {
     },
     create: (o, ctx) =>
       createFileImage(o as unknown as FileCreateOptions, (id) => ctx.refuseFile(id, o.filename as string)),
+  },
+  // BlockdevCreateOptionsQcow2: the image is written into an existing (file) node, which QEMU's
+  // workflow creates with driver=file and adds with blockdev-add first.
+  qcow2: {
+    args: {
+      file: { type: "any" },
+      "data-file": { type: "any", optional: true },
+      "data-file-raw": { type: "bool", optional: true },
+      "extended-l2": { type: "bool", optional: true },
+      size: { type: "int", min: 0 },
+      version: { type: "enum", values: ["v2", "v3"], optional: true },
+      "backing-file": { type: "str", optional: true },
+      "backing-fmt": { type: "enum", values: BLOCKDEV_DRIVERS, optional: true },
+      encrypt: { type: "any", optional: true },
+      "cluster-size": { type: "int", optional: true },
+      preallocation: { type: "enum", values: ["off", "metadata", "falloc", "full"], optional: true },
+      "lazy-refcounts": { type: "bool", optional: true },
+      "refcount-bits": { type: "int", optional: true },
+      "compression-type": { type: "enum", values: ["zlib", "zstd"], optional: true },
+    },
+    create: async (o, ctx) => {
+      refuseQcow2Options(o);
+      const { driver, release } = ctx.takeNode(o.file as string);
+      try {
+        // The image starts from an empty file, as qemu-img's does.
+        if (driver instanceof FileDriver) await driver.resize(0);
+        await createQcow2(driver, o.size as number, {
+          clusterSize: o["cluster-size"] as number | undefined,
+          backingFile: o["backing-file"] as string | undefined,
+          backingFmt: o["backing-fmt"] as string | undefined,
+        });
+        // The file grew by writes past its end: its node must see the new size.
+        if (driver instanceof FileDriver) driver.refreshSize();
+      } finally {
+        release();
+      }
+    },
   },
 };
 
@@ -74,6 +136,18 @@ export function createCommands(graph: BlockGraph): QmpCommandDef[] {
       const users = graph.nodesWithFile(id);
       if (users.length > 0)
         throw new QmpError("GenericError", `'${filename}' is in use by node '${users[0]}'`);
+    },
+    takeNode: (name) => {
+      const node = graph.getNode(name);
+      if (!node) throw new QmpError("GenericError", `Cannot find device='' nor node-name='${name}'`);
+      if (node.readOnly) throw new QmpError("GenericError", `Block node '${name}' is read-only`);
+      const user = `create:${name}`;
+      try {
+        graph.claim(name, user, "blockdev-create", true);
+      } catch (err) {
+        throw new QmpError("GenericError", (err as Error).message);
+      }
+      return { driver: node.driver, release: () => graph.release(name, user) };
     },
   };
   return [

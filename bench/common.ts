@@ -45,10 +45,10 @@ export const JOB_WORKLOADS = WORKLOADS.filter(
 
 /**
  * qemu-nbd as every part runs it: persistent (-t), buffered with flushes honoured (--cache=writeback),
- * up to 8 clients (-e 8), raw format, on a unix socket.
+ * up to 8 clients (-e 8), the image's format named (raw unless told), on a unix socket.
  */
-export function qemuNbdArgs(image: string, socket: string): string[] {
-  return ["-t", "--cache=writeback", "-e", "8", "-f", "raw", "-k", socket, image];
+export function qemuNbdArgs(image: string, socket: string, format: "raw" | "qcow2" = "raw"): string[] {
+  return ["-t", "--cache=writeback", "-e", "8", "-f", format, "-k", socket, image];
 }
 
 export function need(tool: string): void {

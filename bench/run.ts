@@ -3,7 +3,8 @@
  * interleaved round by round so that machine noise hits all servers alike. Prints medians and ratios,
  * and drivetap's peak RSS. Environment: BENCH_ROUNDS (default 3), BENCH_RUNTIME_S (default 5),
  * BENCH_SIZE (default 1G), BENCH_DIR (default a temp dir), BENCH_SERVERS (comma list to restrict),
- * BENCH_PARTS (comma list of "servers", "tls", "stream", "journal", "tap", "mirror"; default all).
+ * BENCH_PARTS (comma list of "servers", "tls", "stream", "journal", "tap", "mirror", "qcow2"; default
+ * all).
  *
  * The "tls" part (bench/tls.ts) runs two workloads over NBD with TLS (x509, certificates made by
  * openssl for the run) against drivetap, qemu-nbd and nbdkit with the same certificates.
@@ -13,6 +14,10 @@
  * part does the same with a journal node (issue 5) as the stream target. The "mirror" part
  * (bench/mirror.ts) compares a write-blocking mirror to a qemu-nbd target in drivetap and in
  * qemu-storage-daemon (BENCH_MIRROR_DAEMONS=drivetap|qsd|both).
+ *
+ * The "qcow2" part (bench/qcow2.ts, issue 13) runs the five workloads against drivetap and
+ * `qemu-nbd -f qcow2` on a qcow2 image with 64 KiB clusters, empty (a fresh image per run: writes
+ * allocate, reads read unallocated clusters) and fully allocated (writes in place).
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import * as fs from "node:fs";
@@ -37,6 +42,7 @@ import {
   waitForSocket,
 } from "./common.js";
 import { benchMirror, selectedMirrorDaemons } from "./mirror.js";
+import { benchQcow2 } from "./qcow2.js";
 import { benchTls } from "./tls.js";
 
 interface Server {
@@ -60,6 +66,9 @@ export const SERVERS: readonly Server[] = [
       spawn("nbdkit", ["--foreground", "--unix", socket, "file", image], { stdio: "ignore" }),
   },
 ];
+
+/** The parts BENCH_PARTS picks from, in the order they run; all by default. */
+const BENCH_PARTS: readonly string[] = ["servers", "tls", "stream", "journal", "tap", "mirror", "qcow2"];
 
 type StreamTarget = "file" | "journal" | "tap";
 
@@ -154,10 +163,9 @@ async function benchStream(dir: string, image: string, targetKind: StreamTarget)
 
 async function main(): Promise<void> {
   need("fio");
-  const parts = (process.env.BENCH_PARTS ?? "servers,tls,stream,journal,tap,mirror").split(",");
+  const parts = (process.env.BENCH_PARTS ?? BENCH_PARTS.join(",")).split(",");
   for (const part of parts)
-    if (!["servers", "tls", "stream", "journal", "tap", "mirror"].includes(part))
-      throw new Error(`BENCH_PARTS: unknown part "${part}"`);
+    if (!BENCH_PARTS.includes(part)) throw new Error(`BENCH_PARTS: unknown part "${part}"`);
   const only = process.env.BENCH_SERVERS?.split(",");
   const servers = SERVERS.filter((s) => !only || only.includes(s.name));
   const mirrorDaemons = parts.includes("mirror") ? selectedMirrorDaemons() : [];
@@ -174,6 +182,7 @@ async function main(): Promise<void> {
     if (parts.includes("journal")) await benchStream(dir, image, "journal");
     if (parts.includes("tap")) await benchStream(dir, image, "tap");
     if (parts.includes("mirror")) await benchMirror(mirrorDaemons, dir, image);
+    if (parts.includes("qcow2")) await benchQcow2(dir, image, only);
   } finally {
     if (!process.env.BENCH_DIR) fs.rmSync(dir, { recursive: true, force: true });
   }

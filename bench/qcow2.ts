@@ -113,6 +113,8 @@ export async function benchQcow2(dir: string, rawImage: string, only?: readonly 
   const template = path.join(dir, "qcow2-allocated.qcow2");
   process.stderr.write(`bench qcow2: writing every cluster of ${template}\n`);
   run("qemu-img", ["convert", "-q", "-f", "raw", "-O", ...createOptions.slice(1), rawImage, template]);
+  // The raw image's and the template's dirty pages would otherwise be written back under the first runs.
+  syncFile(rawImage);
   const filled = check(template);
   if (filled.allocatedClusters !== filled.totalClusters)
     throw new Error(`${template}: ${filled.allocatedClusters}/${filled.totalClusters} clusters allocated`);

@@ -66,6 +66,8 @@ export interface Qcow2OpenOptions {
   readonly ownsBacking?: boolean;
   /** L2 cache size in bytes (tests make it tiny to exercise eviction). */
   readonly l2CacheBytes?: number;
+  /** Called when a write-back holds freed clusters until reads in flight are done (tests watch it). */
+  readonly onFreesWaitForReads?: () => void;
 }
 
 const enum Kind {
@@ -107,12 +109,23 @@ export class Qcow2Driver implements BlockDriver {
   readonly #l2Alloc = new Map<number, Promise<number>>();
   readonly #flushMutex = new Mutex();
   #pendingFrees: Array<[number, number]> = [];
+  /**
+   * Reads in flight, by the epoch they started in. A read maps its clusters first and reads them
+   * later: a discard meanwhile may free a cluster it mapped, and once the cluster's refcount drops an
+   * allocation may reuse it for another offset. So a write-back drops freed refcounts only after
+   * every read that started before it has ended: it never returns another offset's data.
+   */
+  #readEpoch = 0;
+  readonly #readsByEpoch = new Map<number, number>();
+  #readsWaiter: { readonly cut: number; readonly resolve: () => void } | null = null;
+  readonly #onFreesWaitForReads: (() => void) | undefined;
   #dirtyMarked: Promise<void> | null = null;
   #incompatible: number;
   readonly #zeros: Buffer;
   #closed = false;
 
   private constructor(file: BlockDriver, header: Qcow2Header, l1: Buffer, o: Qcow2OpenOptions) {
+    this.#onFreesWaitForReads = o.onFreesWaitForReads;
     this.file = file;
     this.header = header;
     this.backing = o.backing ?? null;
@@ -124,6 +137,11 @@ export class Qcow2Driver implements BlockDriver {
     this.#l1 = l1;
     this.#fileBytes = file.size();
     this.#incompatible = header.incompatible;
+    // A writable open of an image a crash left dirty (eager refcounts: nothing to repair) owns the
+    // bit from the start: a clean close clears it even if this session changes no metadata.
+    if (!(o.readOnly ?? false) && header.incompatible & QCOW2_INCOMPAT_DIRTY) {
+      this.#dirtyMarked = Promise.resolve();
+    }
     this.#zeros = Buffer.alloc(header.clusterBytes);
     const l2Tables = Math.max(
       QCOW2_CACHE_TABLES_MIN,
@@ -257,6 +275,39 @@ export class Qcow2Driver implements BlockDriver {
   // ---- reads ----
 
   async pread(offset: number, into: Buffer): Promise<void> {
+    const epoch = this.#readEpoch;
+    this.#readsByEpoch.set(epoch, (this.#readsByEpoch.get(epoch) ?? 0) + 1);
+    try {
+      await this.#pread(offset, into);
+    } finally {
+      const left = this.#readsByEpoch.get(epoch)! - 1;
+      if (left > 0) this.#readsByEpoch.set(epoch, left);
+      else {
+        this.#readsByEpoch.delete(epoch);
+        const w = this.#readsWaiter;
+        if (w !== null && !this.#readsUpTo(w.cut)) {
+          this.#readsWaiter = null;
+          w.resolve();
+        }
+      }
+    }
+  }
+
+  /** Whether a read that started in epoch `cut` or before is still in flight. */
+  #readsUpTo(cut: number): boolean {
+    for (const e of this.#readsByEpoch.keys()) if (e <= cut) return true;
+    return false;
+  }
+
+  /** Waits until every read that started before now has ended (one waiter: the write-back's). */
+  #readsStartedBefore(): Promise<void> {
+    const cut = this.#readEpoch++;
+    if (!this.#readsUpTo(cut)) return Promise.resolve();
+    this.#onFreesWaitForReads?.();
+    return new Promise((resolve) => (this.#readsWaiter = { cut, resolve }));
+  }
+
+  async #pread(offset: number, into: Buffer): Promise<void> {
     const cb = this.#cb;
     const tasks: Promise<void>[] = [];
     // Contiguous data clusters are read with one child request.
@@ -648,7 +699,9 @@ export class Qcow2Driver implements BlockDriver {
         this.#pendingFrees.unshift(...frees);
         throw toBlockError(err);
       }
-      // Nothing on disk references these any more: their refcounts may drop, and they may be reused.
+      // Nothing on disk references these any more, and once the reads that may have mapped them are
+      // done nothing in memory does: their refcounts may drop, and they may be reused.
+      if (frees.length > 0) await this.#readsStartedBefore();
       for (const [off, bytes] of frees) await this.#r.change(off, bytes, -1);
     });
   }

@@ -388,6 +388,7 @@ describe("hostile clients", { timeout: 300_000 }, () => {
       id: number;
       "x-in-flight": Array<{ command: string; length: number }>;
       "x-unsent-bytes": number;
+      "x-held-buffer-bytes": number;
     };
     const query = async (): Promise<Conn[]> =>
       (await qmp.execute("x-query-nbd-connections")).return as Conn[];
@@ -401,6 +402,8 @@ describe("hostile clients", { timeout: 300_000 }, () => {
     const mine = conns.find((c) => c["x-unsent-bytes"] > 0)!;
     assert.ok(mine["x-in-flight"].length >= 1, "the unanswered reads are listed");
     assert.ok(mine["x-in-flight"].every((r) => r.command === "read" && r.length === REQUEST_BYTES_MAX));
+    // Its unsent replies hold buffer bytes, and the server says so.
+    assert.ok(mine["x-held-buffer-bytes"] >= REQUEST_BYTES_MAX, "the held reply buffers are reported");
     // Meanwhile small I/O goes on (the reserved share), and a second large reader waits its turn.
     const honest = await honestSession(daemon.socket);
     // The client is paused, so it cannot see the close: watch the server's own list instead.

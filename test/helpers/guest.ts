@@ -79,6 +79,10 @@ export interface NbdConnectionInfo {
   readonly export: string;
   readonly "x-in-flight": readonly NbdInFlight[];
   readonly "x-unsent-bytes": number;
+  /** What the connection's reading waits for (a held request header is not in x-in-flight). */
+  readonly "x-waiting"?: string;
+  readonly "x-held-buffer-bytes"?: number;
+  readonly "x-reading-paused"?: boolean;
 }
 
 /** The server's side of a stall: what it holds, or why it cannot say. */
@@ -205,7 +209,7 @@ export function describeServerView(view: ServerView): string {
   for (const c of view.connections) {
     const held = [...c["x-in-flight"]].sort((a, b) => b["age-ms"] - a["age-ms"]);
     lines.push(
-      `  connection ${c.id} export ${JSON.stringify(c.export)}: ${held.length} received and unanswered, ${c["x-unsent-bytes"]} reply bytes unsent`,
+      `  connection ${c.id} export ${JSON.stringify(c.export)}: ${held.length} received and unanswered, ${c["x-unsent-bytes"]} reply bytes unsent, reading ${c["x-reading-paused"] ? "paused" : "on"} (waiting for ${c["x-waiting"] ?? "?"}), ${c["x-held-buffer-bytes"] ?? "?"} buffer bytes held`,
     );
     for (const r of held.slice(0, REPORT_REQUESTS_MAX))
       lines.push(`    ${r.command} offset ${r.offset} length ${r.length} age ${r["age-ms"]} ms`);

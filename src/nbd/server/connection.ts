@@ -264,6 +264,20 @@ export class NbdConnection {
     return this.#closing;
   }
 
+  /**
+   * What the connection's reading waits for ("slot": its own bounds, "budget": the shared buffer
+   * budget), or null; with the buffer bytes it holds and whether its socket is paused. A stall
+   * report shows these next to the requests in flight: a held header is not one of them.
+   */
+  get admission(): {
+    readonly waiting: "slot" | "budget" | null;
+    readonly heldBytes: number;
+    readonly paused: boolean;
+  } {
+    const waiting = this.#wait === Wait.Slot ? "slot" : this.#wait === Wait.Budget ? "budget" : null;
+    return { waiting, heldBytes: this.#account.heldBytes, paused: this.#readingPaused };
+  }
+
   /** Requests received and not yet answered, oldest first. */
   inFlight(): readonly InFlightRequest[] {
     const out: Request[] = [];

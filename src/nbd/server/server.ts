@@ -37,6 +37,8 @@ export interface ConnectionInfo {
   readonly unsentBytes: number;
   /** Whether the connection went through STARTTLS. */
   readonly tls: boolean;
+  /** What its reading waits for, the buffer bytes it holds, whether its socket is paused. */
+  readonly admission: NbdConnection["admission"];
 }
 
 export type ListenAddress =
@@ -130,6 +132,7 @@ export class NbdServer implements ConnectionHost {
       inFlight: c.inFlight().map((r) => ({ ...r, ageMs: now - r.startMs })),
       unsentBytes: c.unsentBytes,
       tls: c.encrypted,
+      admission: c.admission,
     }));
   }
 

@@ -132,6 +132,9 @@ export function exportCommands(graph: BlockGraph): QmpCommandDef[] {
           })),
           "x-unsent-bytes": c.unsentBytes,
           "x-tls": c.tls,
+          "x-waiting": c.admission.waiting ?? "none",
+          "x-held-buffer-bytes": c.admission.heldBytes,
+          "x-reading-paused": c.admission.paused,
         })),
     }),
     defineCommand({

@@ -16,21 +16,22 @@ export const QSD = "/usr/bin/qemu-storage-daemon";
 export const DRIVETAP_STORAGE_DAEMON: readonly string[] = [process.execPath, CLI, "storage-daemon"];
 
 /**
- * Starts qemu-storage-daemon (or `command`, taking its command line) with a QMP monitor and
- * `extraArgs`; --daemonize returns once its sockets listen. Killed after the test.
+ * Starts qemu-storage-daemon (or `command`, taking its command line) with a QMP monitor at `socket`
+ * and `extraArgs`; --daemonize returns once its sockets listen. Killed after the test. QSD's monitor
+ * takes one client at a time: a test that speaks raw QMP connects to `socket` itself.
  */
-export async function startQsd(
+export async function startQsdProcess(
   t: Pick<TestContext, "after">,
   extraArgs: readonly string[] = [],
   command: readonly string[] = [QSD],
-): Promise<{ qmp: QmpClient; dir: string }> {
+): Promise<{ socket: string; dir: string }> {
   const dir = tempDir(t, "drivetap-qsd-");
-  const sock = join(dir, "qmp.sock");
+  const socket = join(dir, "qmp.sock");
   const pidfile = join(dir, "qsd.pid");
   await runOk(command[0], [
     ...command.slice(1),
     "--chardev",
-    `socket,path=${sock},server=on,wait=off,id=m0`,
+    `socket,path=${socket},server=on,wait=off,id=m0`,
     "--monitor",
     "chardev=m0",
     ...extraArgs,
@@ -46,7 +47,17 @@ export async function startQsd(
       // Already gone.
     }
   });
-  const qmp = await QmpClient.connect(sock);
+  return { socket, dir };
+}
+
+/** startQsdProcess, with a QMP client connected to its monitor. */
+export async function startQsd(
+  t: Pick<TestContext, "after">,
+  extraArgs: readonly string[] = [],
+  command: readonly string[] = [QSD],
+): Promise<{ qmp: QmpClient; dir: string }> {
+  const { socket, dir } = await startQsdProcess(t, extraArgs, command);
+  const qmp = await QmpClient.connect(socket);
   t.after(() => qmp.close());
   return { qmp, dir };
 }

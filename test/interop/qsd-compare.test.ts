@@ -4,13 +4,14 @@
  * (member names and JSON types; drivetap's x- members left out) and error class, events by name and
  * data member types, never by values that legitimately differ (sizes, names QEMU generates).
  */
-import { test, type TestContext } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { makeImage, startDaemon, stopAfter } from "../helpers/daemon.js";
 import { jobEventRecords, jsonType } from "../helpers/qmp-shapes.js";
 import { RawQmp, type QmpMessage } from "../helpers/raw-qmp.js";
-import { runForking, tempDir } from "../helpers/run.js";
+import { startQsdProcess } from "../helpers/qsd.js";
+import { tempDir } from "../helpers/run.js";
 
 const DISK_BYTES = 4 * 1024 * 1024;
 
@@ -83,31 +84,8 @@ async function runSession(c: RawQmp, dir: string, setupExport: () => Promise<voi
   return { replies, events };
 }
 
-async function startQsd(t: TestContext, dir: string): Promise<string> {
-  const qmpPath = join(dir, "qsd-qmp.sock");
-  const pidFile = join(dir, "qsd.pid");
-  // --daemonize returns once the monitor is listening.
-  await runForking(
-    t,
-    "qemu-storage-daemon",
-    [
-      "--daemonize",
-      "--pidfile",
-      pidFile,
-      "--chardev",
-      `socket,id=m,path=${qmpPath},server=on,wait=off`,
-      "--monitor",
-      "chardev=m",
-    ],
-    pidFile,
-    "SIGKILL",
-  );
-  return qmpPath;
-}
-
 test("the same QMP session gets replies and events of the same shapes from qemu-storage-daemon and drivetap", async (t) => {
-  const qsdDir = tempDir(t, "drivetap-qsd-");
-  const qsdQmp = await startQsd(t, qsdDir);
+  const { socket: qsdQmp, dir: qsdDir } = await startQsdProcess(t);
   const qsd = await RawQmp.ready(qsdQmp);
   t.after(() => qsd.destroy());
   const qsdNbd = join(qsdDir, "nbd.sock");

@@ -266,7 +266,7 @@ export class RawNbd {
       const r = await this.readOptionReply();
       assert.equal(r.option, C.NBD_OPT_GO, "reply to GO");
       replies.push(r);
-      if (r.type & C.NBD_REP_FLAG_ERROR) {
+      if (C.isOptionReplyError(r.type)) {
         throw Object.assign(
           new Error(`GO refused: type ${(r.type >>> 0).toString(16)} ${r.data.toString()}`),
           { reply: r },

@@ -5,9 +5,11 @@ import { ProtocolError } from "../../src/core/errors.js";
 import {
   decodeExportRequest,
   decodeMetaContextRequest,
+  decodeOptionReplyHeader,
   decodeRequest,
   encodeExportRequest,
   encodeMetaContextRequest,
+  encodeOptionReply,
   encodeRequest,
   type RequestHeader,
 } from "../../src/nbd/protocol/codec.js";
@@ -224,5 +226,28 @@ describe("meta context requests", () => {
         },
       ),
     );
+  });
+});
+
+describe("option reply error types", () => {
+  const errors = [
+    C.NBD_REP_ERR_UNSUP,
+    C.NBD_REP_ERR_POLICY,
+    C.NBD_REP_ERR_INVALID,
+    C.NBD_REP_ERR_PLATFORM,
+    C.NBD_REP_ERR_TLS_REQD,
+    C.NBD_REP_ERR_UNKNOWN,
+    C.NBD_REP_ERR_SHUTDOWN,
+    C.NBD_REP_ERR_TOO_BIG,
+  ];
+  test("a decoded error reply's type equals its constant, and only errors count as errors", () => {
+    for (const type of errors) {
+      const h = decodeOptionReplyHeader(encodeOptionReply(C.NBD_OPT_GO, type));
+      assert.equal(h.type, type, `0x${type.toString(16)}`);
+      assert.ok(C.isOptionReplyError(h.type));
+    }
+    for (const type of [C.NBD_REP_ACK, C.NBD_REP_SERVER, C.NBD_REP_INFO, C.NBD_REP_META_CONTEXT]) {
+      assert.ok(!C.isOptionReplyError(type));
+    }
   });
 });

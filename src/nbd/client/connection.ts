@@ -291,7 +291,7 @@ export class NbdConnection {
     }
     const replies = await option(C.NBD_OPT_GO, encodeExportRequest(name, [C.NBD_INFO_BLOCK_SIZE]));
     const last = replies.at(-1)!;
-    if ((last.type | 0) === C.NBD_REP_ERR_TLS_REQD) {
+    if (last.type === C.NBD_REP_ERR_TLS_REQD) {
       throw notConnected(`the NBD server requires TLS for export '${name}' (give tls-creds)`);
     }
     if (last.type !== C.NBD_REP_ACK) {

@@ -24,17 +24,15 @@ function tlsFailed(message: string): BlockError {
 }
 
 /** The server's answer to NBD_OPT_STARTTLS: only an ACK lets the handshake go on. */
-export function checkStartTlsReply(replyType: number, data: Buffer): void {
-  // The error constants are signed 32-bit numbers; the decoder reads the field unsigned.
-  const type = replyType | 0;
+export function checkStartTlsReply(type: number, data: Buffer): void {
   if (type === C.NBD_REP_ACK) return;
   // The spec's answer is ERR_UNSUP; qemu-nbd without --tls-creds answers ERR_POLICY.
   if (type === C.NBD_REP_ERR_UNSUP || type === C.NBD_REP_ERR_POLICY) {
     const said = data.length > 0 ? `: ${data.toString("utf8")}` : "";
     throw new BlockError("ENOTCONN", `server does not support TLS (it refused NBD_OPT_STARTTLS${said})`);
   }
-  if (!(type & C.NBD_REP_FLAG_ERROR)) throw new ProtocolError(`reply ${type} to NBD_OPT_STARTTLS`);
-  const why = data.toString("utf8") || `error 0x${(type >>> 0).toString(16)}`;
+  if (!C.isOptionReplyError(type)) throw new ProtocolError(`reply ${type} to NBD_OPT_STARTTLS`);
+  const why = data.toString("utf8") || `error 0x${type.toString(16)}`;
   throw new BlockError("ENOTCONN", `the NBD server refused STARTTLS: ${why}`);
 }
 

@@ -30,14 +30,16 @@ export const NBD_REP_SERVER = 2;
 export const NBD_REP_INFO = 3;
 export const NBD_REP_META_CONTEXT = 4;
 export const NBD_REP_FLAG_ERROR = 0x80000000;
-export const NBD_REP_ERR_UNSUP = NBD_REP_FLAG_ERROR | 1;
-export const NBD_REP_ERR_POLICY = NBD_REP_FLAG_ERROR | 2;
-export const NBD_REP_ERR_INVALID = NBD_REP_FLAG_ERROR | 3;
-export const NBD_REP_ERR_PLATFORM = NBD_REP_FLAG_ERROR | 4;
-export const NBD_REP_ERR_TLS_REQD = NBD_REP_FLAG_ERROR | 5;
-export const NBD_REP_ERR_UNKNOWN = NBD_REP_FLAG_ERROR | 6;
-export const NBD_REP_ERR_SHUTDOWN = NBD_REP_FLAG_ERROR | 7;
-export const NBD_REP_ERR_TOO_BIG = NBD_REP_FLAG_ERROR | 9;
+// The error replies are written as unsigned numbers, as the decoder reads the field: `FLAG | n`
+// in JavaScript would be a negative 32-bit integer that never equals a reply's type.
+export const NBD_REP_ERR_UNSUP = 0x80000001;
+export const NBD_REP_ERR_POLICY = 0x80000002;
+export const NBD_REP_ERR_INVALID = 0x80000003;
+export const NBD_REP_ERR_PLATFORM = 0x80000004;
+export const NBD_REP_ERR_TLS_REQD = 0x80000005;
+export const NBD_REP_ERR_UNKNOWN = 0x80000006;
+export const NBD_REP_ERR_SHUTDOWN = 0x80000007;
+export const NBD_REP_ERR_TOO_BIG = 0x80000009;
 
 // Info types (NBD_OPT_INFO / NBD_OPT_GO).
 export const NBD_INFO_EXPORT = 0;
@@ -113,3 +115,8 @@ export const COMMAND_NAMES: Readonly<Record<number, string>> = {
   [NBD_CMD_WRITE_ZEROES]: "WRITE_ZEROES",
   [NBD_CMD_BLOCK_STATUS]: "BLOCK_STATUS",
 };
+
+/** Whether an option reply type is an error (its top bit set). */
+export function isOptionReplyError(type: number): boolean {
+  return type >>> 0 >= NBD_REP_FLAG_ERROR;
+}

@@ -11,6 +11,7 @@ import { permissionConflict, type ImagePermissions } from "../block/drivers/imag
 import { JournalDriver } from "../block/drivers/journal.js";
 import { Qcow2Driver } from "../block/drivers/qcow2/qcow2.js";
 import { FilterDriver } from "../block/filters/filter.js";
+import { BlockError } from "../core/errors.js";
 import { EventBus } from "../core/events.js";
 import { silentLogger, type Logger } from "../core/log.js";
 import type { BlockNode } from "../io/block-node.js";
@@ -381,7 +382,7 @@ export class BlockGraph {
       try {
         if (!e.node.readOnly) await e.node.flush();
       } catch (err) {
-        firstError ??= err;
+        firstError ??= finalFlushFailed(e.node.name, err);
       }
       try {
         await this.bitmaps.close(e.node.name);
@@ -395,4 +396,15 @@ export class BlockGraph {
     // A failed final flush means data may not be durable: the daemon must not exit 0.
     if (firstError !== undefined) throw firstError;
   }
+}
+
+/** A final flush's error, naming the node and what its failure means for the data written to it. */
+function finalFlushFailed(node: string, err: unknown): BlockError {
+  const code = err instanceof BlockError ? err.code : "EIO";
+  const why = err instanceof Error ? err.message : String(err);
+  return new BlockError(
+    code,
+    `final flush of node '${node}' failed: ${why}; writes to it since its last flush may not be durable`,
+    { cause: err },
+  );
 }

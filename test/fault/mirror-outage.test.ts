@@ -14,7 +14,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { test, type TestContext } from "node:test";
-import { makeImage } from "../helpers/daemon.js";
+import { makeImage, readImage } from "../helpers/daemon.js";
 import {
   assertExit,
   blockJob,
@@ -286,4 +286,19 @@ test("a stream job to an nbd target survives the target's kill -9 and resyncs", 
   await d.qmp.execute("block-job-cancel", { device: "s0" });
   await d.qmp.waitForEvent(jobEvent("s0", "BLOCK_JOB_CANCELLED"), 60_000);
   await assertIdentical(d.image, targetImage);
+});
+
+test("SIGTERM with a mirror target that died: the exit says which node's final flush failed and what it means", async (t) => {
+  const d = await serveWithQmp(t, { content: seededBytes(testSeed(t), 8 * MiB) });
+  const targetImage = join(d.dir, "target.img");
+  makeImage(targetImage, 8 * MiB);
+  const remote = await startQemuNbd(t, targetImage, join(d.dir, "target.sock"));
+  await mirrorToNbd(d, remote.socket, { "reconnect-delay": 1 });
+  assertExit("qemu-io", await qemuIo(d.uri, ["write -P 0x61 0 1M"]));
+  await remote.kill();
+  const code = await d.daemon.stop("SIGTERM");
+  // The served disk is flushed; the target's writes since its last flush may be lost, so not 0.
+  assert.equal(code, 1, d.daemon.stderr());
+  assert.match(d.daemon.stderr(), /final flush of node 'tgt' failed: .*unreachable.*may not be durable/);
+  assert.equal(readImage(d.image, 0, 1)[0], 0x61, "the served disk's acknowledged write is in its image");
 });

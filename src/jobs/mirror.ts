@@ -323,7 +323,9 @@ export class MirrorJob extends BackupJobBase {
   async #initialBitmap(): Promise<void> {
     if (this.#mirrorSync === "full") this.dirty.setAll();
     else if (this.#mirrorSync === "top") {
-      await forEachTopRange(this.source, this.target, (offset, length) => this.dirty.setRange(offset, length));
+      await forEachTopRange(this.source, this.target, (offset, length) =>
+        this.dirty.setRange(offset, length),
+      );
     }
     this.#updateProgress();
   }

@@ -98,14 +98,19 @@ function newTargetBacking(
   if (backing === "source") {
     // Without a file name (memory, null-co, nbd) nothing can name the source; the target holds
     // only the old data either way.
-    return info?.filename === undefined ? null : { file: path.resolve(info.filename), format: formatOf(source.driver) };
+    return info?.filename === undefined
+      ? null
+      : { file: path.resolve(info.filename), format: formatOf(source.driver) };
   }
   const d = source.driver;
   if (!(d instanceof Qcow2Driver) || d.backing === null) return null;
   if (info?.backing !== undefined) {
     const file = graph.nodeInfo(info.backing)?.filename;
     if (file === undefined) {
-      throw new QmpError("GenericError", `The backing node '${info.backing}' of '${source.name}' has no file name`);
+      throw new QmpError(
+        "GenericError",
+        `The backing node '${info.backing}' of '${source.name}' has no file name`,
+      );
     }
     return { file: path.resolve(file), format: formatOf(d.backing) };
   }

@@ -185,7 +185,11 @@ export function mirrorCommands(graph: BlockGraph): QmpCommandDef[] {
           throw new QmpError("GenericError", "drive-mirror sync=none into a qcow2 target is not supported");
         }
         const target = new BlockNode(nodeName, driver);
-        graph.addNode(target, { driver: format === "raw" ? "file" : "qcow2", filename }, a["node-name"] === undefined);
+        graph.addNode(
+          target,
+          { driver: format === "raw" ? "file" : "qcow2", filename },
+          a["node-name"] === undefined,
+        );
         try {
           startMirror(graph, a, source, target, jobId, async (pivoted) => {
             // After a pivot the new node is the served disk; otherwise it was only the job's.

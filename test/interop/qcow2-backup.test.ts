@@ -18,6 +18,8 @@ import { assertChecks, assertSame, qemuImgCreate, qemuIo } from "../helpers/qcow
 import { runOk, tempDir } from "../helpers/run.js";
 import type { QmpClient } from "../../src/qmp/client.js";
 
+type BlockdevOptions = Record<string, unknown>;
+
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const DISK = 16 * MiB;
@@ -178,133 +180,135 @@ async function assertZeroInTop(overlay: string, offset: number, length: number):
   }
 }
 
+/** One backup of a chain: its image and what the source read when its job started. */
+interface Backup {
+  readonly image: string;
+  readonly state: string;
+}
+
+type Source = Awaited<ReturnType<typeof rawSource>>;
+
+/**
+ * The full backup of `source` into full.qcow2 by `backup`, with bitmap B recording from the same
+ * point (made before or in the same transaction by `backup`).
+ */
+async function takeFull(source: Source, backup: (target: string) => Promise<void>): Promise<Backup[]> {
+  const image = join(source.dir, "full.qcow2");
+  const state = await snapshotExport(source.daemon, join(source.dir, "state0.raw"));
+  await assertSame(state, source.model);
+  await backup(image);
+  await assertChecks(image);
+  assert.deepEqual(await backingChain(image), [image]);
+  await assertRestores(image, state);
+  return [{ image, state }];
+}
+
+/**
+ * The guest's `ops`, then an incremental into `name`, an overlay of the chain's last image made by
+ * qemu-img, taken by `backup`. Afterwards every image of the chain checks clean and restores to its
+ * own point in time, the overlay holds exactly the clusters `ops` touched, and each of `zeros` is a
+ * zero cluster of the overlay (the image below holds data there).
+ */
+async function takeIncremental(
+  source: Source,
+  chain: Backup[],
+  name: string,
+  ops: readonly Op[],
+  zeros: ReadonlyArray<[number, number]>,
+  backup: (overlay: string) => Promise<void>,
+): Promise<void> {
+  await source.apply(ops);
+  const state = await snapshotExport(source.daemon, join(source.dir, `${name}.state.raw`));
+  await assertSame(state, source.model);
+  const image = join(source.dir, `${name}.qcow2`);
+  await qemuImgCreate(image, undefined, { backing: chain[chain.length - 1].image, backingFormat: "qcow2" });
+  await backup(image);
+  chain.push({ image, state });
+  for (const b of chain) await assertChecks(b.image);
+  assert.deepEqual(await backingChain(image), chain.map((b) => b.image).reverse());
+  for (const b of chain) await assertRestores(b.image, b.state);
+  await assertHoldsOnly(image, ops);
+  for (const [offset, length] of zeros) await assertZeroInTop(image, offset, length);
+}
+
+/** Zeroed ranges of BEFORE_INC1 and BEFORE_INC2 over data of the image below. */
+const INC1_ZEROS: Array<[number, number]> = [
+  [4 * MiB, 256 * KiB],
+  [6 * MiB, 128 * KiB],
+];
+const INC2_ZEROS: Array<[number, number]> = [
+  [MiB, 64 * KiB],
+  [10 * MiB, MiB],
+];
+
 test("incremental chain (drive-backup): full.qcow2 with a bitmap from the same transaction, then inc1 and inc2 made by qemu-img create -b; each restores to its point in time, unchanged clusters stay unallocated, zeroed ones are zero clusters", async (t) => {
-  const { dir, daemon, qmp, apply, model } = await rawSource(t);
-  const full = join(dir, "full.qcow2");
-  const inc1 = join(dir, "inc1.qcow2");
-  const inc2 = join(dir, "inc2.qcow2");
-
-  const state0 = await snapshotExport(daemon, join(dir, "state0.raw"));
-  await assertSame(state0, model);
-  const mark = qmp.events.length;
-  await qmp.execute("transaction", {
-    actions: [
-      { type: "block-dirty-bitmap-add", data: { node: "disk0", name: "B" } },
-      {
-        type: "drive-backup",
-        data: { "job-id": "full", device: "disk0", target: full, sync: "full", format: "qcow2" },
-      },
-    ],
+  const source = await rawSource(t);
+  const { qmp } = source;
+  const chain = await takeFull(source, async (target) => {
+    const mark = qmp.events.length;
+    await qmp.execute("transaction", {
+      actions: [
+        { type: "block-dirty-bitmap-add", data: { node: "disk0", name: "B" } },
+        {
+          type: "drive-backup",
+          data: { "job-id": "full", device: "disk0", target, sync: "full", format: "qcow2" },
+        },
+      ],
+    });
+    const done = await eventAfter(qmp, mark, jobEvent("full", "BLOCK_JOB_COMPLETED"), 60_000);
+    assert.equal(done.data.error, undefined);
   });
-  const done = await eventAfter(qmp, mark, jobEvent("full", "BLOCK_JOB_COMPLETED"), 60_000);
-  assert.equal(done.data.error, undefined);
-  await assertChecks(full);
-  assert.deepEqual(await backingChain(full), [full]);
-  await assertRestores(full, state0);
-
-  await apply(BEFORE_INC1);
-  const state1 = await snapshotExport(daemon, join(dir, "state1.raw"));
-  await assertSame(state1, model);
-  await qemuImgCreate(inc1, undefined, { backing: full, backingFormat: "qcow2" });
-  await runJob(qmp, "inc1", "drive-backup", {
-    device: "disk0",
-    target: inc1,
-    sync: "incremental",
-    bitmap: "B",
-    mode: "existing",
-    format: "qcow2",
-  });
-  for (const f of [full, inc1]) await assertChecks(f);
-  assert.deepEqual(await backingChain(inc1), [inc1, full]);
-  await assertRestores(inc1, state1);
-  await assertRestores(full, state0);
-  await assertHoldsOnly(inc1, BEFORE_INC1);
-  // full.qcow2 has 0x11 there: the overlay must say zeros itself.
-  await assertZeroInTop(inc1, 4 * MiB, 256 * KiB);
-  await assertZeroInTop(inc1, 6 * MiB, 128 * KiB);
-
-  await apply(BEFORE_INC2);
-  const state2 = await snapshotExport(daemon, join(dir, "state2.raw"));
-  await assertSame(state2, model);
-  await qemuImgCreate(inc2, undefined, { backing: inc1, backingFormat: "qcow2" });
+  const incremental = (format?: string) => (target: string) =>
+    runJob(qmp, "inc", "drive-backup", {
+      device: "disk0",
+      target,
+      sync: "incremental",
+      bitmap: "B",
+      mode: "existing",
+      ...(format === undefined ? {} : { format }),
+    });
+  await takeIncremental(source, chain, "inc1", BEFORE_INC1, INC1_ZEROS, incremental("qcow2"));
   // No format: an existing target is probed, as QEMU does.
-  await runJob(qmp, "inc2", "drive-backup", {
-    device: "disk0",
-    target: inc2,
-    sync: "incremental",
-    bitmap: "B",
-    mode: "existing",
-  });
-  for (const f of [full, inc1, inc2]) await assertChecks(f);
-  assert.deepEqual(await backingChain(inc2), [inc2, inc1, full]);
-  await assertRestores(inc2, state2);
-  await assertRestores(inc1, state1);
-  await assertRestores(full, state0);
-  await assertHoldsOnly(inc2, BEFORE_INC2);
-  await assertZeroInTop(inc2, MiB, 64 * KiB);
-  await assertZeroInTop(inc2, 10 * MiB, MiB);
-  assert.ok(daemon.alive());
+  await takeIncremental(source, chain, "inc2", BEFORE_INC2, INC2_ZEROS, incremental());
+  assert.ok(source.daemon.alive());
 });
 
 test("incremental chain (blockdev-backup): into qcow2 nodes added with blockdev-add, backing set to the previous backup's node, then left to the header's chain", async (t) => {
-  const { dir, daemon, qmp, apply } = await rawSource(t);
-  const full = join(dir, "full.qcow2");
-  const inc1 = join(dir, "inc1.qcow2");
-  const inc2 = join(dir, "inc2.qcow2");
-  const state0 = await snapshotExport(daemon, join(dir, "state0.raw"));
-  await qmp.execute("block-dirty-bitmap-add", { node: "disk0", name: "B" });
-  await runJob(qmp, "full", "drive-backup", { device: "disk0", target: full, sync: "full", format: "qcow2" });
-
-  await apply(BEFORE_INC1);
-  const state1 = await snapshotExport(daemon, join(dir, "state1.raw"));
-  await qemuImgCreate(inc1, undefined, { backing: full, backingFormat: "qcow2" });
-  await qmp.execute("blockdev-add", {
+  const source = await rawSource(t);
+  const { qmp } = source;
+  const chain = await takeFull(source, async (target) => {
+    await qmp.execute("block-dirty-bitmap-add", { node: "disk0", name: "B" });
+    await runJob(qmp, "full", "drive-backup", { device: "disk0", target, sync: "full", format: "qcow2" });
+  });
+  /** blockdev-add the overlay (with `backing` as given), back up into it, blockdev-del what was added. */
+  const intoNode = (backing?: BlockdevOptions) => async (overlay: string) => {
+    const added = ["inc"];
+    if (backing?.["node-name"] !== undefined) {
+      await qmp.execute("blockdev-add", backing);
+      added.push(String(backing["node-name"]));
+    }
+    await qmp.execute("blockdev-add", {
+      driver: "qcow2",
+      "node-name": "inc",
+      file: { driver: "file", filename: overlay },
+      ...(backing === undefined ? {} : { backing: backing["node-name"] }),
+    });
+    await runJob(qmp, "b", "blockdev-backup", {
+      device: "disk0",
+      target: "inc",
+      sync: "incremental",
+      bitmap: "B",
+    });
+    for (const name of added) await qmp.execute("blockdev-del", { "node-name": name });
+  };
+  const previous = {
     driver: "qcow2",
-    "node-name": "full",
+    "node-name": "prev",
     "read-only": true,
-    file: { driver: "file", filename: full },
-  });
-  await qmp.execute("blockdev-add", {
-    driver: "qcow2",
-    "node-name": "inc1",
-    file: { driver: "file", filename: inc1 },
-    backing: "full",
-  });
-  await runJob(qmp, "b1", "blockdev-backup", {
-    device: "disk0",
-    target: "inc1",
-    sync: "incremental",
-    bitmap: "B",
-  });
-  await qmp.execute("blockdev-del", { "node-name": "inc1" });
-  await qmp.execute("blockdev-del", { "node-name": "full" });
-  await assertChecks(inc1);
-  await assertRestores(inc1, state1);
-  await assertHoldsOnly(inc1, BEFORE_INC1);
-  await assertZeroInTop(inc1, 4 * MiB, 256 * KiB);
-
-  await apply(BEFORE_INC2);
-  const state2 = await snapshotExport(daemon, join(dir, "state2.raw"));
-  await qemuImgCreate(inc2, undefined, { backing: inc1, backingFormat: "qcow2" });
-  await qmp.execute("blockdev-add", {
-    driver: "qcow2",
-    "node-name": "inc2",
-    file: { driver: "file", filename: inc2 },
-  });
-  await runJob(qmp, "b2", "blockdev-backup", {
-    device: "disk0",
-    target: "inc2",
-    sync: "incremental",
-    bitmap: "B",
-  });
-  await qmp.execute("blockdev-del", { "node-name": "inc2" });
-  for (const f of [full, inc1, inc2]) await assertChecks(f);
-  assert.deepEqual(await backingChain(inc2), [inc2, inc1, full]);
-  await assertRestores(inc2, state2);
-  await assertRestores(inc1, state1);
-  await assertRestores(full, state0);
-  await assertHoldsOnly(inc2, BEFORE_INC2);
-  await assertZeroInTop(inc2, MiB, 64 * KiB);
+    file: { driver: "file", filename: chain[0].image },
+  };
+  await takeIncremental(source, chain, "inc1", BEFORE_INC1, INC1_ZEROS, intoNode(previous));
+  await takeIncremental(source, chain, "inc2", BEFORE_INC2, INC2_ZEROS, intoNode());
 });
 
 /** A qcow2 source over a qcow2 base that holds data: base.qcow2 <- disk.qcow2, served. */

@@ -311,6 +311,36 @@ test("incremental chain (blockdev-backup): into qcow2 nodes added with blockdev-
   await takeIncremental(source, chain, "inc2", BEFORE_INC2, INC2_ZEROS, intoNode());
 });
 
+test("sync=none into qcow2: the target names the source as its backing file (QEMU's layout) and holds the old data of exactly the clusters overwritten; over the source it reads the point in time", async (t) => {
+  const source = await rawSource(t);
+  const { dir, daemon, qmp, apply } = source;
+  const state = await snapshotExport(daemon, join(dir, "state0.raw"));
+  const target = join(dir, "none.qcow2");
+  await qmp.execute("drive-backup", {
+    "job-id": "n",
+    device: "disk0",
+    target,
+    sync: "none",
+    format: "qcow2",
+  });
+  await apply(BEFORE_INC1);
+  const mark = qmp.events.length;
+  await qmp.execute("block-job-cancel", { device: "n" });
+  await eventAfter(qmp, mark, jobEvent("n", "BLOCK_JOB_CANCELLED"), 60_000);
+  await assertChecks(target);
+  const info = JSON.parse((await runOk("qemu-img", ["info", "--output=json", target])).stdout) as {
+    "backing-filename"?: string;
+    "backing-filename-format"?: string;
+  };
+  assert.equal(info["backing-filename"], join(dir, "disk.img"));
+  assert.equal(info["backing-filename-format"], "raw");
+  await assertHoldsOnly(target, BEFORE_INC1);
+  // The daemon still serves the source (writable, not shared): read it as qemu-img -U would.
+  const restored = join(dir, "restored.raw");
+  await runOk("qemu-img", ["convert", "-U", "-O", "raw", target, restored]);
+  assert.ok(readFileSync(restored).equals(readFileSync(state)), "target over the source == the start");
+});
+
 /** A qcow2 source over a qcow2 base that holds data: base.qcow2 <- disk.qcow2, served. */
 async function qcow2Source(t: TestContext) {
   const dir = tempDir(t, "drivetap-qcow2-top-");

@@ -15,6 +15,7 @@ import { join } from "node:path";
 import { startDaemon, stopAfter, type RunningDaemon } from "../helpers/daemon.js";
 import { assertQmpError, connectQmp, eventAfter, jobEvent } from "../helpers/jobs.js";
 import { assertChecks, assertSame, qemuImgCreate, qemuIo } from "../helpers/qcow2.js";
+import { pasteIntoShell, readmeSection } from "../helpers/readme.js";
 import { runOk, tempDir } from "../helpers/run.js";
 import type { QmpClient } from "../../src/qmp/client.js";
 
@@ -520,4 +521,28 @@ test("qcow2 targets an operator must not get: a raw file as qcow2, the source's 
   assert.deepEqual(await qmp.execute("query-block-jobs"), []);
   // The daemon still serves, and what it serves is unchanged.
   await qemuIo(daemon.uri, "raw", ["read -P 0x41 0 64k"], true);
+});
+
+test("the README's incremental-backups-into-qcow2 example, pasted into a shell, makes a chain of three that restores to the disk", async (t) => {
+  const script = readmeSection("## Incremental backups into qcow2");
+  assert.ok(script.includes("--sync incremental --bitmap b0 --mode existing"));
+  const { dir, out, r } = await pasteIntoShell(t, script);
+  assert.equal(r.code, 0, `the pasted example\n${out}\n${r.stderr}`);
+  const images = out
+    .split("\n")
+    .filter((l) => l.startsWith("image: "))
+    .map((l) => l.slice("image: ".length).trim());
+  assert.deepEqual(
+    images,
+    ["inc2.qcow2", "inc1.qcow2", "full.qcow2"].map((f) => join(dir, f)),
+    out,
+  );
+  assert.match(out, /No errors were found on the image\./);
+  assert.match(out, /Images are identical\./);
+  // Each incremental holds only its own clusters: inc1 the 64 KiB write and the 1 MiB of zeros.
+  assert.deepEqual(topAllocated(await imageMap(join(dir, "inc1.qcow2"))), [
+    [MiB, MiB + 64 * KiB],
+    [4 * MiB, 5 * MiB],
+  ]);
+  assert.deepEqual(topAllocated(await imageMap(join(dir, "inc2.qcow2"))), [[0, MiB]]);
 });

@@ -138,6 +138,8 @@ export async function openDriveTarget(
   // Everything that can be refused is refused before the file is opened, let alone created.
   const newFormat = o.format ?? formatOf(source.driver);
   const backing = created ? newTargetBacking(graph, source, o.backing) : null;
+  // QEMU refuses a raw target for sync=none too; drivetap's raw sync=none target (the old data of
+  // overwritten clusters, zeros elsewhere) predates qcow2 targets and stays.
   if (created && newFormat === "raw" && backing !== null && o.backing === "source-backing") {
     throw new QmpError("GenericError", "Backing file not supported for file format 'raw'");
   }
@@ -182,8 +184,9 @@ export async function openDriveTarget(
         file.refreshSize();
       }
     } else {
-      format = o.format ?? (await probeFormat(file));
-      if (format === "qcow2" && (await probeFormat(file)) !== "qcow2") {
+      const probed = await probeFormat(file);
+      format = o.format ?? probed;
+      if (format === "qcow2" && probed !== "qcow2") {
         throw new QmpError("GenericError", "Image is not in qcow2 format");
       }
     }

@@ -43,6 +43,12 @@ export interface Extent {
   readonly hole: boolean;
   /** Known to read as zeros. */
   readonly zero: boolean;
+  /**
+   * This layer allocates nothing here: what is read comes from a backing image (QEMU's "not
+   * allocated" in the top layer). sync=top jobs skip such ranges when the target shares that backing
+   * image. Absent means false: a hole without a backing image is just a hole.
+   */
+  readonly backing?: boolean;
 }
 
 /**

@@ -116,7 +116,9 @@ async function qmpAction(command: string, words: string[], opts: SocketOptions):
 
 // ---- drivetap backup ---------------------------------------------------------------------------------
 
-const SYNC_MODES = ["full", "top", "none", "stream"] as const;
+const SYNC_MODES = ["full", "top", "none", "stream", "incremental"] as const;
+/** The sync modes whose job ends by itself (the others run until cancelled). */
+const SYNC_MODES_WITH_END: readonly SyncMode[] = ["full", "top", "incremental"];
 type SyncMode = (typeof SYNC_MODES)[number];
 const ERROR_ACTIONS = ["report", "ignore", "stop", "enospc"];
 
@@ -127,6 +129,8 @@ interface BackupOptions extends SocketOptions {
   jobId?: string;
   speed?: number;
   mode?: "existing" | "absolute-paths";
+  format?: "raw" | "qcow2";
+  bitmap?: string;
   onSourceError?: string;
   onTargetError?: string;
   detach?: boolean;
@@ -164,11 +168,13 @@ async function backupAction(opts: BackupOptions): Promise<number> {
   const args: Record<string, unknown> = { "job-id": jobId, device: opts.device, target, sync: opts.sync };
   if (opts.speed !== undefined) args.speed = opts.speed;
   if (opts.mode !== undefined) args.mode = opts.mode;
+  if (opts.format !== undefined) args.format = opts.format;
+  if (opts.bitmap !== undefined) args.bitmap = opts.bitmap;
   if (opts.onSourceError !== undefined) args["on-source-error"] = opts.onSourceError;
   if (opts.onTargetError !== undefined) args["on-target-error"] = opts.onTargetError;
 
   const client = await connect(socketPath);
-  const hasEnd = opts.sync === "full" || opts.sync === "top";
+  const hasEnd = SYNC_MODES_WITH_END.includes(opts.sync);
   const follow = hasEnd && !opts.detach;
   // From here a Ctrl-C cancels the job rather than leaving it running unwatched.
   let interrupted = false;
@@ -374,7 +380,7 @@ Examples:
     .addOption(
       new Option("--sync <mode>", "what to copy (see below)").choices(SYNC_MODES).makeOptionMandatory(),
     )
-    .requiredOption("--target <file>", "the target raw image (relative paths are taken from here)")
+    .requiredOption("--target <file>", "the target image (relative paths are taken from here)")
     .option("--device <node>", "the source node", "disk0")
     .option("--job-id <id>", "the job's id (default: the device name)")
     .option(
@@ -388,6 +394,13 @@ Examples:
         "absolute-paths",
       ]),
     )
+    .addOption(
+      new Option(
+        "--format <format>",
+        "the target's format (default: the disk's for a new target, probed for an existing one)",
+      ).choices(["raw", "qcow2"]),
+    )
+    .option("--bitmap <name>", "with incremental: the dirty bitmap that says what to copy")
     .addOption(
       new Option("--on-source-error <action>", "what a read error does to the job").choices(ERROR_ACTIONS),
     )
@@ -407,14 +420,18 @@ Sync modes:
           zeros elsewhere
   stream  every write, write-zeroes and discard after the start is applied to the target too; the
           job runs until cancelled
+  incremental  only the clusters dirty in --bitmap, which is then cleared of what was copied;
+          into a qcow2 overlay of the previous backup (--mode existing), unchanged clusters stay
+          unallocated and read from it
 
-full and top show a progress bar on stderr until the job ends; Ctrl-C cancels the job (exit 130).
+full, top and incremental show a progress bar on stderr until the job ends; Ctrl-C cancels the job (exit 130).
 none and stream start the job and return; cancel them with drivetap qmp block-job-cancel device=ID.
 
 Examples:
   drivetap backup --sync full --target /backup/disk.img
   drivetap backup --sync full --target /backup/disk.img --speed 64M --detach
   drivetap backup --sync stream --target /tmp/copy.img --job-id copy1
+  drivetap backup --sync incremental --bitmap b0 --mode existing --target /backup/inc1.qcow2
   drivetap qmp block-job-cancel device=copy1`,
     )
     .action((opts: BackupOptions) => runAction("backup", () => backupAction(opts)));

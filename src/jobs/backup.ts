@@ -3,8 +3,10 @@
  * made with copy-before-write (CBW).
  *
  * - full: a background loop copies every cluster; holes are written as zeroes.
- * - top: like full, but clusters the source reports as unallocated (holes) are skipped; the target
- *   keeps whatever it has there (zeros for a target drive-backup creates).
+ * - top: like full, but only the source's top layer: clusters its top layer does not allocate (read
+ *   from its backing image, which a sync=top target shares) are skipped, and so are its holes where
+ *   the target already reads zeros (top-extents.ts). A zero cluster over backing data is copied as
+ *   zeros.
  * - none: no background copy. Before a cluster of the source is first changed after the start (write,
  *   write-zeroes or discard), its old contents are copied to the target. So the target ends holding,
  *   for every cluster overwritten since the start, the data it had at the start, and nothing else.
@@ -33,6 +35,7 @@ import { DirtyBitmap } from "../io/dirty-bitmap.js";
 import type { NamedBitmap } from "../io/named-bitmaps.js";
 import type { TrackedRequest, WriteHook } from "../io/tracked-request.js";
 import { BACKUP_CLUSTER_BYTES, BackupJobBase, type BackupOptions, type BitmapMode } from "./backup-common.js";
+import { forEachTopRange } from "./top-extents.js";
 
 export const BACKGROUND_RETRY_MS = 1000;
 
@@ -169,23 +172,11 @@ export class CbwBackupJob extends BackupJobBase {
     if (this.sync === "none" && this.cancelled && !this.forceCancelled) await this.target.flush();
   }
 
+  /** sync=top: marks done every cluster the target need not receive (see top-extents.ts). */
   async #skipUnallocated(): Promise<void> {
-    const size = this.source.size();
-    let pos = 0;
-    while (pos < size) {
-      const extents = await this.source.blockStatus(pos, size - pos);
-      for (const x of extents) {
-        if (x.hole) {
-          // Only whole clusters inside the hole can be skipped.
-          const first = Math.ceil(x.offset / this.done.granularity);
-          const end = Math.floor(Math.min(x.offset + x.length, size) / this.done.granularity);
-          for (let c = first; c < end; c++) this.done.set(c);
-          if (x.offset + x.length >= size && size % this.done.granularity !== 0)
-            this.done.set(this.done.clusterCount - 1);
-        }
-        pos = x.offset + x.length;
-      }
-    }
+    const needed = new DirtyBitmap(this.done.sizeBytes, this.done.granularity);
+    await forEachTopRange(this.source, this.target, (offset, length) => needed.setRange(offset, length));
+    for (let c = 0; c < this.done.clusterCount; c++) if (!needed.get(c)) this.done.set(c);
   }
 
   async #waitForCancel(): Promise<void> {

@@ -3,7 +3,8 @@
  * bitmap, announces BLOCK_JOB_READY when the target is in sync, then keeps it in sync until cancelled
  * (the target stays a consistent copy) or completed (the served disk pivots onto the target).
  *
- * - Bulk phase: `sync` sets the bitmap (full: everything, top: allocated extents, none: nothing). Up to
+ * - Bulk phase: `sync` sets the bitmap (full: everything, top: what the source's top layer holds and
+ *   the target does not already read, see top-extents.ts; none: nothing). Up to
  *   buf-size bytes of copies run at once; each copy locks its range on the source (BlockNode.lockRange:
  *   it waits for overlapping writes in flight, including their target duplicates, and holds new ones
  *   back before the hooks), so a copy never overwrites newer data on the target. Ranges the source
@@ -28,6 +29,7 @@ import { DirtyBitmap } from "../io/dirty-bitmap.js";
 import type { TrackedRequest, WriteHook } from "../io/tracked-request.js";
 import { applyToTarget, isTargetOutage, sourceDiscard } from "./target-op.js";
 import { BackupJobBase, type BackupOptions } from "./backup-common.js";
+import { forEachTopRange } from "./top-extents.js";
 
 export type CopyMode = "background" | "write-blocking";
 export type MirrorSync = "full" | "top" | "none";
@@ -319,15 +321,11 @@ export class MirrorJob extends BackupJobBase {
   }
 
   async #initialBitmap(): Promise<void> {
-    const size = this.source.size();
     if (this.#mirrorSync === "full") this.dirty.setAll();
     else if (this.#mirrorSync === "top") {
-      for (let pos = 0; pos < size;) {
-        const extents = await this.source.blockStatus(pos, size - pos);
-        for (const e of extents) if (!e.hole) this.dirty.setRange(e.offset, e.length);
-        const last = extents[extents.length - 1];
-        pos = last.offset + last.length;
-      }
+      await forEachTopRange(this.source, this.target, (offset, length) =>
+        this.dirty.setRange(offset, length),
+      );
     }
     this.#updateProgress();
   }

@@ -12,7 +12,7 @@ import type { BackupOptions, BitmapMode, SyncMode } from "../../jobs/backup-comm
 import type { Job, ErrorAction } from "../../jobs/job.js";
 import { isUnsizedStreamTarget, sizeStreamTarget, StreamJob } from "../../jobs/stream.js";
 import { QmpError } from "../errors.js";
-import { openDriveTarget } from "./drive-target.js";
+import { DRIVE_TARGET_FORMATS, openDriveTarget, type TargetBacking } from "./drive-target.js";
 import { requireSizedNode } from "./block.js";
 import { checkJobStart, JOB_START_ARGS } from "./job-start.js";
 import { validateArgs } from "../schema.js";
@@ -186,12 +186,23 @@ const blockdevBackupArgs = {
 const driveBackupArgs = {
   ...commonArgs,
   target: { type: "str" },
-  format: { type: "enum", values: ["raw"], optional: true },
+  format: { type: "enum", values: DRIVE_TARGET_FORMATS, optional: true },
   mode: { type: "enum", values: ["existing", "absolute-paths"], optional: true },
 } as const;
 
 type BlockdevBackupArgs = CommonArgs & { target: string };
-type DriveBackupArgs = CommonArgs & { target: string; format?: "raw"; mode?: "existing" | "absolute-paths" };
+type DriveBackupArgs = CommonArgs & {
+  target: string;
+  format?: (typeof DRIVE_TARGET_FORMATS)[number];
+  mode?: "existing" | "absolute-paths";
+};
+
+/** QEMU's backing file for a new drive-backup target: top keeps the chain, none sits on the source. */
+function backupTargetBacking(sync: SyncMode): TargetBacking {
+  if (sync === "top") return "source-backing";
+  if (sync === "none") return "source";
+  return "none";
+}
 
 export async function prepareBlockdevBackup(
   graph: BlockGraph,
@@ -241,11 +252,11 @@ export async function prepareBlockdevBackup(
 
 export async function prepareDriveBackup(graph: BlockGraph, a: DriveBackupArgs): Promise<PreparedBackup> {
   const checked = validate(graph, a);
-  const { filename, driver, created, removeCreated } = await openDriveTarget(
+  const { filename, driver, format, file, created, removeCreated } = await openDriveTarget(
     graph,
     checked.source,
     a.target,
-    a.mode,
+    { mode: a.mode, format: a.format, backing: backupTargetBacking(checked.sync) },
   );
   let target: BlockNode;
   try {
@@ -253,9 +264,10 @@ export async function prepareDriveBackup(graph: BlockGraph, a: DriveBackupArgs):
     // into a hole costs a block allocation, and a stream job would pay it on every duplicated write
     // (seq write 1M through a stream job measured 0.5x with a sparse target, 0.76-0.85x with an
     // allocated one). sync=none only receives old data of overwritten regions.
-    if (created && checked.sync !== "none") await mirrorAllocation(checked.source, driver);
+    // A qcow2 target allocates as it is written (and a preallocated file would only be leaked space).
+    if (created && format === "raw" && checked.sync !== "none") await mirrorAllocation(checked.source, file);
     target = new BlockNode(`#backup-target-${checked.jobId}`, driver);
-    graph.addNode(target, { driver: "file", filename }, true);
+    graph.addNode(target, { driver: format === "raw" ? "file" : "qcow2", filename }, true);
   } catch (err) {
     await driver.close();
     removeCreated();

@@ -10,7 +10,7 @@ import type { ErrorAction } from "../../jobs/job.js";
 import { MirrorJob, type CopyMode, type MirrorSync } from "../../jobs/mirror.js";
 import { QmpError } from "../errors.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
-import { openDriveTarget } from "./drive-target.js";
+import { DRIVE_TARGET_FORMATS, openDriveTarget } from "./drive-target.js";
 import { requireSizedNode } from "./block.js";
 import { checkJobStart, JOB_START_ARGS } from "./job-start.js";
 
@@ -157,7 +157,7 @@ export function mirrorCommands(graph: BlockGraph): QmpCommandDef[] {
       name: "drive-mirror",
       args: {
         ...driveMirrorCommonArgs,
-        format: { type: "enum", values: ["raw"], optional: true },
+        format: { type: "enum", values: DRIVE_TARGET_FORMATS, optional: true },
         "node-name": { type: "str", optional: true },
         mode: { type: "enum", values: ["existing", "absolute-paths"], optional: true },
         unmap: { type: "bool", optional: true },
@@ -169,9 +169,27 @@ export function mirrorCommands(graph: BlockGraph): QmpCommandDef[] {
           throw new QmpError("GenericError", `Invalid node-name: '${nodeName}'`);
         if (graph.getNode(nodeName))
           throw new QmpError("GenericError", `Duplicate nodes with node-name='${nodeName}'`);
-        const { filename, driver, removeCreated } = await openDriveTarget(graph, source, a.target, a.mode);
+        // sync=top: a new qcow2 target names the source's backing image, as QEMU's does, so after
+        // block-job-complete it serves the same chain; the job copies only the top layer.
+        const { filename, driver, format, removeCreated } = await openDriveTarget(graph, source, a.target, {
+          mode: a.mode,
+          format: a.format,
+          backing: a.sync === "top" ? "source-backing" : "none",
+        });
+        if (format === "qcow2" && a.sync === "none") {
+          // QEMU gives such a target the source as its backing image at the pivot; drivetap cannot
+          // change a node's backing while it runs, and without it the pivoted disk would read zeros
+          // wherever the guest did not write during the job.
+          await driver.close();
+          removeCreated();
+          throw new QmpError("GenericError", "drive-mirror sync=none into a qcow2 target is not supported");
+        }
         const target = new BlockNode(nodeName, driver);
-        graph.addNode(target, { driver: "file", filename }, a["node-name"] === undefined);
+        graph.addNode(
+          target,
+          { driver: format === "raw" ? "file" : "qcow2", filename },
+          a["node-name"] === undefined,
+        );
         try {
           startMirror(graph, a, source, target, jobId, async (pivoted) => {
             // After a pivot the new node is the served disk; otherwise it was only the job's.

@@ -735,7 +735,8 @@ export class Qcow2Driver implements BlockDriver {
     const out: Extent[] = [];
     const push = (e: Extent): void => {
       const last = out[out.length - 1];
-      if (last && last.hole === e.hole && last.zero === e.zero && last.offset + last.length === e.offset) {
+      const same = last && last.hole === e.hole && last.zero === e.zero && last.backing === e.backing;
+      if (same && last.offset + last.length === e.offset) {
         out[out.length - 1] = { ...last, length: last.length + e.length };
       } else out.push(e);
     };
@@ -778,12 +779,14 @@ export class Qcow2Driver implements BlockDriver {
       for (const e of got) {
         const stop = Math.min(e.offset + e.length, backEnd);
         if (stop <= pos) continue;
-        out.push({ offset: pos, length: stop - pos, hole: e.hole, zero: e.zero });
+        out.push({ offset: pos, length: stop - pos, hole: e.hole, zero: e.zero, backing: true });
         pos = stop;
       }
     }
+    // Past the backing image's end (or without one) this layer's unallocated clusters read zeros;
+    // they still come from below when there is a backing image (a target sharing it reads the same).
     if (pos < offset + length)
-      out.push({ offset: pos, length: offset + length - pos, hole: true, zero: true });
+      out.push({ offset: pos, length: offset + length - pos, hole: true, zero: true, backing: b !== null });
     return out;
   }
 

@@ -15,6 +15,7 @@ import { EventBus } from "../core/events.js";
 import { silentLogger, type Logger } from "../core/log.js";
 import type { BlockNode } from "../io/block-node.js";
 import { BitmapRegistry, type NamedBitmap } from "../io/named-bitmaps.js";
+import { loadQcow2Bitmaps } from "../io/qcow2-bitmap-store.js";
 import type { Job } from "../jobs/job.js";
 import type { NbdServer } from "../nbd/server/server.js";
 import { NbdService } from "./nbd-service.js";
@@ -103,12 +104,15 @@ export class BlockGraph {
     if (this.#nodes.has(node.name)) throw new Error(`Duplicate nodes with node-name='${node.name}'`);
     const file = openFileOf(node.driver);
     this.#nodes.set(node.name, { node, info, users: new Map(), internal, exclusive: null, file });
-    // A node layered on a child (raw over a node name) is not where its image's bitmaps live.
-    if (!internal && info.filename !== undefined && info.child === undefined) {
+    // A node layered on a child (raw over a node name) is not where its image's bitmaps live; a
+    // qcow2 image holds its own (io/qcow2-bitmap-store.ts), not a sidecar.
+    const qcow2 = node.driver instanceof Qcow2Driver ? node.driver : null;
+    if (!internal && qcow2 === null && info.filename !== undefined && info.child === undefined) {
       this.bitmaps.load(node, info.filename);
     }
     // Writes to a parent reach the child's driver directly: the child's bitmaps must see them here.
     if (info.child !== undefined) this.bitmaps.move(info.child, node);
+    if (qcow2 !== null) loadQcow2Bitmaps(this.bitmaps, node, qcow2, this.log);
   }
 
   getNode(name: string): BlockNode | undefined {

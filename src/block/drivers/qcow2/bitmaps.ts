@@ -368,8 +368,9 @@ export class Qcow2Bitmaps {
   static async open(host: Qcow2BitmapHost): Promise<Qcow2Bitmaps> {
     const b = new Qcow2Bitmaps(host);
     const h = host.header;
-    if (h.bitmapsExtension === null) return b;
-    if (h.version !== 3 || !(h.autoclear & QCOW2_AUTOCLEAR_BITMAPS)) {
+    // v2 has no autoclear bits, so bitmaps there can never be trusted: ignored and left alone.
+    if (h.bitmapsExtension === null || h.version !== 3) return b;
+    if (!(h.autoclear & QCOW2_AUTOCLEAR_BITMAPS)) {
       b.#stale = true;
       return b;
     }

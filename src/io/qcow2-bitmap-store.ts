@@ -36,12 +36,12 @@ export class Qcow2BitmapStore implements BitmapStore {
     this.inconsistent = inconsistent;
     // An inconsistent bitmap is not tracked: its entry stays as it is on disk, IN_USE, as in QEMU.
     if (!inconsistent) {
-      const self = this;
+      const isRecording = (): boolean => this.#recording;
       image.track({
         name,
         granularity: bits.granularity,
         get enabled() {
-          return self.#recording;
+          return isRecording();
         },
         get bytes() {
           return bits.bytes;

@@ -229,8 +229,9 @@ export class BlockGraph {
     if (e.info.child) this.release(e.info.child, `node:${name}`);
     if (e.info.backing) this.release(e.info.backing, `backing:${name}`);
     this.#releaseObjects(name, e.info);
+    // A raw parent's bitmaps were its child's; a qcow2 node's live in its image and close with it.
     const child = e.info.child ? this.getNode(e.info.child) : undefined;
-    if (child) this.bitmaps.move(name, child);
+    if (child && !(e.node.driver instanceof Qcow2Driver)) this.bitmaps.move(name, child);
     else await this.bitmaps.close(name);
     await e.node.close();
   }

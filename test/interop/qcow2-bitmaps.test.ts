@@ -340,3 +340,41 @@ test("qcow2 bitmaps: refusals with QEMU's reasons (v2 image, read-only), and a s
   await runOk("qemu-img", ["check", "-r", "leaks", stale]);
   await assertChecks(stale);
 });
+
+test("qcow2 bitmaps of a blockdev-add'ed qcow2 node: stored at blockdev-del (not handed to its file node) and loaded again by the next blockdev-add", async (t) => {
+  const dir = tempDir(t, "drivetap-qbm-del-");
+  const image = join(dir, "disk.qcow2");
+  await qemuImgCreate(image, "16M");
+  await runOk("qemu-img", ["bitmap", "--add", image, "b0"]);
+  const qmpPath = join(dir, "qmp.sock");
+  const daemon = await startDaemon({ args: ["--qmp", qmpPath] });
+  stopAfter(t, daemon);
+  const qmp = await connectQmp(t, qmpPath);
+  await qmp.execute("blockdev-add", { driver: "file", filename: image, "node-name": "f0" });
+  const addQcow2 = () => qmp.execute("blockdev-add", { driver: "qcow2", file: "f0", "node-name": "q0" });
+  await addQcow2();
+  await qmp.execute("block-dirty-bitmap-add", { node: "q0", name: "n1", persistent: true, disabled: true });
+  assert.deepEqual(
+    (await bitmapsOf(qmp, "q0")).map((b) => b.name),
+    ["b0", "n1"],
+  );
+  await qmp.execute("blockdev-del", { "node-name": "q0" });
+  assert.deepEqual(await bitmapsOf(qmp, "f0"), [], "the file node does not inherit them");
+  assert.deepEqual(
+    (await imageBitmaps(image)).map((b) => [b.name, b.flags]),
+    [
+      ["b0", ["auto"]],
+      ["n1", []],
+    ],
+  );
+  await addQcow2();
+  assert.deepEqual(
+    (await bitmapsOf(qmp, "q0")).map((b) => [b.name, b.recording, b.inconsistent === true]),
+    [
+      ["b0", true, false],
+      ["n1", false, false],
+    ],
+  );
+  assert.equal(await daemon.stop(), 0);
+  await assertChecks(image);
+});

@@ -16,6 +16,7 @@ import { EventBus } from "../core/events.js";
 import { silentLogger, type Logger } from "../core/log.js";
 import type { BlockNode } from "../io/block-node.js";
 import { BitmapRegistry, type NamedBitmap } from "../io/named-bitmaps.js";
+import { loadQcow2Bitmaps } from "../io/qcow2-bitmap-store.js";
 import type { Job } from "../jobs/job.js";
 import type { NbdServer } from "../nbd/server/server.js";
 import { NbdService } from "./nbd-service.js";
@@ -104,12 +105,15 @@ export class BlockGraph {
     if (this.#nodes.has(node.name)) throw new Error(`Duplicate nodes with node-name='${node.name}'`);
     const file = openFileOf(node.driver);
     this.#nodes.set(node.name, { node, info, users: new Map(), internal, exclusive: null, file });
-    // A node layered on a child (raw over a node name) is not where its image's bitmaps live.
-    if (!internal && info.filename !== undefined && info.child === undefined) {
+    // A node layered on a child (raw over a node name) is not where its image's bitmaps live; a
+    // qcow2 image holds its own (io/qcow2-bitmap-store.ts), not a sidecar.
+    const qcow2 = node.driver instanceof Qcow2Driver ? node.driver : null;
+    if (!internal && qcow2 === null && info.filename !== undefined && info.child === undefined) {
       this.bitmaps.load(node, info.filename);
     }
     // Writes to a parent reach the child's driver directly: the child's bitmaps must see them here.
     if (info.child !== undefined) this.bitmaps.move(info.child, node);
+    if (qcow2 !== null) loadQcow2Bitmaps(this.bitmaps, node, qcow2, this.log);
   }
 
   getNode(name: string): BlockNode | undefined {
@@ -226,8 +230,9 @@ export class BlockGraph {
     if (e.info.child) this.release(e.info.child, `node:${name}`);
     if (e.info.backing) this.release(e.info.backing, `backing:${name}`);
     this.#releaseObjects(name, e.info);
+    // A raw parent's bitmaps were its child's; a qcow2 node's live in its image and close with it.
     const child = e.info.child ? this.getNode(e.info.child) : undefined;
-    if (child) this.bitmaps.move(name, child);
+    if (child && !(e.node.driver instanceof Qcow2Driver)) this.bitmaps.move(name, child);
     else await this.bitmaps.close(name);
     await e.node.close();
   }

@@ -196,6 +196,8 @@ export class BitmapFile {
   #failed: BlockError | null = null;
   /** Completed fdatasyncs of bitmap pages (tests check group commit with it). */
   syncs = 0;
+  /** Marks are durable before writes: a crash never makes a sidecar bitmap inconsistent. */
+  readonly inconsistent = false;
 
   private constructor(filePath: string, fd: number, header: BitmapFileHeader, bits: DirtyBitmap) {
     this.path = filePath;

@@ -2,9 +2,10 @@
  * Named dirty bitmaps (QEMU's block-dirty-bitmap-*): each records which clusters of its node were
  * written, zeroed or discarded since it was created or cleared. A node's bitmaps share one write hook
  * that marks the request's clusters in before(), so a cluster is marked before the driver sees the
- * write. A persistent bitmap also makes the mark durable first (io/bitmap-file.ts): the hook returns a
- * promise only when a request sets a new bit, or touches bits whose page is not yet durable; writes to
- * clusters already durably marked pay one bitmap lookup.
+ * write. A persistent bitmap has a store: the sidecar file (io/bitmap-file.ts) makes the mark durable
+ * first, so the hook returns a promise only when a request sets a new bit, or touches bits whose page is
+ * not yet durable; writes to clusters already durably marked pay one bitmap lookup. A qcow2 image keeps
+ * its bitmaps itself (io/qcow2-bitmap-store.ts), durable only at a clean close, as QEMU does.
  */
 import * as path from "node:path";
 import { assert } from "../core/assert.js";
@@ -27,11 +28,28 @@ export interface BitmapInfo {
   inconsistent: boolean;
 }
 
+/** Where a persistent bitmap lives: the sidecar file (BitmapFile) or the qcow2 image. */
+export interface BitmapStore {
+  /** The error that stopped the store from recording, if any. */
+  readonly failed: BlockError | null;
+  /** Loaded from a store a crash left in use: not usable, only removable (QEMU's "inconsistent"). */
+  readonly inconsistent: boolean;
+  /** Clusters [first, end) changed in the bits; resolves once that change is as durable as it gets. */
+  changed(first: number, end: number): Promise<void>;
+  /** Resolves when clusters [first, end) are durable; null when they already are. */
+  durable(first: number, end: number): Promise<void> | null;
+  setRecording(recording: boolean): Promise<void>;
+  /** Makes everything durable and lets go; the bitmap stays stored. */
+  close(): Promise<void>;
+  /** Deletes the bitmap from its store. */
+  remove(): Promise<void>;
+}
+
 export class NamedBitmap {
   readonly name: string;
   readonly bits: DirtyBitmap;
-  /** The sidecar file of a persistent bitmap. */
-  readonly file: BitmapFile | null;
+  /** The store of a persistent bitmap. */
+  readonly store: BitmapStore | null;
   #enabled: boolean;
   /** False while a transaction that adds it has not committed. */
   live = true;
@@ -39,15 +57,19 @@ export class NamedBitmap {
   /** Bitmaps that record the same writes from some point on (a backup job's "since start"). */
   readonly followers = new Set<DirtyBitmap>();
 
-  constructor(name: string, bits: DirtyBitmap, file: BitmapFile | null, enabled: boolean) {
+  constructor(name: string, bits: DirtyBitmap, store: BitmapStore | null, enabled: boolean) {
     this.name = name;
     this.bits = bits;
-    this.file = file;
+    this.store = store;
     this.#enabled = enabled;
   }
 
   get persistent(): boolean {
-    return this.file !== null;
+    return this.store !== null;
+  }
+
+  get inconsistent(): boolean {
+    return this.store?.inconsistent ?? false;
   }
 
   get enabled(): boolean {
@@ -73,10 +95,10 @@ export class NamedBitmap {
     };
   }
 
-  /** Sets the recording state; a persistent bitmap stores it in its file header. */
+  /** Sets the recording state; a persistent bitmap stores it (the sidecar in its file header). */
   async setEnabled(enabled: boolean): Promise<void> {
     this.#enabled = enabled;
-    await this.file?.setRecording(enabled);
+    await this.store?.setRecording(enabled);
   }
 
   info(): BitmapInfo {
@@ -87,8 +109,9 @@ export class NamedBitmap {
       recording: this.recording,
       persistent: this.persistent,
       busy: this.busy,
-      // Our bitmaps are marked before writes reach the disk: a crash cannot make them inconsistent.
-      inconsistent: false,
+      // Sidecar bitmaps are marked before writes reach the disk: a crash cannot make them
+      // inconsistent. A qcow2 image's can be, as QEMU's are.
+      inconsistent: this.inconsistent,
     };
   }
 
@@ -108,7 +131,7 @@ export class NamedBitmap {
       newEnd = c + 1;
     }
     for (const f of this.followers) f.setRange(offset, length);
-    const file = this.file;
+    const file = this.store;
     if (!file) return null;
     if (newFirst >= 0) {
       const p = file.changed(newFirst, newEnd);
@@ -119,8 +142,8 @@ export class NamedBitmap {
 
   /** Records that clusters [first, end) changed outside the write path (clear, merge). */
   changed(first: number, end: number): Promise<void> {
-    if (!this.file || end <= first) return Promise.resolve();
-    return this.file.changed(first, end);
+    if (!this.store || end <= first) return Promise.resolve();
+    return this.store.changed(first, end);
   }
 }
 
@@ -209,7 +232,7 @@ export class NodeBitmaps {
     let first: unknown;
     for (const bm of this.#bitmaps.values()) {
       try {
-        await bm.file?.close();
+        await bm.store?.close();
       } catch (err) {
         first ??= err;
       }

@@ -23,6 +23,9 @@ export class QmpClient {
   #eventWaiters: Array<{ match: (e: QmpEvent) => boolean; resolve: (e: QmpEvent) => void }> = [];
   greeting: Record<string, unknown> | null = null;
   #busy: Promise<unknown> = Promise.resolve();
+  #onClosed!: () => void;
+  /** Resolves when the connection has closed (a server that quits closes it last, after its images). */
+  readonly closed = new Promise<void>((resolve) => (this.#onClosed = resolve));
 
   private constructor(socket: net.Socket) {
     this.#socket = socket;
@@ -38,6 +41,7 @@ export class QmpClient {
     });
     socket.on("close", () => {
       this.#closed = true;
+      this.#onClosed();
       this.#lineWaiter?.();
     });
     socket.on("error", () => undefined);

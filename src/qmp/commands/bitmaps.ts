@@ -4,11 +4,14 @@
  * persistent add its file) and a synchronous commit, so `transaction` can run them all-or-nothing and
  * start them at the same point as backup jobs.
  */
+import { createHash } from "node:crypto";
 import * as fs from "node:fs";
+import { Qcow2Driver } from "../../block/drivers/qcow2/qcow2.js";
 import type { BlockGraph } from "../../graph/block-graph.js";
 import { BITMAP_NAME_BYTES_MAX, BitmapFile } from "../../io/bitmap-file.js";
 import { DirtyBitmap } from "../../io/dirty-bitmap.js";
-import { NamedBitmap, type NodeBitmaps } from "../../io/named-bitmaps.js";
+import { NamedBitmap, type BitmapStore, type NodeBitmaps } from "../../io/named-bitmaps.js";
+import { Qcow2BitmapStore } from "../../io/qcow2-bitmap-store.js";
 import { QmpError } from "../errors.js";
 import { validateArgs, type ArgsSpec } from "../schema.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
@@ -68,18 +71,26 @@ export function lookupBitmap(graph: BlockGraph, node: string, name: string): Nam
   return bm;
 }
 
-/** QEMU's busy check (our bitmaps are never read-only or inconsistent). */
-export function checkNotBusy(bm: NamedBitmap): void {
+/**
+ * QEMU's bdrv_dirty_bitmap_check: busy, then inconsistent (a qcow2 bitmap a crash left in use), which
+ * only removal accepts. Our bitmaps are never read-only.
+ */
+export function checkNotBusy(bm: NamedBitmap, o: { allowInconsistent?: boolean } = {}): void {
   if (bm.busy) {
     throw new QmpError(
       "GenericError",
       `Bitmap '${bm.name}' is currently in use by another operation and cannot be used`,
     );
   }
+  if (bm.inconsistent && o.allowInconsistent !== true) {
+    throw new QmpError("GenericError", `Bitmap '${bm.name}' is inconsistent and cannot be used`);
+  }
 }
 
-/** Where a persistent bitmap of this node is stored, or why it cannot be. */
-function persistentImage(graph: BlockGraph, nodeName: string): string {
+/** Where a persistent bitmap of this node is stored: its qcow2 image, or a sidecar of this file. */
+function persistentImage(graph: BlockGraph, nodeName: string): string | Qcow2Driver {
+  const driver = graph.getNode(nodeName)?.driver;
+  if (driver instanceof Qcow2Driver) return driver;
   let info = graph.nodeInfo(nodeName);
   // A raw node over a child node (serve's raw over its file node) keeps the bitmaps of the child's
   // image: writes to it reach the child's driver, so they are the image's writes.
@@ -123,13 +134,27 @@ function prepareAdd(graph: BlockGraph, a: Record<string, unknown>): PreparedActi
     throw new QmpError("GenericError", `Bitmap already exists: ${name}`);
   const persistent = a.persistent === true;
   const enabled = a.disabled !== true;
-  const image = persistent ? persistentImage(graph, nodeName) : graph.nodeInfo(nodeName)?.filename;
+  const where = persistent ? persistentImage(graph, nodeName) : undefined;
+  const image = typeof where === "string" ? where : graph.nodeInfo(nodeName)?.filename;
+  if (where instanceof Qcow2Driver) {
+    try {
+      where.bitmaps.checkCanStore(name, granularity);
+    } catch (err) {
+      throw new QmpError(
+        "GenericError",
+        `Can't make bitmap '${name}' persistent in '${nodeName}': ${(err as Error).message}`,
+      );
+    }
+  }
   const bits = new DirtyBitmap(node.size(), granularity);
-  let file: BitmapFile | null = null;
-  if (persistent) {
+  let file: BitmapStore | null = null;
+  if (where instanceof Qcow2Driver) {
+    // Stored in the image at its close, as QEMU does; nothing is written now.
+    file = new Qcow2BitmapStore(where.bitmaps, name, bits, enabled, false);
+  } else if (where !== undefined) {
     try {
       file = BitmapFile.create(
-        image!,
+        where,
         { name, granularity, sizeBytes: node.size(), recording: enabled },
         bits,
       );
@@ -159,11 +184,15 @@ function prepareAdd(graph: BlockGraph, a: Record<string, unknown>): PreparedActi
 
 function prepareRemove(graph: BlockGraph, a: Record<string, unknown>): PreparedAction {
   const bm = lookupBitmap(graph, a.node as string, a.name as string);
-  checkNotBusy(bm);
+  checkNotBusy(bm, { allowInconsistent: true });
   return {
     commit: async () => {
       graph.bitmaps.of(a.node as string)?.delete(bm);
-      await bm.file?.remove();
+      try {
+        await bm.store?.remove();
+      } catch (err) {
+        throw new QmpError("GenericError", `Failed to remove bitmap '${bm.name}': ${(err as Error).message}`);
+      }
     },
     abort: NO_ABORT,
   };
@@ -203,6 +232,9 @@ function prepareMerge(graph: BlockGraph, a: Record<string, unknown>): PreparedAc
     } else {
       const ext = validateArgs(nameArgs, src, `bitmaps[${i}]`);
       bm = lookupBitmap(graph, ext.node as string, ext.name as string);
+    }
+    if (bm.inconsistent) {
+      throw new QmpError("GenericError", `Bitmap '${bm.name}' is inconsistent and cannot be used`);
     }
     if (bm.bits.sizeBytes !== target.bits.sizeBytes) {
       throw new QmpError(
@@ -250,15 +282,33 @@ export function dirtyBitmapsInfo(graph: BlockGraph, nodeName: string): Record<st
   return list.length > 0 ? { "dirty-bitmaps": list.map((b) => b.info()) } : {};
 }
 
+/**
+ * QEMU's x-debug-block-dirty-bitmap-sha256: SHA-256 of the bits as QEMU lays them out (bit c is bit
+ * c&7 of byte c>>3, padded with zeros to whole 64-bit words), so two servers' bitmaps can be compared.
+ */
+export function bitmapSha256(bits: DirtyBitmap): string {
+  const padded = Buffer.alloc(Math.ceil(bits.bytes.length / 8) * 8);
+  padded.set(bits.bytes);
+  return createHash("sha256").update(padded).digest("hex");
+}
+
 export function bitmapCommands(graph: BlockGraph): QmpCommandDef[] {
-  return (Object.keys(BITMAP_ACTIONS) as BitmapActionType[]).map((type) =>
+  return [
+    ...(Object.keys(BITMAP_ACTIONS) as BitmapActionType[]).map((type) =>
+      defineCommand({
+        name: type,
+        args: BITMAP_ACTIONS[type] as ArgsSpec,
+        handler: async (a) => {
+          await prepareBitmapAction(graph, type, a).commit();
+          return {};
+        },
+      }),
+    ),
     defineCommand({
-      name: type,
-      args: BITMAP_ACTIONS[type] as ArgsSpec,
-      handler: async (a) => {
-        await prepareBitmapAction(graph, type, a).commit();
-        return {};
-      },
+      name: "x-debug-block-dirty-bitmap-sha256",
+      args: nameArgs,
+      returns: { type: "object", fields: { sha256: { type: "str" } } },
+      handler: async (a) => ({ sha256: bitmapSha256(lookupBitmap(graph, a.node, a.name).bits) }),
     }),
-  );
+  ];
 }

@@ -42,6 +42,8 @@ export const QCOW2_INCOMPAT_COMPRESSION = 1 << 3;
 export const QCOW2_INCOMPAT_EXTL2 = 1 << 4;
 // Compatible feature bits.
 export const QCOW2_COMPAT_LAZY_REFCOUNTS = 1 << 0;
+// Autoclear feature bits: a writer that does not know one clears it (and so disowns its data).
+export const QCOW2_AUTOCLEAR_BITMAPS = 1 << 0;
 
 export const QCOW2_COMPRESSION_TYPE_ZLIB = 0;
 
@@ -88,6 +90,8 @@ export interface Qcow2Header {
   readonly headerBytes: number;
   readonly backingFile: string | null;
   readonly backingFormat: string | null;
+  /** The bitmaps extension's data, unchecked (bitmaps.ts reads it), or null when absent. */
+  readonly bitmapsExtension: Buffer | null;
 }
 
 /** A format error in the image: corrupt or unsupported (the message names which and why). */
@@ -243,9 +247,15 @@ export function parseHeader(buf: Buffer, fileBytes: number): Qcow2Header {
     backingFile = buf.toString("utf8", backingOffset, backingOffset + len);
   }
   let backingFormat: string | null = null;
-  for (const ext of extensions(buf, version === 3 ? headerBytes : QCOW2_HEADER_V2_BYTES, clusterBytes)) {
+  let bitmapsExtension: Buffer | null = null;
+  for (const ext of headerExtensions(
+    buf,
+    version === 3 ? headerBytes : QCOW2_HEADER_V2_BYTES,
+    clusterBytes,
+  )) {
     if (ext.type === QCOW2_EXT_BACKING_FORMAT) backingFormat = ext.data.toString("utf8");
     if (ext.type === QCOW2_EXT_CRYPTO) throw unsupported("encrypted images are not supported");
+    if (ext.type === QCOW2_EXT_BITMAPS) bitmapsExtension = ext.data;
   }
   return {
     version,
@@ -264,18 +274,19 @@ export function parseHeader(buf: Buffer, fileBytes: number): Qcow2Header {
     headerBytes,
     backingFile,
     backingFormat,
+    bitmapsExtension,
   };
 }
 
-interface Extension {
+export interface HeaderExtension {
   readonly type: number;
   readonly data: Buffer;
 }
 
 /** The header extensions after the header, checked to stay inside the first cluster. */
-function extensions(buf: Buffer, start: number, clusterBytes: number): Extension[] {
+export function headerExtensions(buf: Buffer, start: number, clusterBytes: number): HeaderExtension[] {
   const end = Math.min(buf.length, clusterBytes);
-  const out: Extension[] = [];
+  const out: HeaderExtension[] = [];
   let at = start;
   while (at + 8 <= end && out.length < QCOW2_HEADER_EXTENSIONS_MAX) {
     const type = buf.readUInt32BE(at);
@@ -293,7 +304,7 @@ function extensions(buf: Buffer, start: number, clusterBytes: number): Extension
 function featureNames(buf: Buffer, start: number, clusterBytes: number): Map<string, string> {
   const names = new Map<string, string>();
   try {
-    for (const ext of extensions(buf, start, clusterBytes)) {
+    for (const ext of headerExtensions(buf, start, clusterBytes)) {
       if (ext.type !== QCOW2_EXT_FEATURE_TABLE) continue;
       for (let at = 0; at + 48 <= ext.data.length; at += 48) {
         if (ext.data[at] !== 0) continue; // incompatible features only

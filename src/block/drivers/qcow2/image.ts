@@ -102,6 +102,9 @@ export async function openQcow2Over(
     onProbe?: (path: string, format: ImageFormat) => void;
   },
 ): Promise<Qcow2Driver> {
+  // A file node a removed qcow2 node wrote through has grown with that node's allocations, and its
+  // size is the one it had at open: the new driver must see the whole image.
+  if (file instanceof FileDriver) file.refreshSize();
   const plain = await Qcow2Driver.open(file, { readOnly: true, backing: null, ownsFile: false });
   const { backingFile, backingFormat } = plain.header;
   await plain.close();

@@ -21,6 +21,7 @@ import { promisify } from "node:util";
 import { BlockError, toBlockError } from "../../../core/errors.js";
 import { MiB } from "../../../core/units.js";
 import type { BlockDriver, DriverCapabilities, Extent, WriteFlags, ZeroFlags } from "../../driver.js";
+import { Qcow2Bitmaps, type Qcow2BitmapHost } from "./bitmaps.js";
 import { ClusterLocks } from "./cluster-locks.js";
 import {
   compressedExtent,
@@ -108,6 +109,9 @@ export class Qcow2Driver implements BlockDriver {
   readonly #locks = new ClusterLocks();
   readonly #l2Alloc = new Map<number, Promise<number>>();
   readonly #flushMutex = new Mutex();
+  /** Header writes (features, refcount table, bitmaps extension) run one at a time. */
+  readonly #headerMutex = new Mutex();
+  #bitmaps: Qcow2Bitmaps | null = null;
   #pendingFrees: Array<[number, number]> = [];
   /**
    * Reads in flight, by the epoch they started in. A read maps its clusters first and reads them
@@ -205,16 +209,45 @@ export class Qcow2Driver implements BlockDriver {
         QCOW2_CACHE_TABLES_MIN,
         Math.floor(QCOW2_REFCOUNT_CACHE_BYTES / header.clusterBytes),
       ),
-      writeHeaderTable: async (offset, clusters) => {
-        const b = Buffer.alloc(12);
-        writeU64(b, 0, offset);
-        b.writeUInt32BE(clusters, 8);
-        await file.pwrite(48, [b], {});
-      },
+      writeHeaderTable: (offset, clusters) =>
+        driver.#headerMutex.run(async () => {
+          const b = Buffer.alloc(12);
+          writeU64(b, 0, offset);
+          b.writeUInt32BE(clusters, 8);
+          await file.pwrite(48, [b], {});
+        }),
       onFreed: (offset) => driver.#l2.drop(offset),
     });
     driver.#refs = refs;
+    driver.#bitmaps = await Qcow2Bitmaps.open(driver.#bitmapHost());
     return driver;
+  }
+
+  /** The image's persistent dirty bitmaps (bitmaps.ts). */
+  get bitmaps(): Qcow2Bitmaps {
+    return this.#bitmaps!;
+  }
+
+  /** What bitmaps.ts may do to the image: allocate, free, write back, edit the header. */
+  #bitmapHost(): Qcow2BitmapHost {
+    return {
+      file: this.file,
+      header: this.header,
+      readOnly: this.readOnly,
+      hostLimit: () => this.#hostLimit(),
+      allocCluster: () => this.#r.allocCluster(),
+      free: (offset, bytes) => this.#r.change(offset, bytes, -1),
+      writeback: () => this.#writeback(),
+      markDirty: () => this.#markDirty(),
+      updateHeader: (edit) =>
+        this.#headerMutex.run(async () => {
+          const c0 = Buffer.alloc(Math.min(this.#cb, this.#hostLimit()));
+          await this.file.pread(0, c0);
+          const bytes = edit(c0);
+          await this.file.pwrite(0, [c0.subarray(0, bytes)], {});
+          await this.file.flush();
+        }),
+    };
   }
 
   get #r(): Refcounts {
@@ -536,23 +569,25 @@ export class Qcow2Driver implements BlockDriver {
     return p;
   }
 
-  /** Sets the dirty bit (v3) before the first metadata change of this session; clears autoclear bits. */
+  /** Sets the dirty bit (v3) before the first metadata change of this session; clears unknown autoclear bits. */
   #markDirty(): Promise<void> {
-    this.#dirtyMarked ??= (async () => {
-      if (this.header.version !== 3) return;
-      const b = Buffer.alloc(24);
-      this.#incompatible |= QCOW2_INCOMPAT_DIRTY;
-      writeU64(b, 0, this.#incompatible);
-      writeU64(b, 8, this.header.compatible);
-      // Autoclear features (bitmaps) describe data this driver does not keep up to date: clearing
-      // them tells QEMU to ignore them, as the spec asks of writers that don't know them.
-      writeU64(b, 16, 0);
-      await this.file.pwrite(72, [b], {});
-      await this.file.flush();
-    })().catch((err) => {
-      this.#dirtyMarked = null;
-      throw err;
-    });
+    this.#dirtyMarked ??= this.#headerMutex
+      .run(async () => {
+        if (this.header.version !== 3) return;
+        const b = Buffer.alloc(24);
+        this.#incompatible |= QCOW2_INCOMPAT_DIRTY;
+        writeU64(b, 0, this.#incompatible);
+        writeU64(b, 8, this.header.compatible);
+        // Unknown autoclear features describe data this driver does not keep up to date: clearing
+        // them tells QEMU to ignore them, as the spec asks. Bitmaps (bit 0) it keeps (bitmaps.ts).
+        writeU64(b, 16, this.#bitmaps?.autoclear ?? 0);
+        await this.file.pwrite(72, [b], {});
+        await this.file.flush();
+      })
+      .catch((err) => {
+        this.#dirtyMarked = null;
+        throw err;
+      });
     return this.#dirtyMarked;
   }
 
@@ -722,8 +757,10 @@ export class Qcow2Driver implements BlockDriver {
       this.#incompatible &= ~QCOW2_INCOMPAT_DIRTY;
       const b = Buffer.alloc(8);
       writeU64(b, 0, this.#incompatible);
-      await this.file.pwrite(72, [b], {});
-      await this.file.flush();
+      await this.#headerMutex.run(async () => {
+        await this.file.pwrite(72, [b], {});
+        await this.file.flush();
+      });
       this.#dirtyMarked = null;
     }
   }
@@ -793,7 +830,13 @@ export class Qcow2Driver implements BlockDriver {
   async close(): Promise<void> {
     if (this.#closed) return;
     try {
-      if (!this.readOnly) await this.#flushClean();
+      if (!this.readOnly) {
+        // The bitmaps go in first (they allocate), then everything is written back clean.
+        let stored: unknown;
+        await this.#bitmaps?.storeAll().catch((err: unknown) => (stored = err));
+        await this.#flushClean();
+        if (stored !== undefined) throw stored;
+      }
     } finally {
       this.#closed = true;
       if (this.ownsFile) await this.file.close();

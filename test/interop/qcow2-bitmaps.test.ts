@@ -207,6 +207,7 @@ test("qcow2 bitmaps: an incremental backup by QSD 7.2 with drivetap's bitmap equ
     sync: "incremental",
     bitmap: "inc",
     target: mineTarget,
+    format: "raw", // a new target takes the source's format (qcow2) otherwise, as in QEMU
   });
   const done = await qmp.waitForEvent(jobEvent("j", "BLOCK_JOB_COMPLETED"), 60_000);
   assert.equal(done.data.error, undefined);

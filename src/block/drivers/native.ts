@@ -34,7 +34,11 @@ export interface NativeCalls {
   /** Whether crc32c uses the SSE4.2 crc32 instruction. */
   readonly crc32cHardware?: boolean;
   /** fallocate's mode bits for the io_uring engine's FALLOCATE (the addon knows the platform's values). */
-  readonly fallocModes?: { readonly punchHole: number; readonly zeroRange: number; readonly allocate: number };
+  readonly fallocModes?: {
+    readonly punchHole: number;
+    readonly zeroRange: number;
+    readonly allocate: number;
+  };
   /**
    * The io_uring ring (io-engine/io-uring.ts). Absent where the addon was built without
    * <linux/io_uring.h>. uringCreate returns the ring or -errno (setup, op probe or a NOP round trip
@@ -42,11 +46,28 @@ export interface NativeCalls {
    * `onCompletions` runs on the event loop when the ring's eventfd fires; it calls uringReap, which
    * fills `completions` with (tag, result) pairs.
    */
-  uringCreate?(entries: number, completions: Int32Array, onCompletions: (status: number) => void): UringHandle | number;
+  uringCreate?(
+    entries: number,
+    completions: Int32Array,
+    onCompletions: (status: number) => void,
+  ): UringHandle | number;
   uringRead?(ring: UringHandle, fd: number, into: Uint8Array, position: number, tag: number): number;
-  uringWritev?(ring: UringHandle, fd: number, data: readonly Uint8Array[], position: number, tag: number): number;
+  uringWritev?(
+    ring: UringHandle,
+    fd: number,
+    data: readonly Uint8Array[],
+    position: number,
+    tag: number,
+  ): number;
   uringFsync?(ring: UringHandle, fd: number, datasync: boolean, tag: number): number;
-  uringFallocate?(ring: UringHandle, fd: number, mode: number, offset: number, length: number, tag: number): number;
+  uringFallocate?(
+    ring: UringHandle,
+    fd: number,
+    mode: number,
+    offset: number,
+    length: number,
+    tag: number,
+  ): number;
   /** Entries the kernel took, or -errno; entries it did not take are taken back. */
   uringSubmit?(ring: UringHandle): number;
   /** Drops the queued, unsubmitted entries (as a failed submit would); returns how many. */

@@ -18,7 +18,8 @@ export const IO_ENGINE_MODES = ["auto", ...IO_ENGINE_NAMES] as const;
 export type IoEngineMode = (typeof IO_ENGINE_MODES)[number];
 
 /** The mode when none is given: DRIVETAP_IO_ENGINE (so a whole test run can pick one), else auto. */
-export const DEFAULT_IO_ENGINE_MODE: IoEngineMode = parseIoEngineMode(process.env.DRIVETAP_IO_ENGINE) ?? "auto";
+export const DEFAULT_IO_ENGINE_MODE: IoEngineMode =
+  parseIoEngineMode(process.env.DRIVETAP_IO_ENGINE) ?? "auto";
 
 export function parseIoEngineMode(value: string | undefined): IoEngineMode | undefined {
   return (IO_ENGINE_MODES as readonly string[]).includes(value ?? "") ? (value as IoEngineMode) : undefined;
@@ -92,7 +93,10 @@ export function engineForAio(aio: AioOption | undefined, cacheDirect: boolean): 
     return e.name === "io_uring" ? syncEngine : e;
   }
   if (aio === "native" && !cacheDirect) {
-    throw new BlockError("EINVAL", "aio=native was specified, but it requires cache.direct=on, which was not specified.");
+    throw new BlockError(
+      "EINVAL",
+      "aio=native was specified, but it requires cache.direct=on, which was not specified.",
+    );
   }
   return ioUringEngine();
 }

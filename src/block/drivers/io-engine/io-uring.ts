@@ -153,10 +153,22 @@ export class IoUringEngine implements IoEngine {
     let r: number;
     switch (op.kind) {
       case "read":
-        r = n.uringRead!(this.#ring, fd, op.done ? op.into!.subarray(op.done) : op.into!, op.position + op.done, tag);
+        r = n.uringRead!(
+          this.#ring,
+          fd,
+          op.done ? op.into!.subarray(op.done) : op.into!,
+          op.position + op.done,
+          tag,
+        );
         break;
       case "writev":
-        r = n.uringWritev!(this.#ring, fd, op.done ? remainingIov(op.data!, op.done) : op.data!, op.position + op.done, tag);
+        r = n.uringWritev!(
+          this.#ring,
+          fd,
+          op.done ? remainingIov(op.data!, op.done) : op.data!,
+          op.position + op.done,
+          tag,
+        );
         break;
       case "fsync":
         r = n.uringFsync!(this.#ring, fd, true, tag);
@@ -290,9 +302,12 @@ export class IoUringEngine implements IoEngine {
         p = readFullAsync(fd, op.into!.subarray(op.done), op.position + op.done).then((k) => op.done + k);
         break;
       case "writev":
-        p = writevFullAsync(fd, remainingIov(op.data!, op.done), op.position + op.done, op.total - op.done).then(
-          () => op.total,
-        );
+        p = writevFullAsync(
+          fd,
+          remainingIov(op.data!, op.done),
+          op.position + op.done,
+          op.total - op.done,
+        ).then(() => op.total);
         break;
       case "fsync":
         p = fdatasyncFull(fd).then(() => 0);

@@ -109,3 +109,8 @@ export async function closeIoUring(): Promise<void> {
   if (processEngine === ring) processEngine = undefined;
   await ring.close();
 }
+
+/** The process's ring if one is set up (nothing is set up by asking). */
+export function currentIoUring(): IoUringEngine | undefined {
+  return uring;
+}

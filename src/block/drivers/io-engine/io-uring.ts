@@ -198,6 +198,8 @@ export class IoUringEngine implements IoEngine {
   /** Submits what the turn queued, reaps what completed inline, refills from the backlog, repeats. */
   #flush(): void {
     this.#submitScheduled = false;
+    // Operations a refused submit put back wait in the backlog: they go first.
+    this.#refill();
     while (this.#queued.length > 0) {
       if (!this.#submit()) break;
       this.#reap();
@@ -232,6 +234,7 @@ export class IoUringEngine implements IoEngine {
     for (const op of rest) {
       if (transient && op.retries < URING_RETRIES_MAX) {
         op.retries++;
+        this.#resubmits++;
         retry.push(op);
       } else this.#fallback(op);
     }
@@ -323,9 +326,9 @@ export class IoUringEngine implements IoEngine {
   }
 
   #settle(op: Op, result: number | BlockError): void {
-    op.file.end();
     if (typeof result === "number") op.resolve(result);
     else op.reject(result);
+    op.file.end();
     if (this.#drained && this.#idle()) this.#drained();
   }
 

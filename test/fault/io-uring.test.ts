@@ -4,7 +4,7 @@
  * bounded backlog and send the excess to the threadpool, continue short reads, close a descriptor only
  * after its operations complete, and survive injected submission and completion failures with every
  * acknowledged write on disk. In the daemon, a stream job's target write joins the source write's
- * submission (the ring's counters, x-query-io-engine, say so).
+ * submission, and so does a journal target's append batch (the ring's counters, x-query-io-engine, say so).
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -252,4 +252,15 @@ test("io_uring in the daemon: a stream job's target write joins the source write
   await eventAfter(qmp, mark, jobEvent("s", "BLOCK_JOB_CANCELLED"));
   const got = fs.readFileSync(target);
   for (let i = 0; i < 64; i++) assert.equal(got[i * 64 * KiB], 0x22, `target write ${i}`);
+
+  // A journal target's append batch joins the same submission too.
+  const journal = join(dir, "j.journal");
+  await qmp.execute("blockdev-add", { driver: "journal", "node-name": "j", filename: journal });
+  await qmp.execute("blockdev-backup", { "job-id": "sj", device: "disk0", target: "j", sync: "stream" });
+  const s4 = await info();
+  assertExit("qemu-io", await qemuIo(daemon.uri, writes(0x33)));
+  const s5 = await info();
+  const appended = ratio(s4, s5);
+  assert.ok(appended >= 1.8, `source write and journal append leave in one submit (${appended.toFixed(2)})`);
+  assert.ok(fs.statSync(journal).size >= 64 * 4 * KiB, "the journal holds the writes");
 });

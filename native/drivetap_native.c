@@ -288,7 +288,8 @@ static napi_value crc32c_software(napi_env env, napi_callback_info info) {
  * completion queue into a shared Int32Array of (tag, result) pairs. Buffers stay referenced on the JS
  * side until their completion; iovec arrays live here, one per submission slot, and are only needed
  * until the submit that consumes them (IORING_FEAT_SUBMIT_STABLE, which setup requires). */
-#if defined(__linux__) && defined(__has_include)
+/* DRIVETAP_NO_IO_URING builds without it, as where the headers are missing (to check that build). */
+#if defined(__linux__) && defined(__has_include) && !defined(DRIVETAP_NO_IO_URING)
 #if __has_include(<linux/io_uring.h>) && __has_include(<uv.h>)
 #define DRIVETAP_IO_URING 1
 #endif

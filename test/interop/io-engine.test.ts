@@ -11,7 +11,7 @@ import { join } from "node:path";
 import { CLI, serveTempImage } from "../helpers/daemon.js";
 import { assertExit, qemuIo } from "../helpers/jobs.js";
 import { DRIVETAP_STORAGE_DAEMON, outcome, startQsd } from "../helpers/qsd.js";
-import { run, tempDir } from "../helpers/run.js";
+import { run, start, tempDir } from "../helpers/run.js";
 
 const MiB = 1024 * 1024;
 
@@ -85,4 +85,29 @@ test("storage-daemon --io-engine, blockdev-add aio: the node's engine in x-io-en
       desc: "aio=native was specified, but it requires cache.direct=on, which was not specified.",
     },
   });
+});
+
+test("where io_uring cannot be used (here: no native addon), auto serves on sync and --io-engine io_uring says why it cannot", async (t) => {
+  const dir = tempDir(t, "drivetap-io-engine-");
+  const image = join(dir, "x.img");
+  writeFileSync(image, Buffer.alloc(MiB));
+  const env = { ...process.env, DRIVETAP_NO_NATIVE: "1" };
+  const refused = await run(
+    process.execPath,
+    [CLI, "serve", image, "--socket", join(dir, "a"), "--io-engine", "io_uring"],
+    { env },
+  );
+  assert.equal(refused.code, 1);
+  assert.match(refused.stderr, /Unable to use io_uring: the native addon is not built/);
+  const auto = start(
+    process.execPath,
+    [CLI, "serve", image, "--socket", join(dir, "b"), "--io-engine", "auto"],
+    {
+      env,
+    },
+  );
+  t.after(() => auto.proc.kill("SIGKILL"));
+  assert.match(await auto.waitForStdout(/^drivetap: serving /), /I\/O engine sync\)$/);
+  auto.proc.kill("SIGTERM");
+  assert.equal((await auto.result).code, 0);
 });

@@ -128,6 +128,8 @@ export class IoUringEngine implements IoEngine {
     file: FdLifetime,
     fields: { into?: Buffer; data?: readonly Buffer[]; position: number; total: number; mode?: FallocMode },
   ): Promise<number> {
+    // Nothing to read or write: the kernel's answer (0 bytes) would look like a write that stalled.
+    if (fields.total === 0 && (kind === "read" || kind === "writev")) return Promise.resolve(0);
     return new Promise<number>((resolve, reject) => {
       file.begin();
       const op: Op = { kind, file, ...fields, done: 0, retries: 0, tag: 0, resolve, reject };

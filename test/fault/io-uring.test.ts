@@ -4,7 +4,8 @@
  * bounded backlog and send the excess to the threadpool, continue short reads, close a descriptor only
  * after its operations complete, and survive injected submission and completion failures with every
  * acknowledged write on disk. In the daemon, a stream job's target write joins the source write's
- * submission, and so does a journal target's append batch (the ring's counters, x-query-io-engine, say so).
+ * submission, and so do a journal target's append batch and a write-blocking mirror's target write
+ * (the ring's counters, x-query-io-engine, say so).
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -263,4 +264,31 @@ test("io_uring in the daemon: a stream job's target write joins the source write
   const appended = ratio(s4, s5);
   assert.ok(appended >= 1.8, `source write and journal append leave in one submit (${appended.toFixed(2)})`);
   assert.ok(fs.statSync(journal).size >= 64 * 4 * KiB, "the journal holds the writes");
+  const mark2 = qmp.events.length;
+  await qmp.execute("block-job-cancel", { device: "sj" });
+  await eventAfter(qmp, mark2, jobEvent("sj", "BLOCK_JOB_CANCELLED"));
+
+  // A write-blocking mirror to a file node, once READY: its target write joins as well.
+  const mirrorTarget = image(dir, "mirror.img", 16 * MiB);
+  await qmp.execute("blockdev-add", {
+    driver: "raw",
+    "node-name": "m",
+    file: { driver: "file", filename: mirrorTarget },
+  });
+  const mark3 = qmp.events.length;
+  await qmp.execute("blockdev-mirror", {
+    "job-id": "mj",
+    device: "disk0",
+    target: "m",
+    sync: "full",
+    "copy-mode": "write-blocking",
+  });
+  await eventAfter(qmp, mark3, jobEvent("mj", "BLOCK_JOB_READY"), 60_000);
+  const s6 = await info();
+  assertExit("qemu-io", await qemuIo(daemon.uri, writes(0x44)));
+  const s7 = await info();
+  const mirrored = ratio(s6, s7);
+  assert.ok(mirrored >= 1.8, `source and mirror target write leave in one submit (${mirrored.toFixed(2)})`);
+  const m = fs.readFileSync(mirrorTarget);
+  for (let i = 0; i < 64; i++) assert.equal(m[i * 64 * KiB], 0x44, `mirror target write ${i}`);
 });

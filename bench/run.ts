@@ -3,8 +3,12 @@
  * interleaved round by round so that machine noise hits all servers alike. Prints medians and ratios,
  * and drivetap's peak RSS. Environment: BENCH_ROUNDS (default 3), BENCH_RUNTIME_S (default 5),
  * BENCH_SIZE (default 1G), BENCH_DIR (default a temp dir), BENCH_SERVERS (comma list to restrict),
- * BENCH_PARTS (comma list of "servers", "tls", "stream", "journal", "tap", "mirror", "qcow2"; default
- * all).
+ * BENCH_PARTS (comma list of "servers", "engines", "tls", "stream", "journal", "tap", "mirror", "qcow2";
+ * default all).
+ *
+ * The "engines" part (bench/engines.ts, issue 14) runs the workloads, and a stream job to a file,
+ * through drivetap on each I/O engine (io_uring, sync, threads; BENCH_IO_ENGINES), at least five
+ * rounds, with the daemon's CPU per request and io_uring's entries per submit.
  *
  * The "tls" part (bench/tls.ts) runs two workloads over NBD with TLS (x509, certificates made by
  * openssl for the run) against drivetap, qemu-nbd and nbdkit with the same certificates.
@@ -41,6 +45,7 @@ import {
   stopProcess,
   waitForSocket,
 } from "./common.js";
+import { benchEngines } from "./engines.js";
 import { benchMirror, selectedMirrorDaemons } from "./mirror.js";
 import { benchQcow2 } from "./qcow2.js";
 import { benchTls } from "./tls.js";
@@ -68,7 +73,16 @@ export const SERVERS: readonly Server[] = [
 ];
 
 /** The parts BENCH_PARTS picks from, in the order they run; all by default. */
-const BENCH_PARTS: readonly string[] = ["servers", "tls", "stream", "journal", "tap", "mirror", "qcow2"];
+const BENCH_PARTS: readonly string[] = [
+  "servers",
+  "engines",
+  "tls",
+  "stream",
+  "journal",
+  "tap",
+  "mirror",
+  "qcow2",
+];
 
 type StreamTarget = "file" | "journal" | "tap";
 
@@ -177,6 +191,7 @@ async function main(): Promise<void> {
     if (fill.status !== 0) throw new Error("could not create the image");
 
     if (parts.includes("servers")) await benchServers(servers, dir, image);
+    if (parts.includes("engines")) await benchEngines(dir, image);
     if (parts.includes("tls")) await benchTls(dir, image, only);
     if (parts.includes("stream")) await benchStream(dir, image, "file");
     if (parts.includes("journal")) await benchStream(dir, image, "journal");

@@ -27,6 +27,14 @@ import { QmpError } from "../qmp/errors.js";
 import { validateArgs, type ArgsSpec } from "../qmp/schema.js";
 import type { QmpCommandDef, QmpServer } from "../qmp/server.js";
 import { KeyvalError, parseKeyval, typeKeyval } from "./keyval.js";
+import {
+  closeIoUring,
+  DEFAULT_IO_ENGINE_MODE,
+  IO_ENGINE_MODES,
+  parseIoEngineMode,
+  setProcessIoEngine,
+  type IoEngineMode,
+} from "../block/drivers/io-engine/index.js";
 
 const PROGRAM = "drivetap storage-daemon";
 /** The environment variable that tells a --daemonize child which fd reports readiness. */
@@ -49,7 +57,8 @@ type OptionName =
   | "monitor"
   | "nbd-server"
   | "object"
-  | "pidfile";
+  | "pidfile"
+  | "io-engine";
 
 const LONG_OPTIONS: Readonly<Record<OptionName, { readonly arg: boolean; readonly short?: string }>> = {
   help: { arg: false, short: "h" },
@@ -63,6 +72,8 @@ const LONG_OPTIONS: Readonly<Record<OptionName, { readonly arg: boolean; readonl
   "nbd-server": { arg: true },
   object: { arg: true },
   pidfile: { arg: true },
+  /** drivetap's own: the file driver's I/O engine (QSD has none; `aio` per node is QEMU's). */
+  "io-engine": { arg: true },
 };
 
 export interface RawOption {
@@ -136,6 +147,8 @@ export interface Plan {
   readonly steps: Step[];
   readonly daemonize: boolean;
   readonly pidfile?: string;
+  /** --io-engine: how file nodes do their I/O (default: auto). */
+  readonly ioEngine?: IoEngineMode;
   /** -h / -V / --object help: print this and exit 0. */
   readonly print?: string;
 }
@@ -191,6 +204,7 @@ export function planCommandLine(argv: readonly string[]): Plan {
   const chardevs = new Map<string, { path: string; used: boolean }>();
   let daemonize = false;
   let pidfile: string | undefined;
+  let ioEngine: IoEngineMode | undefined;
   for (const o of splitOptions(argv)) {
     if (o.name === "help") return { steps: [], daemonize: false, print: usage() };
     if (o.name === "version") return { steps: [], daemonize: false, print: version() };
@@ -206,6 +220,13 @@ export function planCommandLine(argv: readonly string[]): Plan {
           throw new KeyvalError("drivetap has no QEMU trace events (-T/--trace)");
         case "pidfile":
           pidfile = arg;
+          break;
+        case "io-engine":
+          ioEngine = parseIoEngineMode(arg);
+          if (ioEngine === undefined)
+            throw new KeyvalError(
+              `Invalid io-engine '${arg}': expected one of ${IO_ENGINE_MODES.join(", ")}`,
+            );
           break;
         case "blockdev": {
           const args = typed(arg, "driver", blockdevAddArgs);
@@ -287,7 +308,7 @@ export function planCommandLine(argv: readonly string[]): Plan {
       throw err;
     }
   }
-  return { steps, daemonize, pidfile };
+  return { steps, daemonize, pidfile, ioEngine };
 }
 
 /** QemuOpts' `--chardev socket,id=ID,path=P,server=on,wait=off`: the one kind a QMP monitor uses here. */
@@ -335,6 +356,8 @@ qemu-storage-daemon's command line, served by drivetap
   --object <type>,id=<id>[,<property>=<value>...]
                          create an object (object-add): ${SUPPORTED_OBJECT_TYPES.join(", ")}
   --pidfile <path>       write the process ID to a file after startup
+  --io-engine auto|io_uring|sync|threads
+                         drivetap's: how file nodes do I/O (auto: io_uring where the kernel allows it)
 
 Options run in command-line order.
 `;
@@ -383,6 +406,7 @@ async function runPlan(plan: Plan, graph: BlockGraph, log: Logger, onQuit: () =>
 async function closeAll(graph: BlockGraph, monitors: readonly QmpServer[]): Promise<void> {
   try {
     await graph.closeAll();
+    await closeIoUring();
   } finally {
     await Promise.all(monitors.map((m) => m.close()));
   }
@@ -458,7 +482,9 @@ export async function storageDaemonMain(argv: readonly string[]): Promise<never>
       },
     );
   };
+  let engine: string;
   try {
+    engine = setProcessIoEngine(plan.ioEngine ?? DEFAULT_IO_ENGINE_MODE).name;
     monitors = await runPlan(plan, graph, log, () => stop("quit"));
     if (plan.pidfile !== undefined) writePidfile(plan.pidfile);
   } catch (err) {
@@ -468,7 +494,10 @@ export async function storageDaemonMain(argv: readonly string[]): Promise<never>
   }
   process.on("SIGINT", () => stop("SIGINT"));
   process.on("SIGTERM", () => stop("SIGTERM"));
-  log.info({ nodes: graph.nodes().length, exports: graph.exports().length }, "storage daemon ready");
+  log.info(
+    { nodes: graph.nodes().length, exports: graph.exports().length, ioEngine: engine },
+    "storage daemon ready",
+  );
   if (readyFd !== undefined) {
     // The parent exits now; from here on, as QSD, nothing is written to the terminal.
     fs.writeSync(Number(readyFd), "ready\n");

@@ -8,6 +8,7 @@
 import * as fs from "node:fs";
 import type { BlockDriver } from "../block/driver.js";
 import { FileDriver, fileIdAt } from "../block/drivers/file.js";
+import { engineForAio, type AioOption, type IoEngine } from "../block/drivers/io-engine/index.js";
 import { ImageLockError, imagePermissions, type ImagePermissions } from "../block/drivers/image-lock.js";
 import { JournalDriver } from "../block/drivers/journal.js";
 import { MemoryDriver } from "../block/drivers/memory.js";
@@ -196,6 +197,21 @@ function openChild(
   throw new NodeOptionError(`Parameter '${where}file' is missing`);
 }
 
+/** QEMU's cache.direct (a `cache` dict); drivetap keeps the page cache either way. */
+function cacheDirect(o: BlockdevOptions): boolean {
+  const cache = o.cache;
+  return typeof cache === "object" && cache !== null && (cache as { direct?: unknown }).direct === true;
+}
+
+/** The file node's I/O engine from QEMU's `aio` (io-engine/index.ts has the mapping). */
+function fileEngine(o: BlockdevOptions): IoEngine {
+  try {
+    return engineForAio(o.aio as AioOption | undefined, cacheDirect(o));
+  } catch (err) {
+    throw new NodeOptionError((err as Error).message);
+  }
+}
+
 /** Opens the driver stack described by `o`; `nodeName` names the node for messages and claims. */
 function open(
   graph: BlockGraph,
@@ -216,8 +232,9 @@ function open(
         throw new NodeOptionError("force-share=on can only be used with read-only images");
       }
       const want = imagePermissions({ readOnly, forceShare });
+      const engine = fileEngine(o);
       const driver = openChecked(graph, filename, want, () =>
-        FileDriver.open(filename, { readOnly, forceShare }),
+        FileDriver.open(filename, { readOnly, forceShare, engine }),
       );
       return { driver, info: { driver: "file", filename } };
     }

@@ -3,7 +3,7 @@
  * zeroes each end in a flush, and the last round is cut by SIGKILL with requests in flight. Afterwards
  * `qemu-img check` may find leaked clusters (the write-back order allows that) but no corruption, and
  * every byte the flushed rounds wrote (and no later round touched) reads back. drivetap then opens the
- * dirty image writable again and leaves it clean.
+ * dirty image writable again and leaves it clean. The daemon runs on the io_uring engine.
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -60,8 +60,11 @@ for (const cluster of ["4k", "64k"]) {
     const dir = tempDir(t, "drivetap-qcow2-crash-");
     const image = join(dir, "crash.qcow2");
     await qemuImgCreate(image, DISK_BYTES, { options: [`cluster_size=${cluster}`] });
-    const daemon = await startDaemon({ image });
+    // On io_uring: writes acknowledged from the ring's completions and flushes as IORING_OP_FSYNC
+    // must leave the same guarantees as synchronous calls when the process dies with ops in flight.
+    const daemon = await startDaemon({ image, args: ["--io-engine", "io_uring"] });
     stopAfter(t, daemon);
+    assert.match(daemon.stdout(), /I\/O engine io_uring/, "the image's file node runs on io_uring");
     const client = await connect(daemon);
     const flushed = Buffer.alloc(DISK_BYTES);
     const unknown = new Uint8Array(DISK_BYTES / 512);
@@ -115,7 +118,7 @@ for (const cluster of ["4k", "64k"]) {
     }
 
     // The dirty image (no lazy refcounts) opens writable again and is clean after a clean stop.
-    const again = await startDaemon({ image });
+    const again = await startDaemon({ image, args: ["--io-engine", "io_uring"] });
     stopAfter(t, again);
     const c2 = await connect(again);
     await c2.pwrite(0, [Buffer.alloc(64 * KiB, 0x5c)], {});

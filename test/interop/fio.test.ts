@@ -1,7 +1,8 @@
 /**
  * fio's nbd engine with crc32c verification: every block written is read back and checked, at 4k and at
  * mixed sizes from 512 bytes to 256 KiB, 32 requests deep. A second verify-only pass re-checks the data
- * through a new connection, and a block corrupted behind the daemon's back must make it fail.
+ * through a new connection, and a block corrupted behind the daemon's back must make it fail. The
+ * 4k run goes through the io_uring and the sync engines; the mixed run through io_uring.
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -49,19 +50,22 @@ async function fio(
   return { code: r.code, job, text: `${r.stdout}\n${r.stderr}`, stderr: r.stderr };
 }
 
-test("fio randwrite bs=4k iodepth=32 with crc32c verify", async (t) => {
-  const { daemon, dir } = await serveTempImage(t, IMAGE_BYTES);
-  const r = await fio(daemon.uri, join(dir, "fio.json"), ["--bs=4k", "--do_verify=1"]);
-  assert.equal(r.code, 0, r.text);
-  assert.ok(r.job);
-  assert.equal(r.job.error, 0);
-  assert.equal(r.job.write.io_bytes, IMAGE_BYTES, "fio wrote the whole image");
-  assert.equal(r.job.write.total_ios, IMAGE_BYTES / 4096);
-  assert.equal(r.job.read.io_bytes, IMAGE_BYTES, "and read all of it back to verify");
-});
+// The default engine (io_uring here) and the synchronous one it replaced.
+for (const engine of ["io_uring", "sync"])
+  test(`fio randwrite bs=4k iodepth=32 with crc32c verify, I/O engine ${engine}`, async (t) => {
+    const { daemon, dir } = await serveTempImage(t, IMAGE_BYTES, { args: ["--io-engine", engine] });
+    assert.match(daemon.stdout(), new RegExp(`I/O engine ${engine}\\b`));
+    const r = await fio(daemon.uri, join(dir, "fio.json"), ["--bs=4k", "--do_verify=1"]);
+    assert.equal(r.code, 0, r.text);
+    assert.ok(r.job);
+    assert.equal(r.job.error, 0);
+    assert.equal(r.job.write.io_bytes, IMAGE_BYTES, "fio wrote the whole image");
+    assert.equal(r.job.write.total_ios, IMAGE_BYTES / 4096);
+    assert.equal(r.job.read.io_bytes, IMAGE_BYTES, "and read all of it back to verify");
+  });
 
-test("fio randwrite bsrange=512-256k iodepth=32 verify, then a verify_only pass; corruption is caught", async (t) => {
-  const { daemon, dir, image } = await serveTempImage(t, IMAGE_BYTES);
+test("fio randwrite bsrange=512-256k iodepth=32 verify on io_uring, then a verify_only pass; corruption is caught", async (t) => {
+  const { daemon, dir, image } = await serveTempImage(t, IMAGE_BYTES, { args: ["--io-engine", "io_uring"] });
   const write = await fio(daemon.uri, join(dir, "write.json"), ["--bsrange=512-256k", "--do_verify=1"]);
   assert.equal(write.code, 0, write.text);
   assert.ok(write.job);

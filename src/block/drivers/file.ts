@@ -1,11 +1,10 @@
 /**
  * The file driver: raw images with positional I/O on one file descriptor.
  *
- * Small requests use synchronous pread/pwritev on the event loop: on this kind of machine the libuv
- * threadpool hop costs more than a page-cache copy of 4 KiB (docs/ARCHITECTURE.md has the numbers).
- * Synchronous calls stall every connection while the disk is slow, so the cost is bounded: a call that
- * takes longer than SYNC_IO_SLOW_MS switches the driver to threadpool I/O for ASYNC_BACKOFF_MS, and
- * requests above SYNC_IO_BYTES_MAX always use the threadpool. flush (fdatasync) always does.
+ * How reads, writes and flushes reach the kernel is the I/O engine's business (io-engine/): io_uring
+ * (one ring per process, one submission per loop turn), sync (synchronous calls for small requests,
+ * the threadpool for large ones and while the disk is slow) or threads. The engine is chosen at start
+ * for the process, or per node by blockdev-add's `aio`.
  *
  * Discard, write-zeroes and block status use the native addon (fallocate, SEEK_DATA/SEEK_HOLE) when it
  * is built; without it, zeroes are emulated by the node, discard is a no-op, and all is data. Discard
@@ -15,9 +14,8 @@
  * file's identity (device and inode), so the graph can tell that two paths name one file.
  */
 import * as fs from "node:fs";
-import { performance } from "node:perf_hooks";
 import { BlockError, fromLinuxErrno, systemErrorText, toBlockError } from "../../core/errors.js";
-import { KiB, MiB } from "../../core/units.js";
+import { MiB } from "../../core/units.js";
 import {
   allData,
   type BlockDriver,
@@ -25,7 +23,8 @@ import {
   type Extent,
   type ZeroFlags,
 } from "../driver.js";
-import { fdatasyncAsync, readAsync, remainingIov, writevAsync } from "./fs-async.js";
+import { processIoEngine, type FileIo, type IoEngine, type IoEngineName } from "./io-engine/index.js";
+import { threadsEngine } from "./io-engine/threads.js";
 import { assert } from "../../core/assert.js";
 import {
   BLK_PERM_RESIZE,
@@ -36,10 +35,6 @@ import {
 } from "./image-lock.js";
 import { ENXIO, EOPNOTSUPP, native } from "./native.js";
 
-export const SYNC_IO_BYTES_MAX = 128 * KiB;
-export const SYNC_IO_SLOW_MS = 4;
-export const ASYNC_BACKOFF_MS = 500;
-const DONE: Promise<void> = Promise.resolve();
 /** Block status stops after this many extents; the caller asks again for the rest. */
 export const FILE_EXTENTS_MAX = 1024;
 /** preallocation=full writes zeros this much at a time from one shared buffer. */
@@ -50,8 +45,10 @@ export type Preallocation = "off" | "falloc" | "full";
 
 export interface FileDriverOptions {
   readonly readOnly?: boolean;
-  /** Force threadpool I/O for every request (for comparison in benchmarks). */
+  /** Force threadpool I/O for every request (for comparison in benchmarks): the threads engine. */
   readonly asyncOnly?: boolean;
+  /** The I/O engine; default: the process's (io-engine/index.ts). */
+  readonly engine?: IoEngine;
   /** QEMU's force-share: let others hold every permission. Read-only opens only (QEMU's rule). */
   readonly forceShare?: boolean;
   /**
@@ -89,9 +86,9 @@ export class FileDriver implements BlockDriver {
   readonly permissions: ImagePermissions;
   readonly locked: boolean;
   readonly #fd: number;
+  /** The engine's handle on #fd: it closes the descriptor once the operations on it have completed. */
+  readonly #io: FileIo;
   #size: number;
-  readonly #asyncOnly: boolean;
-  #asyncUntilMs = 0;
   #closed = false;
   /** The filesystem answered EOPNOTSUPP to a punch hole: discard keeps the data from now on. */
   #punchUnsupported = false;
@@ -100,7 +97,7 @@ export class FileDriver implements BlockDriver {
     path: string,
     fd: number,
     st: fs.BigIntStats,
-    asyncOnly: boolean,
+    engine: IoEngine,
     permissions: ImagePermissions,
     locked: boolean,
     createdFile: boolean,
@@ -112,7 +109,7 @@ export class FileDriver implements BlockDriver {
     this.locked = locked;
     this.#fd = fd;
     this.#size = Number(st.size);
-    this.#asyncOnly = asyncOnly;
+    this.#io = engine.open(fd);
     const punchWorks = (): boolean => native !== null && !this.#punchUnsupported;
     this.capabilities = {
       zeroes: native ? "native" : "emulate",
@@ -165,7 +162,8 @@ export class FileDriver implements BlockDriver {
         resize: options.create,
       });
       const locked = lockImage(fd, path, permissions);
-      return new FileDriver(path, fd, st, options.asyncOnly ?? false, permissions, locked, createdFile);
+      const engine = options.engine ?? (options.asyncOnly ? threadsEngine : processIoEngine());
+      return new FileDriver(path, fd, st, engine, permissions, locked, createdFile);
     } catch (err) {
       // A file this open created is removed again, if the path still names it.
       if (createdFile && id !== undefined && fileIdAt(path) === id) fs.rmSync(path, { force: true });
@@ -273,7 +271,7 @@ export class FileDriver implements BlockDriver {
     try {
       for (let pos = from; pos < to; pos += zeros.length) {
         const n = Math.min(zeros.length, to - pos);
-        await this.#pwriteAsync(pos, [n === zeros.length ? zeros : zeros.subarray(0, n)], n);
+        await this.#io.writev([n === zeros.length ? zeros : zeros.subarray(0, n)], pos, n);
       }
     } catch (err) {
       throw new BlockError(
@@ -282,7 +280,7 @@ export class FileDriver implements BlockDriver {
       );
     }
     try {
-      await fdatasyncAsync(this.#fd);
+      await this.#io.fdatasync();
     } catch (err) {
       throw new BlockError(toBlockError(err).code, `Could not flush file to disk: ${systemErrorText(err)}`);
     }
@@ -297,63 +295,22 @@ export class FileDriver implements BlockDriver {
     return this.#size;
   }
 
-  #useSync(length: number): boolean {
-    return !this.#asyncOnly && length <= SYNC_IO_BYTES_MAX && performance.now() >= this.#asyncUntilMs;
-  }
-
-  #timed(startMs: number): void {
-    const now = performance.now();
-    if (now - startMs > SYNC_IO_SLOW_MS) this.#asyncUntilMs = now + ASYNC_BACKOFF_MS;
+  /** The engine this file's I/O goes through (query-named-block-nodes shows it). */
+  get ioEngine(): IoEngineName {
+    return this.#io.engine;
   }
 
   async pread(offset: number, into: Buffer): Promise<void> {
-    let done = 0;
-    try {
-      if (this.#useSync(into.length)) {
-        const t0 = performance.now();
-        while (done < into.length) {
-          const n = fs.readSync(this.#fd, into, done, into.length - done, offset + done);
-          if (n === 0) break;
-          done += n;
-        }
-        this.#timed(t0);
-      } else {
-        while (done < into.length) {
-          const n = await readAsync(this.#fd, into, done, offset + done);
-          if (n === 0) break;
-          done += n;
-        }
-      }
-    } catch (err) {
-      throw toBlockError(err);
-    }
+    const done = await this.#io.read(into, offset);
     // A file shorter than its advertised size reads as zeros past its end.
     if (done < into.length) into.fill(0, done);
   }
 
-  /** Not async: a small write completes synchronously and hands back a settled promise. */
+  /** Not async: the sync engine completes a small write at once and hands back a settled promise. */
   pwrite(offset: number, data: readonly Buffer[]): Promise<void> {
     let total = 0;
     for (const b of data) total += b.length;
-    if (!this.#useSync(total)) return this.#pwriteAsync(offset, data, total);
-    try {
-      const t0 = performance.now();
-      let done = fs.writevSync(this.#fd, data as Buffer[], offset);
-      while (done < total) done += fs.writevSync(this.#fd, remainingIov(data, done), offset + done);
-      this.#timed(t0);
-    } catch (err) {
-      return Promise.reject(toBlockError(err));
-    }
-    return DONE;
-  }
-
-  async #pwriteAsync(offset: number, data: readonly Buffer[], total: number): Promise<void> {
-    try {
-      let done = await writevAsync(this.#fd, data, offset);
-      while (done < total) done += await writevAsync(this.#fd, remainingIov(data, done), offset + done);
-    } catch (err) {
-      throw toBlockError(err);
-    }
+    return this.#io.writev(data, offset, total);
   }
 
   async pwriteZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
@@ -361,17 +318,17 @@ export class FileDriver implements BlockDriver {
     let r = -EOPNOTSUPP;
     // Once the filesystem has said it cannot punch holes, don't ask again on every request.
     if (flags.mayTrim && !this.#punchUnsupported) {
-      r = native.punchHole(this.#fd, offset, length);
+      r = await this.#io.fallocate("punchHole", offset, length);
       if (r === -EOPNOTSUPP) this.#punchUnsupported = true;
     }
-    if (r < 0) r = native.zeroRange(this.#fd, offset, length);
+    if (r < 0) r = await this.#io.fallocate("zeroRange", offset, length);
     if (r === -EOPNOTSUPP) throw new BlockError("ENOTSUP", "filesystem cannot zero a range in place");
     if (r < 0) throw fromLinuxErrno(-r, "fallocate");
   }
 
   async pdiscard(offset: number, length: number): Promise<void> {
     if (!native || this.#punchUnsupported) return;
-    const r = native.punchHole(this.#fd, offset, length);
+    const r = await this.#io.fallocate("punchHole", offset, length);
     // Discard is advisory: a filesystem without hole punching keeps the data, which is allowed, but
     // from now on discard no longer promises zeros (capabilities.discardZeroes turns false before
     // this returns, so a job that checks it afterwards sees the truth).
@@ -388,12 +345,8 @@ export class FileDriver implements BlockDriver {
     return native.allocate(this.#fd, offset, length) === 0;
   }
 
-  async flush(): Promise<void> {
-    try {
-      await fdatasyncAsync(this.#fd);
-    } catch (err) {
-      throw toBlockError(err);
-    }
+  flush(): Promise<void> {
+    return this.#io.fdatasync();
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
@@ -426,6 +379,6 @@ export class FileDriver implements BlockDriver {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
-    fs.closeSync(this.#fd);
+    await this.#io.close();
   }
 }

@@ -8,7 +8,9 @@
  * - Order: entries are appended in call order. Each call reserves its range of the file at once (one
  *   fd, a tracked append position); the stream job already orders overlapping writes.
  * - Small entries are written synchronously on the event loop, large ones on the threadpool, for the
- *   reasons file.ts gives (SYNC_APPEND_BYTES_MAX mirrors its SYNC_IO_BYTES_MAX).
+ *   reasons io-engine/sync.ts gives (SYNC_APPEND_BYTES_MAX mirrors its SYNC_IO_BYTES_MAX). On the
+ *   io_uring engine every append goes to the ring instead: a turn's batch joins the submission that
+ *   carries the source's write, and its header slab stays out of use until the write completes.
  * - Durability rule: flush() appends a flush entry, waits for every append still in flight and then
  *   fdatasyncs the journal; a write or zero with FUA does the same after its own entry. The stream job
  *   forwards guest flushes and FUA, so the journal is durable whenever the source is.
@@ -48,7 +50,8 @@ import {
   type EntryKind,
   type FileHeader,
 } from "./journal-format.js";
-import { fdatasyncAsync, remainingIov, writevAsync } from "./fs-async.js";
+import { remainingIov } from "./fs-async.js";
+import { processIoEngine, type FileIo } from "./io-engine/index.js";
 
 /** Writes a new journal's file header at offset 0 and makes it durable. */
 function writeFileHeader(fd: number, data: boolean, diskBytes: number): FileHeader {
@@ -64,6 +67,8 @@ const NO_PAYLOAD: readonly Buffer[] = [];
 export const BATCH_IOV_MAX = 1000;
 /** Entry headers of one batch fit in one slab: each takes a piece of the batch. */
 const HEADER_SLAB_BYTES = BATCH_IOV_MAX * ENTRY_HEADER_BYTES;
+/** Header slabs kept for reuse once their ring write completes (more batches in flight allocate). */
+export const SPARE_SLABS_MAX = 8;
 /** The scanner reads the journal in chunks of this size (an entry larger than it is read whole). */
 export const SCAN_CHUNK_BYTES = 4 * MiB;
 
@@ -208,17 +213,24 @@ export class JournalDriver implements BlockDriver {
   /** Whether entries carry the write's data (the header's flag; for an unsized journal, the option). */
   #data: boolean;
   readonly #fd: number;
+  /** The engine's handle on #fd: asynchronous appends, fdatasync and close go through it. */
+  readonly #io: FileIo;
+  /** io_uring: batches are written asynchronously through the ring rather than with writevSync. */
+  readonly #ringBatches: boolean;
   #appendAt: number;
   #nextSeq: number;
-  /** Threadpool appends not yet finished; flush waits for them. */
+  /** Asynchronous appends not yet finished; flush waits for them. */
   readonly #inFlight = new Set<Promise<void>>();
   #batch: Batch | null = null;
   /**
-   * The headers of the open batch, from offset 0 to #slabUsed. The batch is written synchronously,
-   * after which nothing refers to them, so the slab is reused from the start by the next batch.
+   * The headers of the open batch, from offset 0 to #slabUsed. A batch written synchronously leaves
+   * nothing referring to them, so the slab is reused from the start by the next batch; a batch in the
+   * ring keeps its slab until the write completes, and the next batch takes a spare (#spareSlabs).
    */
-  readonly #slab = Buffer.allocUnsafeSlow(HEADER_SLAB_BYTES);
+  #slab: Buffer = Buffer.allocUnsafeSlow(HEADER_SLAB_BYTES);
   #slabUsed = 0;
+  /** Slabs whose ring write has completed; at most SPARE_SLABS_MAX are kept. */
+  readonly #spareSlabs: Buffer[] = [];
   #failed: BlockError | null = null;
   #closed = false;
 
@@ -233,6 +245,8 @@ export class JournalDriver implements BlockDriver {
     this.path = path;
     this.fileId = fileIdOf(fs.fstatSync(fd, { bigint: true }));
     this.#fd = fd;
+    this.#io = processIoEngine().open(fd);
+    this.#ringBatches = this.#io.engine === "io_uring";
     this.#header = header;
     this.#data = header?.data ?? data;
     this.#appendAt = appendAt;
@@ -424,7 +438,7 @@ export class JournalDriver implements BlockDriver {
     this.#writeBatch();
     this.#closed = true;
     await Promise.allSettled([...this.#inFlight]);
-    fs.closeSync(this.#fd);
+    await this.#io.close();
   }
 
   #check(): void {
@@ -504,15 +518,14 @@ export class JournalDriver implements BlockDriver {
       b.bytes += total;
       return b.done;
     }
-    const iov = [header, ...payload];
-    const p = (async () => {
-      try {
-        let done = await writevAsync(this.#fd, iov, at);
-        while (done < total) done += await writevAsync(this.#fd, remainingIov(iov, done), at + done);
-      } catch (err) {
-        throw this.#fail(err);
-      }
-    })();
+    return this.#writeAsync([header, ...payload], at, total);
+  }
+
+  /** An append that completes later (the ring, or the threadpool for a large entry); flush waits for it. */
+  #writeAsync(iov: readonly Buffer[], at: number, total: number): Promise<void> {
+    const p = this.#io.writev(iov, at, total).catch((err: unknown) => {
+      throw this.#fail(err);
+    });
     this.#inFlight.add(p);
     const forget = (): void => void this.#inFlight.delete(p);
     p.then(forget, forget);
@@ -532,6 +545,7 @@ export class JournalDriver implements BlockDriver {
     const b = this.#batch;
     if (!b) return;
     this.#batch = null;
+    if (this.#ringBatches) return this.#writeBatchToRing(b);
     let error: BlockError | null = null;
     try {
       this.#check();
@@ -546,13 +560,41 @@ export class JournalDriver implements BlockDriver {
     else b.resolve();
   }
 
+  /**
+   * The batch leaves with the turn's submission; its slab is referenced by the write until it
+   * completes, so the next batch carves its headers from a spare one.
+   */
+  #writeBatchToRing(b: Batch): void {
+    if (this.#failed || this.#closed) {
+      this.#slabUsed = 0;
+      b.reject(this.#failed ?? new BlockError("ESHUTDOWN", `${this.path}: journal is closed`));
+      return;
+    }
+    const slab = this.#slab;
+    this.#slab = this.#spareSlabs.pop() ?? Buffer.allocUnsafeSlow(HEADER_SLAB_BYTES);
+    this.#slabUsed = 0;
+    const spare = (): void => {
+      if (this.#spareSlabs.length < SPARE_SLABS_MAX) this.#spareSlabs.push(slab);
+    };
+    this.#writeAsync(b.iov, b.at, b.bytes).then(
+      () => {
+        spare();
+        b.resolve();
+      },
+      (err: BlockError) => {
+        spare();
+        b.reject(err);
+      },
+    );
+  }
+
   /** Waits for every append in flight (a hole before the synced data would hide it), then fdatasync. */
   async #sync(): Promise<void> {
     this.#writeBatch();
     if (this.#inFlight.size > 0) await Promise.all([...this.#inFlight]).catch(() => undefined);
     this.#check();
     try {
-      await fdatasyncAsync(this.#fd);
+      await this.#io.fdatasync();
     } catch (err) {
       throw this.#fail(err);
     }

@@ -1,6 +1,6 @@
 /**
  * Loader for the optional native addon (native/drivetap_native.c): fallocate, SEEK_DATA/SEEK_HOLE and
- * OFD byte-range locks, which Node's fs lacks, and a hardware CRC-32C. When the addon did not build,
+ * OFD byte-range locks, which Node's fs lacks, a hardware CRC-32C and an io_uring ring. When the addon did not build,
  * `native` is null: the file driver falls back to portable I/O, images are not locked, and
  * block/crc32c.ts uses TypeScript (see docs/ARCHITECTURE.md).
  */
@@ -33,7 +33,54 @@ export interface NativeCalls {
   crc32cSoftware?(buffers: readonly Uint8Array[] | Uint8Array, seed?: number): number;
   /** Whether crc32c uses the SSE4.2 crc32 instruction. */
   readonly crc32cHardware?: boolean;
+  /** fallocate's mode bits for the io_uring engine's FALLOCATE (the addon knows the platform's values). */
+  readonly fallocModes?: {
+    readonly punchHole: number;
+    readonly zeroRange: number;
+    readonly allocate: number;
+  };
+  /**
+   * The io_uring ring (io-engine/io-uring.ts). Absent where the addon was built without
+   * <linux/io_uring.h>. uringCreate returns the ring or -errno (setup, op probe or a NOP round trip
+   * failed); the queue calls return 0, -EBUSY when the queue is full until the next submit, or -errno.
+   * `onCompletions` runs on the event loop when the ring's eventfd fires; it calls uringReap, which
+   * fills `completions` with (tag, result) pairs.
+   */
+  uringCreate?(
+    entries: number,
+    completions: Int32Array,
+    onCompletions: (status: number) => void,
+  ): UringHandle | number;
+  uringRead?(ring: UringHandle, fd: number, into: Uint8Array, position: number, tag: number): number;
+  uringWritev?(
+    ring: UringHandle,
+    fd: number,
+    data: readonly Uint8Array[],
+    position: number,
+    tag: number,
+  ): number;
+  uringFsync?(ring: UringHandle, fd: number, datasync: boolean, tag: number): number;
+  uringFallocate?(
+    ring: UringHandle,
+    fd: number,
+    mode: number,
+    offset: number,
+    length: number,
+    tag: number,
+  ): number;
+  /** Entries the kernel took, or -errno; entries it did not take are taken back. */
+  uringSubmit?(ring: UringHandle): number;
+  /** Drops the queued, unsubmitted entries (as a failed submit would); returns how many. */
+  uringDiscardQueued?(ring: UringHandle): number;
+  uringReap?(ring: UringHandle): number;
+  /** [io_uring_enter calls that submitted, entries submitted, in flight, SQ entries, CQ entries] */
+  uringStats?(ring: UringHandle): number[];
+  /** 0, or -EBUSY while anything is queued or in flight. */
+  uringClose?(ring: UringHandle): number;
 }
+
+/** An opaque ring from uringCreate. */
+export type UringHandle = { readonly __uring: unique symbol };
 
 function load(): NativeCalls | null {
   if (process.env.DRIVETAP_NO_NATIVE === "1") return null;
@@ -50,7 +97,9 @@ function load(): NativeCalls | null {
 export const native: NativeCalls | null = load();
 
 export const ENXIO = 6;
+export const EINTR = 4;
 export const EAGAIN = 11;
+export const EBUSY = 16;
 export const LOCK_READ = 0;
 export const LOCK_WRITE = 1;
 export const LOCK_NONE = 2;

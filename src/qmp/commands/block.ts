@@ -1,4 +1,5 @@
 /** Node commands: blockdev-add, blockdev-del, query-named-block-nodes, query-block, x-error-inject. */
+import { FileDriver } from "../../block/drivers/file.js";
 import { ErrorInjectDriver } from "../../block/filters/error-inject.js";
 import type { BlockGraph } from "../../graph/block-graph.js";
 import { addNodeFromOptions, NodeOptionError } from "../../graph/node-factory.js";
@@ -48,6 +49,8 @@ export function blockDeviceInfo(graph: BlockGraph, node: BlockNode): Record<stri
       "virtual-size": node.size(),
     },
     ...(node.driver.link ? { "x-connected": node.driver.link.connected } : {}),
+    // QEMU's BlockDeviceInfo has no aio member; drivetap says which engine a file node's I/O uses.
+    ...(node.driver instanceof FileDriver ? { "x-io-engine": node.driver.ioEngine } : {}),
     ...dirtyBitmapsInfo(graph, node.name),
     "x-users": graph.usersOf(node.name),
     "x-stats": { ...node.stats },
@@ -81,7 +84,10 @@ export const blockdevAddArgs = {
   /** file (and raw over an inline file): share every permission; read-only nodes only (QEMU's rule). */
   "force-share": { type: "bool", optional: true },
   discard: { type: "enum", values: ["ignore", "unmap"], optional: true },
-  /** file: QEMU's AIO backend; drivetap's file driver picks its own I/O path, so any value serves. */
+  /**
+   * file: QEMU's AIO backend, choosing the node's I/O engine (io-engine/index.ts, engineForAio):
+   * io_uring the ring, threads a pool-backed engine, native (cache.direct=on only, as QEMU) the ring.
+   */
   aio: { type: "enum", values: ["threads", "native", "io_uring"], optional: true },
   cache: { type: "any", optional: true },
   "detect-zeroes": { type: "enum", values: ["off", "on", "unmap"], optional: true },

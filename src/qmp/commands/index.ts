@@ -7,6 +7,7 @@ import { blockCommands } from "./block.js";
 import { blockstatsCommands } from "./blockstats.js";
 import { createCommands } from "./create.js";
 import { exportCommands } from "./exports.js";
+import { ioEngineCommands } from "./io-engine.js";
 import { jobCommands } from "./jobs.js";
 import { journalCommands } from "./journal.js";
 import { mirrorCommands } from "./mirror.js";
@@ -23,6 +24,7 @@ export function registerCommands(server: QmpServer, graph: BlockGraph): void {
     ...blockstatsCommands(graph),
     ...createCommands(graph),
     ...exportCommands(graph),
+    ...ioEngineCommands(),
     ...nbdServerCommands(graph),
     ...jobCommands(graph),
     ...backupCommands(graph),

@@ -1,0 +1,33 @@
+/**
+ * drivetap's own `x-query-io-engine`: the engine file nodes get unless blockdev-add's `aio` says
+ * otherwise, and the io_uring ring's counters (submits, entries, fallbacks), which show whether the
+ * writes of one loop turn, a job's target writes with them, leave in one submission.
+ */
+import { currentIoUring, processIoEngine } from "../../block/drivers/io-engine/index.js";
+import { defineCommand, type QmpCommandDef } from "../server.js";
+
+export function ioEngineCommands(): QmpCommandDef[] {
+  return [
+    defineCommand({
+      name: "x-query-io-engine",
+      args: {},
+      handler: () => {
+        const ring = currentIoUring()?.stats;
+        return {
+          engine: processIoEngine().name,
+          ...(ring
+            ? {
+                "io-uring": {
+                  submits: ring.enters,
+                  sqes: ring.sqes,
+                  "in-flight": ring.inflight,
+                  fallbacks: ring.fallbacks,
+                  resubmits: ring.resubmits,
+                },
+              }
+            : {}),
+        };
+      },
+    }),
+  ];
+}

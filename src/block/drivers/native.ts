@@ -1,7 +1,7 @@
 /**
  * Loader for the optional native addon (native/drivetap_native.c): fallocate, SEEK_DATA/SEEK_HOLE and
- * OFD byte-range locks, which Node's fs lacks, and a hardware CRC-32C. When the addon did not build,
- * `native` is null: the file driver falls back to portable I/O, images are not locked, and
+ * OFD byte-range locks, which Node's fs lacks, a hardware CRC-32C, and dup/socketpair for sockets.
+ * When the addon did not build, `native` is null: the file driver falls back to portable I/O, images are not locked, and
  * block/crc32c.ts uses TypeScript (see docs/ARCHITECTURE.md).
  */
 import { createRequire } from "node:module";
@@ -33,6 +33,13 @@ export interface NativeCalls {
   crc32cSoftware?(buffers: readonly Uint8Array[] | Uint8Array, seed?: number): number;
   /** Whether crc32c uses the SSE4.2 crc32 instruction. */
   readonly crc32cHardware?: boolean;
+  /**
+   * fcntl(F_DUPFD_CLOEXEC): a second descriptor of the same socket, or -errno; and socketpair
+   * (AF_UNIX, SOCK_STREAM): two connected descriptors, or -errno. nbd/server/tls-worker.ts hands a
+   * TLS connection to a worker thread with them. Optional: an older addon lacks them.
+   */
+  dupCloexec?(fd: number): number;
+  unixSocketPair?(): [number, number] | number;
 }
 
 function load(): NativeCalls | null {

@@ -12,7 +12,7 @@
 import * as net from "node:net";
 import { parentPort, workerData } from "node:worker_threads";
 import type { TlsCredentials } from "../tls/credentials.js";
-import { KiB } from "../../core/units.js";
+import { KiB, MiB } from "../../core/units.js";
 import { CLOSE_LINGER_MS } from "./limits.js";
 import { FreshReadSpace, startFdReading, startTlsReading } from "./socket-reader.js";
 import { ServerTls } from "./tls-upgrade.js";
@@ -55,8 +55,9 @@ function reviveCredentials(c: TlsCredentials): TlsCredentials {
  * Each direction in plain chunks: TLS records are read into fresh buffers (FreshReadSpace: no
  * allocation and stream push per record), and writes are corked for the rest of the event-loop turn,
  * so a client's 32 pipelined requests (32 records) reach the connection as one chunk, as from a plain
- * socket, and a turn's replies leave as one TLS write. A write that returns false pauses the other
- * side until 'drain': what waits here is bounded by the sockets' high-water marks.
+ * socket, and a turn's replies leave as one TLS write. Past RELAY_PAUSE_BYTES unsent, the other side
+ * is paused until 'drain'. (Not at the streams' 16 KiB high-water mark: one turn of 4 KiB replies at
+ * QD32 is 131 KiB, and pausing there would stop and restart reading every turn.)
  */
 class Direction {
   readonly #to: net.Socket;
@@ -80,7 +81,8 @@ class Direction {
       this.#to.cork();
       setImmediate(this.#uncork);
     }
-    if (!this.#to.write(chunk)) this.#from.pause();
+    // A false write always ends in 'drain', which resumes.
+    if (!this.#to.write(chunk) && this.#to.writableLength >= RELAY_PAUSE_BYTES) this.#from.pause();
   };
 
   /** The source has ended: what is corked goes, then the end. */
@@ -90,9 +92,13 @@ class Direction {
   };
 }
 
-/** Read space per direction: the client's requests (and write payloads), the connection's replies. */
-const FROM_CLIENT_READ_BYTES = 256 * KiB;
-const FROM_CONNECTION_READ_BYTES = 256 * KiB;
+/**
+ * Read space per direction (the client's requests and write payloads; the connection's replies),
+ * fresh buffers of this size: what an idle connection holds in its worker, twice.
+ */
+export const RELAY_READ_BYTES = 64 * KiB;
+/** Bytes one direction may have unsent before its source is paused. */
+export const RELAY_PAUSE_BYTES = 2 * MiB;
 
 function serve(tls: ServerTls, m: ConnectionMessage, crashMarker: Buffer | null): void {
   const post = (msg: FromWorker): void => parentPort!.postMessage(msg);
@@ -121,12 +127,12 @@ function serve(tls: ServerTls, m: ConnectionMessage, crashMarker: Buffer | null)
       if (crashMarker !== null && chunk.includes(crashMarker)) throw new Error("test fault: crash marker seen");
       toConnection!.write(chunk);
     },
-    () => new FreshReadSpace(FROM_CLIENT_READ_BYTES),
+    () => new FreshReadSpace(RELAY_READ_BYTES),
   );
   const plain = startFdReading(
     m.plainFd,
     (chunk) => toClient!.write(chunk),
-    () => new FreshReadSpace(FROM_CONNECTION_READ_BYTES),
+    () => new FreshReadSpace(RELAY_READ_BYTES),
   );
   toConnection = new Direction(secure, plain);
   toClient = new Direction(plain, secure);

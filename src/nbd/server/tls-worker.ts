@@ -115,11 +115,10 @@ export class TlsWorkerPool {
     const id = this.#nextId++;
     const socket = startFdReading(pair[0], onChunk);
     const entry: Offloaded = { socket, handshake: done };
+    // Kept until the worker says both its sockets are closed: its handshake report may come after
+    // this end has closed (the worker closes the socketpair when a handshake fails), and the
+    // connection still logs why.
     slot.connections.set(id, entry);
-    socket.once("close", () => {
-      // Closed before the worker reported: a handshake that never ended (handshake bound, eviction).
-      entry.handshake = null;
-    });
     const message: ConnectionMessage = { type: "connection", id, fd: dup, plainFd: pair[1] };
     slot.worker.postMessage(message);
     return socket;

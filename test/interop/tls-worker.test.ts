@@ -1,6 +1,6 @@
 /**
- * TLS sessions on worker threads (nbd/server/tls-worker.ts): real clients are served through them
- * (and with DRIVETAP_TLS_WORKERS=0 on the main loop, as before); a worker that crashes closes only
+ * TLS sessions on worker threads (nbd/server/tls-worker.ts, opt-in with DRIVETAP_TLS_WORKERS): real
+ * clients are served through them (and without it on the main loop); a worker that crashes closes only
  * its own connections, says so, and loses no acknowledged write; a shutdown with TLS clients
  * connected answers what was admitted and closes the sessions cleanly.
  */
@@ -11,6 +11,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as C from "../../src/nbd/protocol/constants.js";
+import { HANDSHAKE_TIMEOUT_MS } from "../../src/nbd/server/limits.js";
 import { readImage, serveTempImage, type RunningDaemon } from "../helpers/daemon.js";
 import { RawNbd } from "../helpers/raw-nbd.js";
 import { run } from "../helpers/run.js";
@@ -20,6 +21,7 @@ const MiB = 1024 * 1024;
 const IMAGE_BYTES = 16 * MiB;
 /** What the crash test's worker throws at (DRIVETAP_TEST_TLS_WORKER_CRASH_MARKER). */
 const CRASH_MARKER = "drivetap-test-crash-marker";
+const WORKERS = { DRIVETAP_TLS_WORKERS: "2" };
 
 let certsRoot: string | null = null;
 let certs: X509Dir | null = null;
@@ -48,9 +50,11 @@ function nbdinfoUri(d: RunningDaemon): string {
   return `nbds+unix:///?socket=${d.socket}&tls-certificates=${x509().dir}`;
 }
 
-test("TLS sessions run on worker threads; DRIVETAP_TLS_WORKERS=0 keeps them on the main loop", async (t) => {
+test("DRIVETAP_TLS_WORKERS runs TLS sessions on worker threads; by default (or 0) they run on the main loop", async (t) => {
   for (const [workers, thread] of [
-    [undefined, "worker"],
+    ["auto", "worker"],
+    ["2", "worker"],
+    [undefined, "main"],
     ["0", "main"],
   ] as const) {
     const env: Record<string, string> = workers === undefined ? {} : { DRIVETAP_TLS_WORKERS: workers };
@@ -109,7 +113,10 @@ test("a TLS worker that crashes closes only its own connections, logs it, and lo
 });
 
 test("shutdown with TLS sessions on workers: every admitted request is answered, then a clean close", async (t) => {
-  const { daemon, image } = await serveTempImage(t, IMAGE_BYTES, { args: ["--tls-creds", x509().dir] });
+  const { daemon, image } = await serveTempImage(t, IMAGE_BYTES, {
+    args: ["--tls-creds", x509().dir],
+    env: WORKERS,
+  });
   const clients = [await tlsClient(daemon), await tlsClient(daemon), await tlsClient(daemon)];
   const writes = clients.map((c, i) => {
     const data = randomBytes(128 * 1024);
@@ -150,4 +157,27 @@ test("shutdown with TLS sessions on workers: every admitted request is answered,
   for (const w of late) {
     if ((w as { acked?: boolean }).acked) assert.ok(readImage(image, w.offset, w.data.length).equals(w.data));
   }
+});
+
+test("hostile handshakes through a worker: garbage after STARTTLS and a stuck handshake close that connection only", async (t) => {
+  const { daemon } = await serveTempImage(t, IMAGE_BYTES, { args: ["--tls-creds", x509().dir], env: WORKERS });
+  const garbage = await RawNbd.connect(daemon.socket);
+  await garbage.handshake();
+  await garbage.optionAck(C.NBD_OPT_STARTTLS);
+  garbage.send(Buffer.from("GET / HTTP/1.1\r\nHost: x\r\n\r\n" + "x".repeat(2000)));
+  await garbage.expectEof();
+  await daemon.waitForStderr(/the client did not start a TLS handshake after STARTTLS/);
+
+  // Half a ClientHello: the worker waits for the rest; the connection's handshake bound cuts it.
+  const stuck = await RawNbd.connect(daemon.socket);
+  await stuck.handshake();
+  await stuck.optionAck(C.NBD_OPT_STARTTLS);
+  stuck.send(Buffer.from([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00]));
+  const honest = await tlsClient(daemon);
+  assert.equal(await honest.write(0, Buffer.alloc(4096, 1)), 0, "an honest session meanwhile");
+  await stuck.expectEof(HANDSHAKE_TIMEOUT_MS + 5_000);
+  await daemon.waitForStderr(/handshake timed out/);
+  assert.equal(await honest.write(4096, Buffer.alloc(4096, 2)), 0, "and after");
+  await honest.disconnect();
+  assert.ok(daemon.alive());
 });

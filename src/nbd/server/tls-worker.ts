@@ -8,8 +8,8 @@
  *
  * Node cannot move a net.Socket between threads, so the handover is by descriptor: the native addon
  * dups the client's socket (the main thread then destroys its own socket object, closing only its
- * descriptor) and makes the socketpair. Without the addon's calls, or with DRIVETAP_TLS_WORKERS=0,
- * `offload` returns null and the connection runs TLS on the main loop as before.
+ * descriptor) and makes the socketpair. Workers are opt-in (DRIVETAP_TLS_WORKERS=N or auto); without
+ * them, or without the addon's calls, there is no pool and TLS runs on the main loop.
  *
  * A worker that dies (a bug: an uncaught exception) takes only its own connections: each is closed
  * at once, as if its client had hung up, and the death is logged with their count. Replies not yet
@@ -49,10 +49,15 @@ interface WorkerSlot {
   gone: boolean;
 }
 
-/** Workers to start: DRIVETAP_TLS_WORKERS if set (0 turns offloading off), else one per core. */
+/**
+ * Workers to start: DRIVETAP_TLS_WORKERS (a count, or "auto" for one per core); unset or 0, none.
+ * Off by default: on a 2-core machine shared with the client, the socketpair hop costs more CPU in
+ * all than the main loop saves (docs/ARCHITECTURE.md, "Decision: TLS on worker threads, opt-in").
+ */
 export function tlsWorkerCount(): number {
   const asked = process.env.DRIVETAP_TLS_WORKERS;
-  const n = asked === undefined || asked === "" ? availableParallelism() : Number(asked);
+  if (asked === undefined || asked === "") return 0;
+  const n = asked === "auto" ? availableParallelism() : Number(asked);
   return Number.isInteger(n) && n > 0 ? Math.min(n, TLS_WORKERS_MAX) : 0;
 }
 

@@ -120,7 +120,12 @@ test("shutdown with TLS sessions on workers: every admitted request is answered,
   const clients = [await tlsClient(daemon), await tlsClient(daemon), await tlsClient(daemon)];
   const writes = clients.map((c, i) => {
     const data = randomBytes(128 * 1024);
-    const cookie = c.sendRequest({ type: C.NBD_CMD_WRITE, offset: i * MiB, length: data.length, payload: data });
+    const cookie = c.sendRequest({
+      type: C.NBD_CMD_WRITE,
+      offset: i * MiB,
+      length: data.length,
+      payload: data,
+    });
     return { c, data, offset: i * MiB, cookie };
   });
   // Each write has reached the daemon once its reply is back; then more are sent and the daemon is
@@ -160,7 +165,10 @@ test("shutdown with TLS sessions on workers: every admitted request is answered,
 });
 
 test("hostile handshakes through a worker: garbage after STARTTLS and a stuck handshake close that connection only", async (t) => {
-  const { daemon } = await serveTempImage(t, IMAGE_BYTES, { args: ["--tls-creds", x509().dir], env: WORKERS });
+  const { daemon } = await serveTempImage(t, IMAGE_BYTES, {
+    args: ["--tls-creds", x509().dir],
+    env: WORKERS,
+  });
   const garbage = await RawNbd.connect(daemon.socket);
   await garbage.handshake();
   await garbage.optionAck(C.NBD_OPT_STARTTLS);

@@ -28,7 +28,11 @@ export interface ConnectionMessage {
 }
 
 export type FromWorker =
-  | { readonly type: "handshake"; readonly id: number; readonly result: import("./tls-upgrade.js").HandshakeResult }
+  | {
+      readonly type: "handshake";
+      readonly id: number;
+      readonly result: import("./tls-upgrade.js").HandshakeResult;
+    }
   | { readonly type: "closed"; readonly id: number };
 
 export interface TlsWorkerData {
@@ -124,7 +128,8 @@ function serve(tls: ServerTls, m: ConnectionMessage, crashMarker: Buffer | null)
   startTlsReading(
     secure,
     (chunk) => {
-      if (crashMarker !== null && chunk.includes(crashMarker)) throw new Error("test fault: crash marker seen");
+      if (crashMarker !== null && chunk.includes(crashMarker))
+        throw new Error("test fault: crash marker seen");
       toConnection!.write(chunk);
     },
     () => new FreshReadSpace(RELAY_READ_BYTES),

@@ -83,7 +83,11 @@ export class TlsWorkerPool {
 
   /** Whether offload can work at all here (workers asked for, and the addon's descriptor calls). */
   get enabled(): boolean {
-    return this.#size > 0 && typeof native?.dupCloexec === "function" && typeof native.unixSocketPair === "function";
+    return (
+      this.#size > 0 &&
+      typeof native?.dupCloexec === "function" &&
+      typeof native.unixSocketPair === "function"
+    );
   }
 
   /** Connections served by workers now. */
@@ -99,7 +103,11 @@ export class TlsWorkerPool {
    * caller then destroys `raw`, which closes only this thread's descriptor; `done` gets the
    * handshake's result. Null when the socket cannot be handed over; then `raw` is untouched.
    */
-  offload(raw: net.Socket, onChunk: (chunk: Buffer) => void, done: (r: HandshakeResult) => void): net.Socket | null {
+  offload(
+    raw: net.Socket,
+    onChunk: (chunk: Buffer) => void,
+    done: (r: HandshakeResult) => void,
+  ): net.Socket | null {
     if (!this.enabled || this.#closing) return null;
     const fd = (raw as unknown as SocketHandle)._handle?.fd;
     // Bytes Node has already read into the stream would not reach the worker.

@@ -192,25 +192,19 @@ export async function benchTls(dir: string, image: string, only?: readonly strin
   );
   printTable(header, rows);
   // Throughput on a shared machine moves with the load; CPU time per request moves much less.
-  console.log("\nServer CPU time (user + system, all threads) per request, us; median (min-max)");
-  printTable(
-    ["workload (TLS)", ...names],
-    TLS_WORKLOADS.map((w) => [
-      w.name,
-      ...names.map((n) => spread(cpuPerOp.get(`${n}/${w.name}`) ?? [NaN], 1, "")),
-    ]),
-  );
-  const drivetaps = names.filter(isDrivetap);
-  if (drivetaps.length > 0) {
-    console.log("\ndrivetap's main thread (the event loop) CPU time per request, us; median (min-max)");
+  const cpuTable = (title: string, columns: readonly string[], perOp: Map<string, number[]>): void => {
+    console.log(`\n${title} CPU time per request, us; median (min-max)`);
     printTable(
-      ["workload (TLS)", ...drivetaps],
+      ["workload (TLS)", ...columns],
       TLS_WORKLOADS.map((w) => [
         w.name,
-        ...drivetaps.map((n) => spread(mainCpuPerOp.get(`${n}/${w.name}`) ?? [NaN], 1, "")),
+        ...columns.map((n) => spread(perOp.get(`${n}/${w.name}`) ?? [NaN], 1, "")),
       ]),
     );
-  }
-  if (drivetaps.length > 0)
-    console.log(`\ndrivetap peak RSS over TLS: ${(drivetapRss / 1048576).toFixed(0)} MiB`);
+  };
+  cpuTable("Server (user + system, all threads)", names, cpuPerOp);
+  const drivetaps = names.filter(isDrivetap);
+  if (drivetaps.length === 0) return;
+  cpuTable("drivetap's main thread (the event loop)", drivetaps, mainCpuPerOp);
+  console.log(`\ndrivetap peak RSS over TLS: ${(drivetapRss / 1048576).toFixed(0)} MiB`);
 }

@@ -2,8 +2,9 @@
  * The body of a TLS worker thread (tls-worker.ts starts it). Each connection handed to it arrives as
  * two descriptors: the client's socket, on which this thread runs the TLS handshake and record layer
  * (ServerTls.upgrade, the same code the main thread runs without workers), and one end of a
- * socketpair whose other end the connection reads and writes in plaintext. Bytes are piped both ways
- * with the streams' own backpressure, so a paused connection stops this thread reading the client.
+ * socketpair whose other end the connection reads and writes in plaintext. Bytes are relayed both
+ * ways (Direction, below) with backpressure, so a paused connection stops this thread reading the
+ * client.
  *
  * Messages to the main thread: `handshake` (once per connection: its HandshakeResult, plain data)
  * and `closed` (both sockets are gone, its replies flushed or dropped). Authz stays in the main
@@ -15,7 +16,7 @@ import type { TlsCredentials } from "../tls/credentials.js";
 import { KiB, MiB } from "../../core/units.js";
 import { CLOSE_LINGER_MS } from "./limits.js";
 import { FreshReadSpace, startFdReading, startTlsReading } from "./socket-reader.js";
-import { ServerTls } from "./tls-upgrade.js";
+import { ServerTls, type HandshakeResult } from "./tls-upgrade.js";
 
 /** What the pool sends: a connection to serve. */
 export interface ConnectionMessage {
@@ -31,7 +32,7 @@ export type FromWorker =
   | {
       readonly type: "handshake";
       readonly id: number;
-      readonly result: import("./tls-upgrade.js").HandshakeResult;
+      readonly result: HandshakeResult;
     }
   | { readonly type: "closed"; readonly id: number };
 

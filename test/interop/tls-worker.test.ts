@@ -15,7 +15,7 @@ import { HANDSHAKE_TIMEOUT_MS } from "../../src/nbd/server/limits.js";
 import { readImage, serveTempImage, type RunningDaemon } from "../helpers/daemon.js";
 import { RawNbd } from "../helpers/raw-nbd.js";
 import { run } from "../helpers/run.js";
-import { clientTls, makeX509Dir, type X509Dir } from "../helpers/tls-certs.js";
+import { clientTls, makePskFile, makeX509Dir, type X509Dir } from "../helpers/tls-certs.js";
 
 const MiB = 1024 * 1024;
 const IMAGE_BYTES = 16 * MiB;
@@ -188,4 +188,38 @@ test("hostile handshakes through a worker: garbage after STARTTLS and a stuck ha
   assert.equal(await honest.write(4096, Buffer.alloc(4096, 2)), 0, "and after");
   await honest.disconnect();
   assert.ok(daemon.alive());
+});
+
+test("through a worker: PSK identities, --tls-verify-peer and --tls-authz decide as on the main loop", async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), "drivetap-tls-worker-psk-"));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const psk = join(dir, "keys.psk");
+  makePskFile(psk, "alice");
+  const other = join(dir, "other.psk");
+  makePskFile(other, "alice");
+  const { daemon: pskDaemon } = await serveTempImage(t, IMAGE_BYTES, {
+    args: ["--tls-psk", psk],
+    env: WORKERS,
+  });
+  const pskUri = (file: string): string =>
+    `nbds+unix://alice@/?socket=${pskDaemon.socket}&tls-psk-file=${file}`;
+  const ok = await run("nbdinfo", [pskUri(psk)], { timeoutMs: 30_000 });
+  assert.equal(ok.code, 0, ok.stderr);
+  const wrong = await run("nbdinfo", [pskUri(other)], { timeoutMs: 30_000 });
+  assert.notEqual(wrong.code, 0, "a wrong key fails");
+  await pskDaemon.waitForStderr(/the client's key for PSK identity 'alice' is not the one in/);
+
+  const { daemon } = await serveTempImage(t, IMAGE_BYTES, {
+    args: ["--tls-creds", x509().dir, "--tls-verify-peer", "--tls-authz", "CN=someone else"],
+    env: WORKERS,
+  });
+  // The certificate verifies in the worker; authz, in the main thread, refuses its subject.
+  const refused = await RawNbd.connect(daemon.socket);
+  await refused.handshake();
+  await refused.startTls(clientTls(x509().dir));
+  refused.sendOption(C.NBD_OPT_LIST);
+  const reply = await refused.readOptionReply();
+  assert.equal(reply.type >>> 0, C.NBD_REP_ERR_POLICY >>> 0);
+  await daemon.waitForStderr(/certificate subject 'CN=client,O=drivetap test' is not in --tls-authz/);
+  refused.destroy();
 });

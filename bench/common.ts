@@ -89,11 +89,15 @@ export function peakRssBytes(pid: number): number {
   }
 }
 
-/** User plus system CPU seconds a process (all its threads) has used so far; NaN once it is gone. */
-export function cpuSeconds(pid: number): number {
+/**
+ * User plus system CPU seconds a process (all its threads) has used so far, or with `thread` only
+ * that thread (the main thread's id is the pid); NaN once it is gone.
+ */
+export function cpuSeconds(pid: number, thread?: number): number {
   try {
     // Fields 14 and 15 of /proc/PID/stat, counted after the parenthesised command name.
-    const fields = fs.readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
+    const file = thread === undefined ? `/proc/${pid}/stat` : `/proc/${pid}/task/${thread}/stat`;
+    const fields = fs.readFileSync(file, "utf8").split(") ")[1].split(" ");
     return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS_PER_S;
   } catch {
     return NaN;

@@ -1,11 +1,12 @@
 /**
- * The "tls" part of `npm run bench`: fio over NBD with TLS (x509) against drivetap, qemu-nbd and
- * nbdkit, all serving the same raw image with the same certificates, interleaved round by round.
+ * The "tls" part of `npm run bench`: fio over NBD with TLS (x509) against drivetap (TLS on the main
+ * loop, and with DRIVETAP_TLS_WORKERS=auto on worker threads), qemu-nbd and nbdkit, all serving the same raw image with the same certificates, interleaved round by round.
  * The certificates (a CA and a server certificate) are made with openssl for the run. fio reaches
  * each server through libnbd's `nbds+unix://` URI. fio's nbd engine refuses URIs that name local
  * files (tls-certificates=), so the client does not verify the server. What is measured is the
  * session's encryption, the same for all three. Besides throughput it prints each server's CPU time
- * per request, which the other load on a shared machine disturbs far less.
+ * per request, which the other load on a shared machine disturbs far less, and drivetap's main
+ * thread's share of it (the event loop: what bounds a saturated drivetap).
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import * as fs from "node:fs";
@@ -31,18 +32,33 @@ const TLS_WORKLOADS = WORKLOADS.filter(
   (w) => w.name === "seq write 1M QD8" || w.name === "rand read 4k QD32",
 );
 
+function isDrivetap(name: string): boolean {
+  return name.startsWith("drivetap");
+}
+
 interface TlsServer {
   readonly name: string;
   start(image: string, socket: string, certs: string): ChildProcess;
+}
+
+function startDrivetap(image: string, socket: string, certs: string, env: NodeJS.ProcessEnv): ChildProcess {
+  return spawn(process.execPath, [CLI, "serve", image, "--socket", socket, "--tls-creds", certs], {
+    stdio: "ignore",
+    env,
+  });
 }
 
 const TLS_SERVERS: readonly TlsServer[] = [
   {
     name: "drivetap",
     start: (image, socket, certs) =>
-      spawn(process.execPath, [CLI, "serve", image, "--socket", socket, "--tls-creds", certs], {
-        stdio: "ignore",
-      }),
+      startDrivetap(image, socket, certs, { ...process.env, DRIVETAP_TLS_WORKERS: "0" }),
+  },
+  {
+    // TLS sessions on worker threads (opt-in: see docs/ARCHITECTURE.md).
+    name: "drivetap-workers",
+    start: (image, socket, certs) =>
+      startDrivetap(image, socket, certs, { ...process.env, DRIVETAP_TLS_WORKERS: "auto" }),
   },
   {
     name: "qemu-nbd",
@@ -116,12 +132,14 @@ function makeCerts(dir: string): void {
 export async function benchTls(dir: string, image: string, only?: readonly string[]): Promise<void> {
   need("openssl");
   const servers = TLS_SERVERS.filter((s) => !only || only.includes(s.name));
-  for (const s of servers) if (s.name !== "drivetap") need(s.name);
+  for (const s of servers) if (!isDrivetap(s.name)) need(s.name);
   const certs = path.join(dir, "tls-certs");
   makeCerts(certs);
   const results = new Map<string, number[]>();
   /** The server's CPU time (every thread) per request, in microseconds. */
   const cpuPerOp = new Map<string, number[]>();
+  /** drivetap's main thread's CPU time per request, in microseconds. */
+  const mainCpuPerOp = new Map<string, number[]>();
   let drivetapRss = 0;
   for (let round = 1; round <= ROUNDS; round++) {
     for (const w of TLS_WORKLOADS) {
@@ -132,15 +150,18 @@ export async function benchTls(dir: string, image: string, only?: readonly strin
         try {
           await waitForSocket(socket, proc);
           const cpuBefore = cpuSeconds(proc.pid!);
+          const mainBefore = cpuSeconds(proc.pid!, proc.pid!);
           const { value, ops } = runFioCounted(`nbds+unix:///?socket=${socket}&tls-verify-peer=false`, w);
           const cpuUsPerOp = ((cpuSeconds(proc.pid!) - cpuBefore) * 1e6) / ops;
+          const mainUsPerOp = ((cpuSeconds(proc.pid!, proc.pid!) - mainBefore) * 1e6) / ops;
           const key = `${s.name}/${w.name}`;
           results.set(key, [...(results.get(key) ?? []), value]);
           cpuPerOp.set(key, [...(cpuPerOp.get(key) ?? []), cpuUsPerOp]);
-          if (s.name === "drivetap") drivetapRss = Math.max(drivetapRss, peakRssBytes(proc.pid!));
+          mainCpuPerOp.set(key, [...(mainCpuPerOp.get(key) ?? []), mainUsPerOp]);
+          if (isDrivetap(s.name)) drivetapRss = Math.max(drivetapRss, peakRssBytes(proc.pid!));
           process.stderr.write(
             `tls round ${round} ${w.name.padEnd(20)} ${s.name.padEnd(9)} ${value.toFixed(0)} ${w.unit}, ` +
-              `${cpuUsPerOp.toFixed(1)} us CPU/request\n`,
+              `${cpuUsPerOp.toFixed(1)} us CPU/request (main thread ${mainUsPerOp.toFixed(1)})\n`,
           );
         } finally {
           await stopProcess(proc);
@@ -149,19 +170,20 @@ export async function benchTls(dir: string, image: string, only?: readonly strin
     }
   }
   const names = servers.map((s) => s.name);
-  const header = ["workload (TLS)", ...names, ...names.filter((n) => n !== "drivetap").map((n) => `vs ${n}`)];
+  // Each drivetap variant against each other server, round by round.
+  const pairs = names
+    .filter(isDrivetap)
+    .flatMap((d) => names.filter((n) => !isDrivetap(n)).map((n) => [d, n]));
+  const header = ["workload (TLS)", ...names, ...pairs.map(([d, n]) => `${d} vs ${n}`)];
   const rows = TLS_WORKLOADS.map((w) => {
     const runs = names.map((n) => results.get(`${n}/${w.name}`) ?? [NaN]);
-    const dt = runs[names.indexOf("drivetap")] ?? [NaN];
-    const ratios = names
-      .filter((n) => n !== "drivetap")
-      .map((n) =>
-        spread(
-          dt.map((v, i) => v / runs[names.indexOf(n)][i]),
-          2,
-          "x",
-        ),
-      );
+    const ratios = pairs.map(([d, n]) =>
+      spread(
+        runs[names.indexOf(d)].map((v, i) => v / runs[names.indexOf(n)][i]),
+        2,
+        "x",
+      ),
+    );
     return [`${w.name} (${w.unit})`, ...runs.map((r) => spread(r, 0, "")), ...ratios];
   });
   console.log(
@@ -170,14 +192,19 @@ export async function benchTls(dir: string, image: string, only?: readonly strin
   );
   printTable(header, rows);
   // Throughput on a shared machine moves with the load; CPU time per request moves much less.
-  console.log("\nServer CPU time (user + system, all threads) per request, us; median (min-max)");
-  printTable(
-    ["workload (TLS)", ...names],
-    TLS_WORKLOADS.map((w) => [
-      w.name,
-      ...names.map((n) => spread(cpuPerOp.get(`${n}/${w.name}`) ?? [NaN], 1, "")),
-    ]),
-  );
-  if (names.includes("drivetap"))
-    console.log(`\ndrivetap peak RSS over TLS: ${(drivetapRss / 1048576).toFixed(0)} MiB`);
+  const cpuTable = (title: string, columns: readonly string[], perOp: Map<string, number[]>): void => {
+    console.log(`\n${title} CPU time per request, us; median (min-max)`);
+    printTable(
+      ["workload (TLS)", ...columns],
+      TLS_WORKLOADS.map((w) => [
+        w.name,
+        ...columns.map((n) => spread(perOp.get(`${n}/${w.name}`) ?? [NaN], 1, "")),
+      ]),
+    );
+  };
+  cpuTable("Server (user + system, all threads)", names, cpuPerOp);
+  const drivetaps = names.filter(isDrivetap);
+  if (drivetaps.length === 0) return;
+  cpuTable("drivetap's main thread (the event loop)", drivetaps, mainCpuPerOp);
+  console.log(`\ndrivetap peak RSS over TLS: ${(drivetapRss / 1048576).toFixed(0)} MiB`);
 }

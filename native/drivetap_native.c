@@ -1,8 +1,10 @@
 /* Linux calls Node's fs module lacks: fallocate (allocate, punch hole, zero range), lseek SEEK_DATA/SEEK_HOLE
  * and open file description (OFD) byte-range locks, which image locking uses (block/drivers/image-lock.ts).
  * Each function returns a non-negative result or -errno; the TypeScript side maps errno to BlockError.
- * Also CRC-32C (the journal's checksum): SSE4.2's crc32 instruction when the CPU has it, else tables,
- * and an io_uring ring for the file driver's io_uring engine where the kernel headers have it. */
+ * Also CRC-32C (the journal's checksum): SSE4.2's crc32 instruction when the CPU has it, else tables;
+ * an io_uring ring for the file driver's io_uring engine where the kernel headers have it; and the two
+ * descriptor calls that hand a TLS connection to a worker thread (nbd/server/tls-worker.ts): dup and
+ * socketpair, which Node exposes for neither sockets nor threads. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -11,6 +13,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 static int64_t arg_i64(napi_env env, napi_value v) {
@@ -788,6 +791,28 @@ static napi_value uring_close(napi_env env, napi_callback_info info) {
 }
 #endif /* DRIVETAP_IO_URING */
 
+/* dupCloexec(fd): a second descriptor for fd's open file description (close-on-exec), or -errno. Closing
+ * one of the two leaves the socket open for the other. */
+static napi_value dup_cloexec(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int fd = fcntl((int)arg_i64(env, argv[0]), F_DUPFD_CLOEXEC, 0);
+  return ret_i64(env, fd < 0 ? -errno : fd);
+}
+
+/* unixSocketPair(): [fd0, fd1] of a connected AF_UNIX stream pair (close-on-exec), or -errno. */
+static napi_value unix_socket_pair(napi_env env, napi_callback_info info) {
+  (void)info;
+  int fds[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return ret_i64(env, -errno);
+  napi_value out;
+  napi_create_array_with_length(env, 2, &out);
+  napi_set_element(env, out, 0, ret_i64(env, fds[0]));
+  napi_set_element(env, out, 1, ret_i64(env, fds[1]));
+  return out;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   crc_init_tables();
 #if defined(__x86_64__)
@@ -812,6 +837,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"crc32c", NULL, crc32c, NULL, NULL, NULL, napi_enumerable, NULL},
       {"crc32cSoftware", NULL, crc32c_software, NULL, NULL, NULL, napi_enumerable, NULL},
       {"crc32cHardware", NULL, NULL, NULL, NULL, hardware, napi_enumerable, NULL},
+      {"dupCloexec", NULL, dup_cloexec, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"unixSocketPair", NULL, unix_socket_pair, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   napi_value modes, v;

@@ -38,6 +38,8 @@ export interface StartOptions {
   readonly readyTimeoutMs?: number;
   /** Runs the daemon under `ulimit -v` (bytes), so that a leak fails the test instead of the machine. */
   readonly addressSpaceBytes?: number;
+  /** Variables added to the daemon's environment. */
+  readonly env?: Readonly<Record<string, string>>;
 }
 
 export interface RunningDaemon {
@@ -67,9 +69,10 @@ export async function startDaemon(opts: StartOptions = {}): Promise<RunningDaemo
   if (opts.image !== undefined) args.push(opts.image);
   if (!opts.tcp) args.push("--socket", socket);
   args.push(...(opts.args ?? []));
+  const env = { ...process.env, ...opts.env };
   const proc =
     opts.addressSpaceBytes === undefined
-      ? spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] })
+      ? spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"], env })
       : spawn(
           "/bin/sh",
           [
@@ -78,7 +81,7 @@ export async function startDaemon(opts: StartOptions = {}): Promise<RunningDaemo
             process.execPath,
             ...args,
           ],
-          { stdio: ["ignore", "pipe", "pipe"] },
+          { stdio: ["ignore", "pipe", "pipe"], env },
         );
 
   let out = "";
@@ -213,7 +216,13 @@ export interface ServedImage {
 export async function serveTempImage(
   t: Pick<TestContext, "after">,
   sizeBytes: number,
-  opts: { args?: readonly string[]; content?: Buffer; addressSpaceBytes?: number; tcp?: boolean } = {},
+  opts: {
+    args?: readonly string[];
+    content?: Buffer;
+    addressSpaceBytes?: number;
+    tcp?: boolean;
+    env?: Readonly<Record<string, string>>;
+  } = {},
 ): Promise<ServedImage> {
   const dir = mkdtempSync(join(tmpdir(), "drivetap-img-"));
   const started: RunningDaemon[] = [];
@@ -227,6 +236,7 @@ export async function serveTempImage(
     args: opts.args,
     addressSpaceBytes: opts.addressSpaceBytes,
     tcp: opts.tcp,
+    env: opts.env,
   });
   started.push(daemon);
   return { daemon, dir, image };

@@ -8,9 +8,10 @@
  */
 import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import type * as tls from "node:tls";
 
 /** A certificate authority from an earlier makeX509Dir, to sign more certificates with. */
 export interface TestCa {
@@ -201,4 +202,14 @@ export function makePskFile(path: string, identity: string, key: Buffer = random
   const hex = key.toString("hex");
   writeFileSync(path, `${identity}:${hex}\n`, { mode: 0o600 });
   return hex;
+}
+
+/** Node client options for an x509 directory's client certificate, checking the server as localhost. */
+export function clientTls(dir: string): tls.ConnectionOptions {
+  return {
+    ca: readFileSync(join(dir, "ca-cert.pem")),
+    cert: readFileSync(join(dir, "client-cert.pem")),
+    key: readFileSync(join(dir, "client-key.pem")),
+    servername: "localhost",
+  };
 }

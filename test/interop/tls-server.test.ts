@@ -14,7 +14,6 @@ import { randomBytes } from "node:crypto";
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import * as tls from "node:tls";
 import * as C from "../../src/nbd/protocol/constants.js";
 import { encodeExportRequest } from "../../src/nbd/protocol/codec.js";
 import {
@@ -29,7 +28,7 @@ import { CLI, readImage, serveTempImage, type RunningDaemon } from "../helpers/d
 import { RawNbd } from "../helpers/raw-nbd.js";
 import { assertNothingLeft, pasteIntoShell, readmeSection } from "../helpers/readme.js";
 import { run, tempDir, type RunResult } from "../helpers/run.js";
-import { makePskFile, makeX509Dir, type X509Dir } from "../helpers/tls-certs.js";
+import { clientTls, makePskFile, makeX509Dir, type X509Dir } from "../helpers/tls-certs.js";
 
 const MiB = 1024 * 1024;
 const IMAGE_BYTES = 64 * MiB;
@@ -156,15 +155,6 @@ async function rawClient(d: RunningDaemon): Promise<RawNbd> {
   const c = await RawNbd.connect(d.socket);
   await c.handshake();
   return c;
-}
-
-function clientTls(dir: string): tls.ConnectionOptions {
-  return {
-    ca: readFileSync(join(dir, "ca-cert.pem")),
-    cert: readFileSync(join(dir, "client-cert.pem")),
-    key: readFileSync(join(dir, "client-key.pem")),
-    servername: "localhost",
-  };
 }
 
 // ---- real clients, x509 ---------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 /**
  * Loader for the optional native addon (native/drivetap_native.c): fallocate, SEEK_DATA/SEEK_HOLE and
- * OFD byte-range locks, which Node's fs lacks, a hardware CRC-32C and an io_uring ring. When the addon did not build,
+ * OFD byte-range locks, which Node's fs lacks, a hardware CRC-32C, an io_uring ring, and dup/socketpair
+ * for sockets. When the addon did not build,
  * `native` is null: the file driver falls back to portable I/O, images are not locked, and
  * block/crc32c.ts uses TypeScript (see docs/ARCHITECTURE.md).
  */
@@ -77,6 +78,13 @@ export interface NativeCalls {
   uringStats?(ring: UringHandle): number[];
   /** 0, or -EBUSY while anything is queued or in flight. */
   uringClose?(ring: UringHandle): number;
+  /**
+   * fcntl(F_DUPFD_CLOEXEC): a second descriptor of the same socket, or -errno; and socketpair
+   * (AF_UNIX, SOCK_STREAM): two connected descriptors, or -errno. nbd/server/tls-worker.ts hands a
+   * TLS connection to a worker thread with them. Optional: an older addon lacks them.
+   */
+  dupCloexec?(fd: number): number;
+  unixSocketPair?(): [number, number] | number;
 }
 
 /** An opaque ring from uringCreate. */

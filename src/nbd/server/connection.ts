@@ -8,7 +8,7 @@
  * read, write, pause and close goes through the TLS socket, and the options start over.
  */
 import type { Socket } from "node:net";
-import type { TLSSocket } from "node:tls";
+import { TLSSocket } from "node:tls";
 import { BlockError, NBD_ERRNO, ProtocolError, toBlockError } from "../../core/errors.js";
 import { coarseNowMs } from "../../core/coarse-clock.js";
 import type { Logger } from "../../core/log.js";
@@ -42,7 +42,8 @@ import type { BudgetAccount } from "./buffer-budget.js";
 import * as L from "./limits.js";
 import { giveReplyBuffer, replyAllocationBytes, takeReplyBuffer } from "./reply-pool.js";
 import { slabTracker, startTlsReading, stopSlabReads } from "./socket-reader.js";
-import type { ServerTls, UpgradeResult } from "./tls-upgrade.js";
+import type { HandshakeResult, ServerTls } from "./tls-upgrade.js";
+import type { TlsWorkerPool } from "./tls-worker.js";
 
 export interface NbdExport {
   readonly name: string;
@@ -75,6 +76,8 @@ export interface ConnectionHost extends ExportDirectory {
   enterTransmission(c: NbdConnection): boolean;
   /** TLS offered to clients (NBD_OPT_STARTTLS), or null when TLS is off. */
   readonly tls: ServerTls | null;
+  /** Worker threads that run TLS sessions off the main loop, or null (TLS then runs here). */
+  readonly tlsWorkers: TlsWorkerPool | null;
   onClosed(c: NbdConnection): void;
 }
 
@@ -245,10 +248,21 @@ export class NbdConnection {
   }
 
   #listen(socket: Socket): void {
-    socket.on("error", (err) => this.#log.debug({ err: err.message }, "socket error"));
-    socket.on("close", () => this.#finish());
-    socket.on("end", () => this.#closeAfterInFlight());
+    socket.on("error", this.#onSocketError);
+    socket.on("close", this.#onSocketClose);
+    socket.on("end", this.#onSocketEnd);
   }
+
+  /** Lets go of a socket whose bytes another one carries from now on (a TLS worker's socketpair). */
+  #unlisten(socket: Socket): void {
+    socket.removeListener("error", this.#onSocketError);
+    socket.removeListener("close", this.#onSocketClose);
+    socket.removeListener("end", this.#onSocketEnd);
+  }
+
+  readonly #onSocketError = (err: Error): void => this.#log.debug({ err: err.message }, "socket error");
+  readonly #onSocketClose = (): void => this.#finish();
+  readonly #onSocketEnd = (): void => this.#closeAfterInFlight();
 
   get exportName(): string | null {
     return this.#export?.name ?? null;
@@ -518,17 +532,31 @@ export class NbdConnection {
     });
   }
 
-  /** The ACK has left in clear: hand the socket to TLS. */
+  /**
+   * The ACK has left in clear: hand the socket to TLS, in a worker thread when the server has them
+   * (the connection then speaks plaintext to the worker over a socketpair), else here.
+   */
   #startTls(tls: ServerTls, raw: Socket): void {
-    const secure = tls.upgrade(raw, (r) => this.#onTlsDone(r, secure));
+    const onChunk = (chunk: Buffer): void => this.onData(chunk);
+    const done = (r: HandshakeResult): void => this.#onTlsDone(tls, r);
+    const plain = this.#directory.tlsWorkers?.offload(raw, onChunk, done) ?? null;
     stopSlabReads(raw);
+    if (plain !== null) {
+      this.#unlisten(raw);
+      raw.destroy();
+      this.#socket = plain;
+      this.#readingPaused = false;
+      this.#listen(plain);
+      return;
+    }
+    const secure = tls.upgrade(raw, done);
     this.#socket = secure;
     this.#readingPaused = false;
     this.#listen(secure);
-    startTlsReading(secure, (chunk) => this.onData(chunk));
+    startTlsReading(secure, onChunk);
   }
 
-  #onTlsDone(r: UpgradeResult, secure: TLSSocket): void {
+  #onTlsDone(tls: ServerTls, r: HandshakeResult): void {
     if (!r.ok) {
       // Logged even when the connection has closed already: a client that hung up in the handshake
       // closes the plain socket first about half the time, and the reason is still the one to tell.
@@ -544,10 +572,15 @@ export class NbdConnection {
     this.#structured = false;
     this.#metaExport = null;
     this.#contexts = [];
-    this.#tlsRefusal = r.refusal;
-    if (r.refusal !== null) this.#log.warn({ peer: r.peer?.name ?? null }, r.refusal);
+    this.#tlsRefusal = tls.refusal(r.peer);
+    if (this.#tlsRefusal !== null) this.#log.warn({ peer: r.peer?.name ?? null }, this.#tlsRefusal);
     this.#log.debug(
-      { protocol: secure.getProtocol(), cipher: secure.getCipher()?.name, peer: r.peer?.name ?? null },
+      {
+        protocol: r.protocol,
+        cipher: r.cipher,
+        peer: r.peer?.name ?? null,
+        thread: this.#socket instanceof TLSSocket ? "main" : "worker",
+      },
       "TLS established",
     );
   }

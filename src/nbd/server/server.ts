@@ -14,6 +14,7 @@ import { NbdConnection, type ConnectionHost, type InFlightRequest, type NbdExpor
 import * as L from "./limits.js";
 import { startReading } from "./socket-reader.js";
 import { ServerTls, type ServerTlsConfig } from "./tls-upgrade.js";
+import { TlsWorkerPool } from "./tls-worker.js";
 
 export interface NbdServerOptions {
   /** The daemon-wide budget for request and reply buffers (`--max-buffer-memory`). */
@@ -60,6 +61,8 @@ export class NbdServer implements ConnectionHost {
   readonly budget: BufferBudget;
   /** TLS offered on every connection (exports added later over QMP included), or null. */
   readonly tls: ServerTls | null;
+  /** The threads TLS sessions run on (started at the first STARTTLS), or null: TLS off, or on this loop. */
+  readonly tlsWorkers: TlsWorkerPool | null;
   readonly #stallTimer: NodeJS.Timeout;
   readonly #maxConnections: number;
   #nextConnectionId = 1;
@@ -73,6 +76,8 @@ export class NbdServer implements ConnectionHost {
     }
     // Builds the secure context now: bad credentials fail the start, not the first client.
     this.tls = options.tls ? new ServerTls(options.tls) : null;
+    const pool = this.tls === null ? null : new TlsWorkerPool(this.tls, log.child({ tls: "workers" }));
+    this.tlsWorkers = pool?.enabled ? pool : null;
     // Only connections in transmission send requests, so only they need a reserved share.
     this.budget = new BufferBudget(bytes, L.CONNECTIONS_MAX, L.BUFFER_RESERVED_BYTES);
     this.#stallTimer = setInterval(() => {
@@ -257,6 +262,8 @@ export class NbdServer implements ConnectionHost {
     clearInterval(this.#stallTimer);
     const closing = this.#servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
     await Promise.all([...this.#connections].map((c) => c.shutdown()));
+    // The workers flush what the connections have ended with before they stop.
+    await this.tlsWorkers?.close();
     await Promise.all(closing);
     for (const owned of this.#unixPaths) owned.release();
   }

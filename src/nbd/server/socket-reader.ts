@@ -104,8 +104,18 @@ export const slabTracker: ChunkTracker = {
   release: (b) => pool.release(b),
 };
 
+/** Where a socket's reads land: slab space (SlabReader), or fresh buffers (FreshReadSpace). */
+export interface ReadSpace {
+  /** Space for the next read. */
+  next(): Buffer;
+  /** The n bytes just read into `space`, as a chunk. */
+  take(n: number, space: Buffer): Buffer;
+  /** Reading has ended (the socket closed, or another reads it now). */
+  close(): void;
+}
+
 /** One connection's read position in its current slab. */
-class SlabReader {
+class SlabReader implements ReadSpace {
   #slab: Slab = pool.acquire();
   #pos = 0;
   #closed = false;
@@ -135,7 +145,43 @@ class SlabReader {
   }
 }
 
-const readers = new WeakMap<net.Socket, SlabReader>();
+/**
+ * Read space in fresh buffers of `bytes`, each filled by successive reads before the next is made
+ * (at least READ_SPACE_MIN_FRESH_BYTES left for a read). For a reader whose chunks are held by socket
+ * writes of unknown lifetime (a TLS worker relays them), which the slab pool's reference counts do
+ * not see: the garbage collector takes a buffer back once every chunk of it has been written. One
+ * allocation per `bytes` read instead of one per TLS record or 64 KiB read.
+ */
+export class FreshReadSpace implements ReadSpace {
+  readonly #bytes: number;
+  #buf: Buffer;
+  #pos = 0;
+
+  constructor(bytes: number) {
+    this.#bytes = bytes;
+    this.#buf = Buffer.allocUnsafeSlow(bytes);
+  }
+
+  next(): Buffer {
+    if (this.#bytes - this.#pos < READ_SPACE_MIN_FRESH_BYTES) {
+      this.#buf = Buffer.allocUnsafeSlow(this.#bytes);
+      this.#pos = 0;
+    }
+    return this.#buf.subarray(this.#pos);
+  }
+
+  take(n: number, space: Buffer): Buffer {
+    this.#pos += n;
+    return space.subarray(0, n);
+  }
+
+  close(): void {}
+}
+
+/** A fresh read buffer with less than this left is replaced (one TLS record's plaintext at most). */
+export const READ_SPACE_MIN_FRESH_BYTES = 16 * KiB;
+
+const readers = new WeakMap<net.Socket, ReadSpace>();
 
 /**
  * Ends slab reads on a socket from startReading whose reading has been taken over (STARTTLS: the
@@ -166,13 +212,37 @@ export function startReading(accepted: net.Socket, onChunk: (chunk: Buffer) => v
     accepted.resume();
     return accepted;
   }
-  const reader = new SlabReader();
   // Detach the handle from the accepted object, then let that object go: destroying it without a
   // handle releases the server's count of it and leaves the file descriptor open for the new socket.
   internals._handle = null;
   accepted.destroy();
-  const socket = new net.Socket({
-    handle: handle as never,
+  return slabSocket({ handle: handle as never }, onChunk);
+}
+
+/**
+ * A socket over a descriptor the caller owns (one end of a socketpair, tls-worker.ts), read into slabs
+ * like startReading's; the plain 'data' path under DRIVETAP_PLAIN_READS=1. Closing it closes `fd`.
+ */
+export function startFdReading(
+  fd: number,
+  onChunk: (chunk: Buffer) => void,
+  space: () => ReadSpace = () => new SlabReader(),
+): net.Socket {
+  if (plainReadsForced()) {
+    const socket = new net.Socket({ fd, allowHalfOpen: true, readable: true, writable: true });
+    socket.on("data", onChunk);
+    return socket;
+  }
+  return slabSocket({ fd }, onChunk, space());
+}
+
+function slabSocket(
+  source: { readonly handle: never } | { readonly fd: number },
+  onChunk: (chunk: Buffer) => void,
+  reader: ReadSpace = new SlabReader(),
+): net.Socket {
+  const options = {
+    ...source,
     allowHalfOpen: true,
     readable: true,
     writable: true,
@@ -182,7 +252,8 @@ export function startReading(accepted: net.Socket, onChunk: (chunk: Buffer) => v
         onChunk(reader.take(n, space as Buffer));
       },
     },
-  } as net.SocketConstructorOpts);
+  };
+  const socket = new net.Socket(options as unknown as net.SocketConstructorOpts);
   socket.once("close", () => reader.close());
   readers.set(socket, reader);
   socket.resume();
@@ -219,14 +290,18 @@ function onreadSymbols(): OnreadSymbols | null {
  * starts on the next tick), into slabs like startReading; the plain 'data' path when this Node lacks
  * what that needs or DRIVETAP_PLAIN_READS=1.
  */
-export function startTlsReading(secure: tls.TLSSocket, onChunk: (chunk: Buffer) => void): void {
+export function startTlsReading(
+  secure: tls.TLSSocket,
+  onChunk: (chunk: Buffer) => void,
+  space: () => ReadSpace = () => new SlabReader(),
+): void {
   const handle = (secure as unknown as HandleInternals)._handle;
   const symbols = onreadSymbols();
   if (!handle || typeof handle.useUserBuffer !== "function" || symbols === null || plainReadsForced()) {
     secure.on("data", onChunk);
     return;
   }
-  const reader = new SlabReader();
+  const reader = space();
   const first = reader.next();
   // What net.Socket's constructor sets up for an `onread` option (its read callback reads these),
   // and what it then asks of the handle.

@@ -52,9 +52,17 @@ export interface ServerTlsConfig {
   readonly authz: PeerAuthz | null;
 }
 
-/** How an upgrade ended: a usable session (perhaps refused by authz), or why it must close. */
-export type UpgradeResult =
-  | { readonly ok: true; readonly peer: TlsPeer | null; readonly refusal: string | null }
+/**
+ * How a TLS handshake ended: a session (its peer still to be checked against authz, `refusal`), or
+ * why the connection must close. Plain data, so a worker thread can report it (tls-worker.ts).
+ */
+export type HandshakeResult =
+  | {
+      readonly ok: true;
+      readonly peer: TlsPeer | null;
+      readonly protocol: string | null;
+      readonly cipher: string | null;
+    }
   | { readonly ok: false; readonly reason: string };
 
 interface VerifyHandle {
@@ -100,12 +108,12 @@ export class ServerTls {
    * Wraps `raw` (the NBD_REP_ACK to STARTTLS already sent, nothing read past it) in a server TLS
    * socket and returns that socket at once. `done` is called once, when the handshake has ended.
    */
-  upgrade(raw: net.Socket, done: (result: UpgradeResult) => void): tls.TLSSocket {
+  upgrade(raw: net.Socket, done: (result: HandshakeResult) => void): tls.TLSSocket {
     // No handshake timeout of its own: the connection's handshake bound (HANDSHAKE_TIMEOUT_MS from
     // accept to GO) covers the TLS handshake too.
     const socket = new tls.TLSSocket(raw, this.#options);
     let settled = false;
-    const settle = (r: UpgradeResult): void => {
+    const settle = (r: HandshakeResult): void => {
       if (settled) return;
       settled = true;
       socket.removeListener("error", onError);
@@ -127,21 +135,25 @@ export class ServerTls {
     return socket;
   }
 
-  #checkPeer(socket: tls.TLSSocket): UpgradeResult {
+  #checkPeer(socket: tls.TLSSocket): HandshakeResult {
     const c = this.creds;
     if (c.kind === "x509" && c.verifyPeer) {
       const refused = certificateRefusal(socket, c.dir);
       if (refused !== null) return { ok: false, reason: refused };
     }
-    const peer = tlsPeer(socket, c);
-    if (this.#authz === null) return { ok: true, peer, refusal: null };
-    if (peer !== null && this.#authz.allows(peer.name)) return { ok: true, peer, refusal: null };
+    const cipher = socket.getCipher()?.name ?? null;
+    return { ok: true, peer: tlsPeer(socket, c), protocol: socket.getProtocol(), cipher };
+  }
+
+  /** Why authz refuses a peer whose handshake succeeded (every option then gets ERR_POLICY), or null. */
+  refusal(peer: TlsPeer | null): string | null {
+    if (this.#authz === null) return null;
+    if (peer !== null && this.#authz.allows(peer.name)) return null;
     const who =
       peer === null
         ? "an unidentified peer"
         : `${peer.kind === "psk" ? "PSK identity" : "certificate subject"} '${peer.name}'`;
-    const refusal = `TLS peer not authorized: ${who} is not in ${this.#authz.source}`;
-    return { ok: true, peer, refusal };
+    return `TLS peer not authorized: ${who} is not in ${this.#authz.source}`;
   }
 }
 

@@ -267,13 +267,13 @@ export function parseHeader(buf: Buffer, fileBytes: number): Qcow2Header {
   };
 }
 
-interface Extension {
+export interface Extension {
   readonly type: number;
   readonly data: Buffer;
 }
 
 /** The header extensions after the header, checked to stay inside the first cluster. */
-function extensions(buf: Buffer, start: number, clusterBytes: number): Extension[] {
+export function extensions(buf: Buffer, start: number, clusterBytes: number): Extension[] {
   const end = Math.min(buf.length, clusterBytes);
   const out: Extension[] = [];
   let at = start;

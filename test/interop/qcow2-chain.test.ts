@@ -1,0 +1,203 @@
+/**
+ * Backing-chain jobs with real clients: blockdev-snapshot, block-stream and block-commit on a served
+ * disk while qemu-io writes to it over NBD. What the guest saw is compared with a raw model built by
+ * the same qemu-io commands; `qemu-img check`, `info` and `map` look at every image afterwards. The
+ * QMP errors are one session run against qemu-storage-daemon 7.2 and drivetap's storage-daemon.
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { copyFileSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import type { QmpClient } from "../../src/qmp/client.js";
+import { startDaemon, stopAfter } from "../helpers/daemon.js";
+import { connectQmp, prng, testSeed } from "../helpers/jobs.js";
+import { assertChecks, qemuImgCreate, qemuIo } from "../helpers/qcow2.js";
+import { DRIVETAP_STORAGE_DAEMON, outcome, startQsd } from "../helpers/qsd.js";
+import { run, runOk, start, tempDir } from "../helpers/run.js";
+
+type T = Parameters<typeof tempDir>[0];
+const MiB = 1024 * 1024;
+const DISK_BYTES = 16 * MiB;
+
+/** Sequential writes (each done before the next: the order is the model's), a pattern each. */
+function writePlan(rnd: () => number, regionOffset: number, regionBytes: number, count: number): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < count; i++) {
+    const sectors = 1 + Math.floor(rnd() * 128);
+    const start = Math.floor(rnd() * (regionBytes / 512 - sectors));
+    out.push(
+      `write -P 0x${(1 + Math.floor(rnd() * 254)).toString(16)} ${regionOffset + start * 512} ${sectors * 512}`,
+    );
+  }
+  return out;
+}
+
+/** qemu-io over NBD, started (not awaited): tests act while it writes. */
+function qemuIoNbd(uri: string, commands: readonly string[]) {
+  const args = ["-f", "raw", uri];
+  for (const c of commands) args.push("-c", c);
+  return start("qemu-io", args);
+}
+
+function sha(path: string): string {
+  return createHash("sha256").update(readFileSync(path)).digest("hex");
+}
+
+async function imageInfo(path: string): Promise<Record<string, unknown>> {
+  return JSON.parse((await runOk("qemu-img", ["info", "-U", "--output=json", path])).stdout) as Record<
+    string,
+    unknown
+  >;
+}
+
+interface MapEntry {
+  start: number;
+  length: number;
+  depth: number;
+  data: boolean;
+  zero: boolean;
+}
+
+async function imageMap(path: string): Promise<MapEntry[]> {
+  return JSON.parse((await runOk("qemu-img", ["map", "-U", "--output=json", path])).stdout) as MapEntry[];
+}
+
+/** Whether [offset, offset + length) is all data in the top image itself (depth 0). */
+function allocatedOnTop(map: readonly MapEntry[], offset: number, length: number): boolean {
+  return map
+    .filter((e) => e.start < offset + length && e.start + e.length > offset)
+    .every((e) => e.depth === 0 && e.data);
+}
+
+/** The served disk read whole through NBD equals the model. */
+async function assertServes(uri: string, model: string): Promise<void> {
+  const r = await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", uri, model]);
+  assert.equal(r.code, 0, `export differs from the model: ${r.stdout}${r.stderr}`);
+}
+
+/** A raw base with data everywhere the tests look, served by `drivetap serve` with QMP. */
+async function servedBase(t: T, seed: number) {
+  const dir = tempDir(t, "drivetap-chain-");
+  const base = join(dir, "base.raw");
+  const model = join(dir, "model.raw");
+  await qemuImgCreate(base, DISK_BYTES, { format: "raw" });
+  await qemuIo(base, "raw", writePlan(prng(seed), 0, DISK_BYTES, 200));
+  copyFileSync(base, model);
+  const qmpPath = join(dir, "qmp.sock");
+  const daemon = await startDaemon({ image: base, args: ["--qmp", qmpPath] });
+  stopAfter(t, daemon);
+  const qmp = await connectQmp(t, qmpPath);
+  return { dir, base, model, daemon, qmp, uri: daemon.uri };
+}
+
+async function addQcow2(qmp: QmpClient, name: string, file: string, backing?: string | null): Promise<void> {
+  await qmp.execute("blockdev-add", {
+    driver: "qcow2",
+    "node-name": name,
+    file: { driver: "file", filename: file },
+    ...(backing === undefined ? {} : { backing }),
+  });
+}
+
+test("blockdev-snapshot under writes: new writes land in the overlay, the base stays as it was", async (t) => {
+  const seed = testSeed(t);
+  const rnd = prng(seed + 1);
+  const s = await servedBase(t, seed);
+  const overlay = join(s.dir, "overlay.qcow2");
+  await qemuImgCreate(overlay, DISK_BYTES);
+  await addQcow2(s.qmp, "ov", overlay, null);
+
+  const during = writePlan(rnd, 0, 8 * MiB, 3000);
+  const writer = qemuIoNbd(s.uri, during);
+  await writer.waitForStdout(/^wrote /m);
+  await s.qmp.execute("blockdev-snapshot", { node: "disk0", overlay: "ov" });
+  const baseAtSnapshot = sha(s.base);
+  assert.equal(writer.proc.exitCode, null, "the snapshot was taken while qemu-io was still writing");
+  const r = await writer.result;
+  assert.equal(r.code, 0, r.stderr);
+  assert.doesNotMatch(r.stdout, /failed|error/i);
+
+  // Writes after the snapshot: only the overlay has them.
+  const after = [`write -P 0xc1 ${10 * MiB} 1M`, `write -P 0xc2 ${12 * MiB + 4096} 70000`];
+  const r2 = await qemuIoNbd(s.uri, after).result;
+  assert.equal(r2.code, 0, r2.stderr);
+  await qemuIo(s.model, "raw", [...during, ...after]);
+  await assertServes(s.uri, s.model);
+  const map = await imageMap(overlay);
+  assert.ok(allocatedOnTop(map, 10 * MiB, 1 * MiB), `overlay map: ${JSON.stringify(map)}`);
+  assert.ok(allocatedOnTop(map, 12 * MiB + 4096, 70000));
+  assert.equal(sha(s.base), baseAtSnapshot, "the base does not change after the snapshot");
+
+  assert.equal(await s.daemon.stop(), 0);
+  assert.equal(sha(s.base), baseAtSnapshot);
+  const info = await imageInfo(overlay);
+  assert.equal(info["backing-filename"], s.base);
+  assert.equal(info["backing-filename-format"], "raw");
+  await assertChecks(overlay);
+  const cmp = await run("qemu-img", ["compare", "-F", "raw", overlay, s.model]);
+  assert.equal(cmp.code, 0, `the overlay and its header's chain read as the guest wrote: ${cmp.stdout}`);
+});
+
+/** Runs the same QMP session against qemu-storage-daemon and drivetap's, each in its own directory. */
+async function compareSessions(
+  t: T,
+  prepare: (dir: string) => Promise<void>,
+  session: (dir: string) => Array<[string, Record<string, unknown>]>,
+): Promise<void> {
+  const outcomes: unknown[][] = [];
+  for (const command of [undefined, DRIVETAP_STORAGE_DAEMON]) {
+    const { qmp, dir } = await startQsd(t, [], command);
+    await prepare(dir);
+    const got: unknown[] = [];
+    for (const [name, args] of session(dir)) {
+      got.push([name, JSON.parse(JSON.stringify(await outcome(qmp, name, args)).replaceAll(dir, "DIR"))]);
+    }
+    outcomes.push(got);
+  }
+  const differing = outcomes[0].flatMap((o, i) =>
+    JSON.stringify(o) === JSON.stringify(outcomes[1][i])
+      ? []
+      : [`#${i}: QSD ${JSON.stringify(o)}, drivetap ${JSON.stringify(outcomes[1][i])}`],
+  );
+  assert.deepEqual(differing, []);
+}
+
+test("blockdev-snapshot's errors are qemu-storage-daemon's", async (t) => {
+  await compareSessions(
+    t,
+    async (dir) => {
+      await qemuImgCreate(join(dir, "base.raw"), "4M", { format: "raw" });
+      await qemuImgCreate(join(dir, "ov.qcow2"), "4M");
+      await qemuImgCreate(join(dir, "ov8.qcow2"), "8M");
+      await qemuImgCreate(join(dir, "nob.qcow2"), "4M");
+      // Its backing is another file: drivetap's writable nodes do not share "write" with a reader.
+      await qemuImgCreate(join(dir, "other.raw"), "4M", { format: "raw" });
+      await qemuImgCreate(join(dir, "ovb.qcow2"), "4M", {
+        backing: join(dir, "other.raw"),
+        backingFormat: "raw",
+      });
+    },
+    (dir) => {
+      const file = (name: string) => ({ driver: "file", filename: join(dir, name) });
+      return [
+        ["blockdev-add", { driver: "raw", "node-name": "base", file: file("base.raw") }],
+        ["blockdev-add", { driver: "qcow2", "node-name": "ov", backing: null, file: file("ov.qcow2") }],
+        ["blockdev-add", { driver: "qcow2", "node-name": "ov8", backing: null, file: file("ov8.qcow2") }],
+        ["blockdev-add", { driver: "qcow2", "node-name": "nob", backing: null, file: file("nob.qcow2") }],
+        ["blockdev-add", { driver: "qcow2", "node-name": "ovb", file: file("ovb.qcow2") }],
+        ["blockdev-snapshot", { node: "nope", overlay: "ov" }],
+        ["blockdev-snapshot", { node: "base", overlay: "nope" }],
+        ["blockdev-snapshot", { node: "base", overlay: "ovb" }],
+        ["blockdev-snapshot", { node: "base", overlay: "base" }],
+        ["blockdev-snapshot", { node: "base" }],
+        ["blockdev-snapshot", { node: "base", overlay: "ov", extra: 1 }],
+        // QEMU takes an overlay of another size (reads past the base's end read zeros).
+        ["blockdev-snapshot", { node: "base", overlay: "ov8" }],
+        ["blockdev-snapshot", { node: "base", overlay: "ov" }],
+        ["blockdev-snapshot", { node: "ov8", overlay: "nob" }],
+        ["blockdev-snapshot", { node: "nob", overlay: "ov8" }],
+      ];
+    },
+  );
+});

@@ -11,7 +11,15 @@ import { copyFileSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import type { QmpClient } from "../../src/qmp/client.js";
 import { startDaemon, stopAfter } from "../helpers/daemon.js";
-import { connectQmp, prng, testSeed } from "../helpers/jobs.js";
+import {
+  connectQmp,
+  eventAfter,
+  jobEvent,
+  jobEventLog,
+  prng,
+  statusEvent,
+  testSeed,
+} from "../helpers/jobs.js";
 import { assertChecks, qemuImgCreate, qemuIo } from "../helpers/qcow2.js";
 import { DRIVETAP_STORAGE_DAEMON, outcome, startQsd } from "../helpers/qsd.js";
 import { run, runOk, start, tempDir } from "../helpers/run.js";
@@ -19,6 +27,8 @@ import { run, runOk, start, tempDir } from "../helpers/run.js";
 type T = Parameters<typeof tempDir>[0];
 const MiB = 1024 * 1024;
 const DISK_BYTES = 16 * MiB;
+/** The part of the disk the upper layers and the guest write in chain tests. */
+const UPPER_BYTES = 12 * MiB;
 
 /** Sequential writes (each done before the next: the order is the model's), a pattern each. */
 function writePlan(rnd: () => number, regionOffset: number, regionBytes: number, count: number): string[] {
@@ -200,4 +210,129 @@ test("blockdev-snapshot's errors are qemu-storage-daemon's", async (t) => {
       ];
     },
   );
+});
+
+/**
+ * base.raw <- mid.qcow2 <- top.qcow2, each holding data of its own, and a raw model of what top reads;
+ * top is served by `drivetap serve` (its chain opened from the headers) with QMP.
+ */
+async function servedChain(t: T, seed: number) {
+  const dir = tempDir(t, "drivetap-chain-");
+  const base = join(dir, "base.raw");
+  const mid = join(dir, "mid.qcow2");
+  const top = join(dir, "top.qcow2");
+  const model = join(dir, "model.raw");
+  const rnd = prng(seed);
+  await qemuImgCreate(base, DISK_BYTES, { format: "raw" });
+  await qemuImgCreate(mid, DISK_BYTES, { backing: base, backingFormat: "raw" });
+  await qemuImgCreate(top, DISK_BYTES, { backing: mid, backingFormat: "qcow2" });
+  const layers: Array<[string, string, string[]]> = [
+    [base, "raw", writePlan(rnd, 0, DISK_BYTES, 150)],
+    // The last quarter is base's alone: a stream down to base must leave it there.
+    [mid, "qcow2", writePlan(rnd, 0, UPPER_BYTES, 150)],
+    [top, "qcow2", writePlan(rnd, 0, UPPER_BYTES, 50)],
+  ];
+  await qemuImgCreate(model, DISK_BYTES, { format: "raw" });
+  for (const [image, format, plan] of layers) {
+    await qemuIo(image, format, plan);
+    await qemuIo(model, "raw", plan);
+  }
+  const qmpPath = join(dir, "qmp.sock");
+  const daemon = await startDaemon({ image: top, args: ["--qmp", qmpPath] });
+  stopAfter(t, daemon);
+  const qmp = await connectQmp(t, qmpPath);
+  return { dir, base, mid, top, model, daemon, qmp, uri: daemon.uri };
+}
+
+/** Writes while `act` runs: `act` is started once qemu-io has written, and must return before it ends. */
+async function whileWriting(uri: string, plan: readonly string[], act: () => Promise<void>): Promise<void> {
+  const writer = qemuIoNbd(uri, plan);
+  await writer.waitForStdout(/^wrote /m);
+  await act();
+  assert.equal(writer.proc.exitCode, null, "qemu-io was still writing when the command returned");
+  const r = await writer.result;
+  assert.equal(r.code, 0, r.stderr);
+  assert.doesNotMatch(r.stdout, /failed|error/i);
+}
+
+test("block-stream of the whole chain under writes: top keeps the guest's writes and has no backing", async (t) => {
+  const seed = testSeed(t);
+  const s = await servedChain(t, seed);
+  const baseSha = sha(s.base);
+  const during = writePlan(prng(seed + 7), 0, UPPER_BYTES, 2500);
+  const mark = s.qmp.events.length;
+  await whileWriting(s.uri, during, async () => {
+    // Paced, so the copy and the guest's writes overlap for a while.
+    await s.qmp.execute("block-stream", { "job-id": "s0", device: "disk0", speed: 8 * MiB });
+    await s.qmp.execute("block-job-pause", { device: "s0" });
+    await eventAfter(s.qmp, mark, statusEvent("s0", "paused"));
+    await s.qmp.execute("block-job-resume", { device: "s0" });
+  });
+  const done = await eventAfter(s.qmp, mark, jobEvent("s0", "BLOCK_JOB_COMPLETED"));
+  assert.equal(done.data.error, undefined);
+  assert.equal(done.data.type, "stream");
+  assert.equal(done.data.offset, DISK_BYTES);
+  assert.deepEqual(jobEventLog(s.qmp, "s0"), [
+    "created",
+    "running",
+    "paused",
+    "running",
+    "waiting",
+    "pending",
+    "BLOCK_JOB_COMPLETED",
+    "concluded",
+    "null",
+  ]);
+  await qemuIo(s.model, "raw", during);
+  await assertServes(s.uri, s.model);
+  assert.equal(await s.daemon.stop(), 0);
+  const info = await imageInfo(s.top);
+  assert.equal(info["backing-filename"], undefined, `top has no backing: ${JSON.stringify(info)}`);
+  await assertChecks(s.top);
+  await assertChecks(s.mid);
+  const cmp = await run("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", s.top, s.model]);
+  assert.equal(cmp.code, 0, `top alone reads what the guest saw: ${cmp.stdout}`);
+  assert.equal(sha(s.base), baseSha, "stream only writes the top");
+});
+
+test("block-stream down to a base: the intermediate is dropped, top names the base", async (t) => {
+  const seed = testSeed(t);
+  const s = await servedChain(t, seed);
+  const midSha = sha(s.mid);
+  const during = writePlan(prng(seed + 9), 0, UPPER_BYTES, 2000);
+  const mark = s.qmp.events.length;
+  await whileWriting(s.uri, during, async () => {
+    await s.qmp.execute("block-stream", { "job-id": "s1", device: "disk0", base: s.base, speed: 8 * MiB });
+  });
+  const done = await eventAfter(s.qmp, mark, jobEvent("s1", "BLOCK_JOB_COMPLETED"));
+  assert.equal(done.data.error, undefined);
+  await qemuIo(s.model, "raw", during);
+  await assertServes(s.uri, s.model);
+  // Only what mid held was copied: base's own clusters are still base's.
+  const map = await imageMap(s.top);
+  assert.ok(
+    map.filter((e) => e.start >= UPPER_BYTES).every((e) => e.depth === 1),
+    `top reads base's own quarter from base: ${JSON.stringify(map.filter((e) => e.start >= UPPER_BYTES))}`,
+  );
+  assert.ok(!map.some((e) => e.depth === 2), "no third layer");
+  assert.equal(await s.daemon.stop(), 0);
+  const info = await imageInfo(s.top);
+  assert.equal(info["backing-filename"], s.base);
+  assert.equal(info["backing-filename-format"], "raw");
+  await assertChecks(s.top);
+  assert.equal(sha(s.mid), midSha, "the dropped intermediate is not written");
+  const cmp = await run("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", s.top, s.model]);
+  assert.equal(cmp.code, 0, `top over base reads what the guest saw: ${cmp.stdout}`);
+});
+
+test("a cancelled block-stream leaves the chain as it was", async (t) => {
+  const s = await servedChain(t, testSeed(t));
+  const mark = s.qmp.events.length;
+  await s.qmp.execute("block-stream", { "job-id": "s2", device: "disk0", speed: 1 * MiB });
+  await s.qmp.execute("block-job-cancel", { device: "s2" });
+  await eventAfter(s.qmp, mark, jobEvent("s2", "BLOCK_JOB_CANCELLED"));
+  await assertServes(s.uri, s.model);
+  assert.equal(await s.daemon.stop(), 0);
+  assert.equal((await imageInfo(s.top))["backing-filename"], s.mid);
+  await assertChecks(s.top);
 });

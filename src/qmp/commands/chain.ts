@@ -6,10 +6,41 @@
  */
 import { Qcow2Driver } from "../../block/drivers/qcow2/qcow2.js";
 import type { BlockGraph } from "../../graph/block-graph.js";
-import { backingNameOf, backingChain, snapshotOnto } from "../../graph/chain.js";
+import {
+  backingNameOf,
+  backingChain,
+  findFileInChain,
+  relinkBacking,
+  snapshotOnto,
+  type ChainLayer,
+} from "../../graph/chain.js";
 import type { BlockNode } from "../../io/block-node.js";
+import { BlockStreamJob } from "../../jobs/block-stream.js";
+import type { ErrorAction } from "../../jobs/job.js";
 import { QmpError } from "../errors.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
+import { checkJobId } from "./job-start.js";
+
+/** BlockdevOnError: QEMU's `auto` means the device's policy, and a job has none: report. */
+const ON_ERROR = ["report", "ignore", "enospc", "stop", "auto"] as const;
+
+/** The arguments block-stream and block-commit share, with QEMU's names. */
+const CHAIN_JOB_ARGS = {
+  "job-id": { type: "str", optional: true },
+  device: { type: "str" },
+  base: { type: "str", optional: true },
+  "base-node": { type: "str", optional: true },
+  "backing-file": { type: "str", optional: true },
+  speed: { type: "int", min: 0, optional: true },
+  "on-error": { type: "enum", values: ON_ERROR, optional: true },
+  "filter-node-name": { type: "str", optional: true },
+  "auto-finalize": { type: "bool", optional: true },
+  "auto-dismiss": { type: "bool", optional: true },
+} as const;
+
+function onErrorAction(v: (typeof ON_ERROR)[number] | undefined): ErrorAction {
+  return v === undefined || v === "auto" ? "report" : v;
+}
 
 function findNode(graph: BlockGraph, name: string): BlockNode {
   const node = graph.getNode(name);
@@ -69,6 +100,140 @@ async function blockdevSnapshot(graph: BlockGraph, nodeName: string, overlayName
   await snapshotOnto(graph, node, overlay, name);
 }
 
+/**
+ * QSD has no device names, only nodes: a job needs an explicit id (QEMU derives one from a
+ * BlockBackend's name, which a node does not have, and refuses the empty one).
+ */
+function requireJobId(graph: BlockGraph, jobId: string | undefined): string {
+  checkJobId(graph, jobId ?? "");
+  return jobId!;
+}
+
+/** Refuses layers a job of another already uses (QEMU's op blockers). */
+function refuseJobUsers(graph: BlockGraph, layers: readonly ChainLayer[]): void {
+  for (const l of layers) if (l.nodeName !== undefined) refuseJobUser(graph, l.nodeName);
+}
+
+/** The writable qcow2 image a job writes into or relinks (drivetap does not reopen read-only ones). */
+function writableQcow2(layer: ChainLayer, what: string): Qcow2Driver {
+  const d = layer.driver;
+  if (!(d instanceof Qcow2Driver)) {
+    throw new QmpError(
+      "GenericError",
+      `'${layer.nodeName ?? layer.filename}' does not support backing files`,
+    );
+  }
+  if (d.readOnly) {
+    throw new QmpError(
+      "GenericError",
+      `'${layer.nodeName ?? layer.filename}' is read-only, and ${what} must write it (drivetap does not reopen images read-write)`,
+    );
+  }
+  return d;
+}
+
+/** What a relinked header names for the new backing: `backing-file`, else the base's own file. */
+function headerNameFor(base: ChainLayer, backingFile: string | undefined) {
+  const name = backingNameOf(base, backingFile);
+  if (name === undefined) {
+    throw new QmpError(
+      "GenericError",
+      `'${base.nodeName}' has no image file to name in the header: give 'backing-file'`,
+    );
+  }
+  return name;
+}
+
+/** Claims the nodes among `layers` for job `id`; returns the release. */
+function claimLayers(graph: BlockGraph, id: string, layers: readonly ChainLayer[], why: string): () => void {
+  const claimed: string[] = [];
+  const release = (): void => {
+    for (const n of claimed) graph.release(n, `job:${id}`);
+  };
+  try {
+    for (const l of layers) {
+      if (l.nodeName === undefined) continue;
+      graph.claim(l.nodeName, `job:${id}`, `block job ${id} (${why})`);
+      claimed.push(l.nodeName);
+    }
+  } catch (err) {
+    release();
+    throw new QmpError("GenericError", (err as Error).message);
+  }
+  return release;
+}
+
+interface StreamArgs {
+  "job-id"?: string;
+  device: string;
+  base?: string;
+  "base-node"?: string;
+  "backing-file"?: string;
+  bottom?: string;
+  speed?: number;
+  "on-error"?: (typeof ON_ERROR)[number];
+  "auto-finalize"?: boolean;
+  "auto-dismiss"?: boolean;
+}
+
+/** block-stream, with qmp_block_stream's checks in its order. */
+function blockStream(graph: BlockGraph, a: StreamArgs): void {
+  const top = findNode(graph, a.device);
+  if (a.base !== undefined && a["base-node"] !== undefined) {
+    throw new QmpError("GenericError", "'base' and 'base-node' cannot be specified at the same time");
+  }
+  if (a.bottom !== undefined) {
+    throw new QmpError("GenericError", "'bottom' is not supported: give 'base-node' (the node below it)");
+  }
+  const chain = backingChain(graph, a.device);
+  let baseIndex: number | null = null;
+  if (a.base !== undefined) {
+    const i = findFileInChain(chain, a.base);
+    if (i <= 0) throw new QmpError("GenericError", `Can't find '${a.base}' in the backing chain`);
+    baseIndex = i;
+  }
+  const baseNode = a["base-node"];
+  if (baseNode !== undefined) {
+    if (!graph.getNode(baseNode)) {
+      throw new QmpError("GenericError", `Cannot find device='' nor node-name='${baseNode}'`);
+    }
+    const i = chain.findIndex((l) => l.nodeName === baseNode);
+    if (i <= 0)
+      throw new QmpError("GenericError", `Node '${baseNode}' is not a backing image of '${a.device}'`);
+    baseIndex = i;
+  }
+  if (baseIndex === null && a["backing-file"] !== undefined) {
+    throw new QmpError("GenericError", "backing file specified, but streaming the entire chain");
+  }
+  const intermediates = chain.slice(1, baseIndex ?? chain.length);
+  refuseJobUsers(graph, [chain[0], ...intermediates]);
+  const jobId = requireJobId(graph, a["job-id"]);
+  // A node without backing has nothing to stream: the job just completes, as in QEMU.
+  const topDriver = chain.length > 1 ? writableQcow2(chain[0], "block-stream") : null;
+  const name = baseIndex === null ? null : headerNameFor(chain[baseIndex], a["backing-file"]);
+  const release = claimLayers(graph, jobId, [chain[0], ...intermediates], "stream");
+  const job = new BlockStreamJob({
+    id: jobId,
+    top,
+    topDriver,
+    layers: topDriver ? intermediates.map((l) => l.driver) : [],
+    speed: a.speed,
+    onError: onErrorAction(a["on-error"]),
+    autoFinalize: a["auto-finalize"],
+    autoDismiss: a["auto-dismiss"],
+    events: graph.events,
+    log: graph.log,
+    relink: async () => {
+      // Relinked from the chain as it is now: nothing can have changed it, the job holds its nodes.
+      if (topDriver) await relinkBacking(graph, top, backingChain(graph, a.device), 0, baseIndex, name);
+    },
+    release,
+    onGone: (j) => graph.removeJob(j),
+  });
+  graph.addJob(job);
+  job.start();
+}
+
 export function chainCommands(graph: BlockGraph): QmpCommandDef[] {
   return [
     defineCommand({
@@ -76,6 +241,14 @@ export function chainCommands(graph: BlockGraph): QmpCommandDef[] {
       args: { node: { type: "str" }, overlay: { type: "str" } },
       handler: async (a) => {
         await blockdevSnapshot(graph, a.node, a.overlay);
+        return {};
+      },
+    }),
+    defineCommand({
+      name: "block-stream",
+      args: { ...CHAIN_JOB_ARGS, bottom: { type: "str", optional: true } },
+      handler: (a) => {
+        blockStream(graph, a);
         return {};
       },
     }),

@@ -336,3 +336,93 @@ test("a cancelled block-stream leaves the chain as it was", async (t) => {
   assert.equal((await imageInfo(s.top))["backing-filename"], s.mid);
   await assertChecks(s.top);
 });
+
+/**
+ * A served raw base with two overlays put on it by blockdev-snapshot (mid, then top), each holding
+ * writes of its own; the export serves top. The base and the overlays are graph nodes, so a commit
+ * can write the base through its node.
+ */
+async function snapshotChain(t: T, seed: number) {
+  const s = await servedBase(t, seed);
+  const mid = join(s.dir, "mid.qcow2");
+  const top = join(s.dir, "top.qcow2");
+  const rnd = prng(seed + 3);
+  for (const [name, file] of [
+    ["mid", mid],
+    ["top", top],
+  ] as const) {
+    await qemuImgCreate(file, DISK_BYTES);
+    await addQcow2(s.qmp, name, file, null);
+    await s.qmp.execute("blockdev-snapshot", { node: name === "mid" ? "disk0" : "mid", overlay: name });
+    const plan = writePlan(rnd, 0, UPPER_BYTES, 150);
+    const r = await qemuIoNbd(s.uri, plan).result;
+    assert.equal(r.code, 0, r.stderr);
+    await qemuIo(s.model, "raw", plan);
+  }
+  return { ...s, mid, top };
+}
+
+test("block-commit of an intermediate under writes: mid merged into the base, top over the base", async (t) => {
+  const seed = testSeed(t);
+  const s = await snapshotChain(t, seed);
+  const topBefore = await imageMap(s.top);
+  const during = writePlan(prng(seed + 11), 0, DISK_BYTES, 2000);
+  const mark = s.qmp.events.length;
+  await whileWriting(s.uri, during, async () => {
+    await s.qmp.execute("block-commit", { "job-id": "c0", device: "top", "top-node": "mid", speed: 8 * MiB });
+  });
+  const done = await eventAfter(s.qmp, mark, jobEvent("c0", "BLOCK_JOB_COMPLETED"));
+  assert.equal(done.data.error, undefined);
+  assert.equal(done.data.type, "commit");
+  assert.ok(
+    !jobEventLog(s.qmp, "c0").includes("BLOCK_JOB_READY"),
+    "an intermediate commit completes by itself",
+  );
+  await qemuIo(s.model, "raw", during);
+  await assertServes(s.uri, s.model);
+  const nodes = (await s.qmp.execute("query-named-block-nodes", {})) as Array<Record<string, unknown>>;
+  assert.ok(
+    nodes.some((n) => n["node-name"] === "mid"),
+    "mid stays a node of its own, unused",
+  );
+  assert.equal(await s.daemon.stop(), 0);
+  const info = await imageInfo(s.top);
+  assert.equal(info["backing-filename"], s.base);
+  assert.equal(info["backing-filename-format"], "raw");
+  await assertChecks(s.top);
+  await assertChecks(s.mid);
+  assert.ok(topBefore.length > 0);
+  const cmp = await run("qemu-img", ["compare", "-F", "raw", s.top, s.model]);
+  assert.equal(cmp.code, 0, `top over the base reads what the guest saw: ${cmp.stdout}`);
+});
+
+test("active block-commit: READY, writes mirrored into the base, complete pivots the export onto it", async (t) => {
+  const seed = testSeed(t);
+  const s = await snapshotChain(t, seed);
+  const during = writePlan(prng(seed + 13), 0, DISK_BYTES, 2000);
+  const mark = s.qmp.events.length;
+  await whileWriting(s.uri, during, async () => {
+    await s.qmp.execute("block-commit", { "job-id": "c1", device: "top", speed: 8 * MiB });
+  });
+  await eventAfter(s.qmp, mark, jobEvent("c1", "BLOCK_JOB_READY"));
+  const ready = (await s.qmp.execute("query-block-jobs", {})) as Array<Record<string, unknown>>;
+  assert.equal(ready[0].type, "commit");
+  assert.equal(ready[0].ready, true);
+  // Writes after READY reach the base too.
+  const after = [`write -P 0xd1 ${13 * MiB} 512k`];
+  assert.equal((await qemuIoNbd(s.uri, after).result).code, 0);
+  await s.qmp.execute("block-job-complete", { device: "c1" });
+  const done = await eventAfter(s.qmp, mark, jobEvent("c1", "BLOCK_JOB_COMPLETED"));
+  assert.equal(done.data.error, undefined);
+  const exports = (await s.qmp.execute("query-block-exports", {})) as Array<Record<string, unknown>>;
+  assert.equal(exports[0]["node-name"], "disk0", "the export serves the base now");
+  const later = [`write -P 0xd2 ${14 * MiB} 64k`];
+  assert.equal((await qemuIoNbd(s.uri, later).result).code, 0);
+  await qemuIo(s.model, "raw", [...during, ...after, ...later]);
+  await assertServes(s.uri, s.model);
+  assert.equal(await s.daemon.stop(), 0);
+  const cmp = await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", s.base, s.model]);
+  assert.equal(cmp.code, 0, `the base alone holds what the guest saw: ${cmp.stdout}`);
+  await assertChecks(s.top);
+  await assertChecks(s.mid);
+});

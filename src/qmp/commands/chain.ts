@@ -16,7 +16,8 @@ import {
 } from "../../graph/chain.js";
 import type { BlockNode } from "../../io/block-node.js";
 import { BlockStreamJob } from "../../jobs/block-stream.js";
-import type { ErrorAction } from "../../jobs/job.js";
+import { activeCommitJob, CommitJob } from "../../jobs/commit.js";
+import type { ErrorAction, Job } from "../../jobs/job.js";
 import { QmpError } from "../errors.js";
 import { defineCommand, type QmpCommandDef } from "../server.js";
 import { checkJobId } from "./job-start.js";
@@ -234,6 +235,128 @@ function blockStream(graph: BlockGraph, a: StreamArgs): void {
   job.start();
 }
 
+interface CommitArgs extends Omit<StreamArgs, "bottom"> {
+  top?: string;
+  "top-node"?: string;
+}
+
+/** A node no other node is layered on (QEMU's root: only exports and jobs above it). */
+function isRoot(graph: BlockGraph, name: string): boolean {
+  return !graph.nodes().some((n) => {
+    const info = graph.nodeInfo(n.name);
+    return info?.child === name || info?.backing === name;
+  });
+}
+
+/** The base a job writes into: drivetap writes it through its node, so it must be a writable node. */
+function writableBaseNode(graph: BlockGraph, base: ChainLayer, top: BlockNode): BlockNode {
+  const node = base.nodeName === undefined ? undefined : graph.getNode(base.nodeName);
+  if (!node) {
+    throw new QmpError(
+      "GenericError",
+      `'${base.filename}' was opened read-only from its overlay's header; drivetap commits only into a base added with blockdev-add (named as 'backing')`,
+    );
+  }
+  if (node.readOnly) throw new QmpError("GenericError", `Block node '${node.name}' is read-only`);
+  if (node.size() !== top.size()) {
+    throw new QmpError(
+      "GenericError",
+      `Base '${node.name}' has ${node.size()} bytes and the disk ${top.size()}: drivetap does not resize the base`,
+    );
+  }
+  return node;
+}
+
+/** block-commit, with qmp_block_commit's checks in its order. */
+function blockCommit(graph: BlockGraph, a: CommitArgs): void {
+  const device = graph.getNode(a.device);
+  if (!device) throw new QmpError("DeviceNotFound", `Device '${a.device}' not found`);
+  if (!isRoot(graph, a.device)) throw new QmpError("GenericError", "Need a root block node");
+  refuseJobUser(graph, a.device);
+  const chain = backingChain(graph, a.device);
+  if (a["top-node"] !== undefined && a.top !== undefined) {
+    throw new QmpError("GenericError", "'top-node' and 'top' are mutually exclusive");
+  }
+  let topIndex = 0;
+  const topNode = a["top-node"];
+  if (topNode !== undefined) {
+    if (!graph.getNode(topNode))
+      throw new QmpError("GenericError", `Cannot find device='' nor node-name='${topNode}'`);
+    topIndex = chain.findIndex((l) => l.nodeName === topNode);
+    if (topIndex < 0) throw new QmpError("GenericError", `'${topNode}' is not in this backing file chain`);
+  } else if (a.top !== undefined) {
+    topIndex = findFileInChain(chain, a.top);
+    if (topIndex < 0) throw new QmpError("GenericError", `Top image file ${a.top} not found`);
+  }
+  if (a["base-node"] !== undefined && a.base !== undefined) {
+    throw new QmpError("GenericError", "'base-node' and 'base' are mutually exclusive");
+  }
+  let baseIndex = chain.length - 1;
+  const baseNode = a["base-node"];
+  if (baseNode !== undefined) {
+    if (!graph.getNode(baseNode)) {
+      throw new QmpError("GenericError", `Cannot find device='' nor node-name='${baseNode}'`);
+    }
+    baseIndex = chain.findIndex((l, i) => i >= topIndex && l.nodeName === baseNode);
+    if (baseIndex < 0) throw new QmpError("GenericError", `'${baseNode}' is not in this backing file chain`);
+  } else if (a.base !== undefined) {
+    const i = findFileInChain(chain.slice(topIndex), a.base);
+    if (i < 0) throw new QmpError("GenericError", `Can't find '${a.base}' in the backing chain`);
+    baseIndex = topIndex + i;
+  }
+  refuseJobUsers(graph, chain.slice(topIndex, baseIndex + 1));
+  if (topIndex === baseIndex) throw new QmpError("GenericError", "cannot commit an image into itself");
+  const active = topIndex === 0;
+  if (active && a["backing-file"] !== undefined) {
+    throw new QmpError("GenericError", "'backing-file' specified, but 'top' is the active layer");
+  }
+  const jobId = requireJobId(graph, a["job-id"]);
+  const base = writableBaseNode(graph, chain[baseIndex], device);
+  const layers = chain.slice(topIndex, baseIndex);
+  const common = {
+    id: jobId,
+    speed: a.speed,
+    autoFinalize: a["auto-finalize"],
+    autoDismiss: a["auto-dismiss"],
+    events: graph.events,
+    log: graph.log,
+    onGone: (j: Job) => graph.removeJob(j),
+  };
+  const onError = onErrorAction(a["on-error"]);
+  if (active) {
+    const release = claimLayers(graph, jobId, chain.slice(0, baseIndex + 1), "commit");
+    const job = activeCommitJob({
+      ...common,
+      source: device,
+      target: base,
+      layers: layers.map((l) => l.driver),
+      onSourceError: onError,
+      onTargetError: onError,
+      // The exports serve the base from now on; the active layer stays in the graph, unused, as QEMU
+      // leaves a node that blockdev-add made.
+      pivot: async () => graph.pivotExports(device.name, base.name),
+      release,
+    });
+    graph.addJob(job);
+    job.start();
+    return;
+  }
+  writableQcow2(chain[topIndex - 1], "block-commit");
+  const name = headerNameFor(chain[baseIndex], a["backing-file"]);
+  const release = claimLayers(graph, jobId, chain.slice(topIndex - 1, baseIndex + 1), "commit");
+  const job = new CommitJob({
+    ...common,
+    top: chain[topIndex].driver,
+    layers: layers.map((l) => l.driver),
+    base,
+    onError,
+    relink: () => relinkBacking(graph, device, backingChain(graph, a.device), topIndex - 1, baseIndex, name),
+    release,
+  });
+  graph.addJob(job);
+  job.start();
+}
+
 export function chainCommands(graph: BlockGraph): QmpCommandDef[] {
   return [
     defineCommand({
@@ -249,6 +372,18 @@ export function chainCommands(graph: BlockGraph): QmpCommandDef[] {
       args: { ...CHAIN_JOB_ARGS, bottom: { type: "str", optional: true } },
       handler: (a) => {
         blockStream(graph, a);
+        return {};
+      },
+    }),
+    defineCommand({
+      name: "block-commit",
+      args: {
+        ...CHAIN_JOB_ARGS,
+        top: { type: "str", optional: true },
+        "top-node": { type: "str", optional: true },
+      },
+      handler: (a) => {
+        blockCommit(graph, a);
         return {};
       },
     }),

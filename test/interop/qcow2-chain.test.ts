@@ -426,3 +426,52 @@ test("active block-commit: READY, writes mirrored into the base, complete pivots
   await assertChecks(s.top);
   await assertChecks(s.mid);
 });
+
+test("block-stream's and block-commit's errors are qemu-storage-daemon's", async (t) => {
+  await compareSessions(
+    t,
+    async (dir) => {
+      await qemuImgCreate(join(dir, "base.raw"), "4M", { format: "raw" });
+      await qemuImgCreate(join(dir, "mid.qcow2"), "4M");
+      await qemuImgCreate(join(dir, "top.qcow2"), "4M");
+      await qemuImgCreate(join(dir, "other.raw"), "4M", { format: "raw" });
+      await qemuImgCreate(join(dir, "lone.qcow2"), "4M");
+    },
+    (dir) => {
+      const file = (name: string) => ({ driver: "file", filename: join(dir, name) });
+      return [
+        ["blockdev-add", { driver: "raw", "node-name": "base", file: file("base.raw") }],
+        ["blockdev-add", { driver: "qcow2", "node-name": "mid", backing: "base", file: file("mid.qcow2") }],
+        ["blockdev-add", { driver: "qcow2", "node-name": "top", backing: "mid", file: file("top.qcow2") }],
+        ["blockdev-add", { driver: "raw", "node-name": "other", file: file("other.raw") }],
+        ["blockdev-add", { driver: "qcow2", "node-name": "lone", backing: null, file: file("lone.qcow2") }],
+        ["block-stream", { device: "nope" }],
+        ["block-stream", { device: "top", "base-node": "other" }],
+        ["block-stream", { device: "top", "base-node": "nope" }],
+        ["block-stream", { device: "top", "base-node": "top" }],
+        ["block-stream", { device: "top", base: join(dir, "other.raw") }],
+        ["block-stream", { device: "top", base: join(dir, "nope") }],
+        ["block-stream", { device: "top", base: join(dir, "base.raw"), "base-node": "base" }],
+        ["block-stream", { device: "top", "backing-file": "x" }],
+        ["block-stream", { device: "top" }],
+        ["block-stream", { device: "top", "job-id": "1bad" }],
+        ["block-stream", { device: "top", "job-id": "s0", "on-error": "sometimes" }],
+        ["block-commit", { device: "nope" }],
+        ["block-commit", { device: "base" }],
+        ["block-commit", { device: "lone", "job-id": "c9" }],
+        ["block-commit", { device: "top", "base-node": "other" }],
+        ["block-commit", { device: "top", "top-node": "other" }],
+        ["block-commit", { device: "top", "top-node": "nope" }],
+        ["block-commit", { device: "top", "top-node": "base" }],
+        ["block-commit", { device: "top", "top-node": "mid", "base-node": "mid" }],
+        ["block-commit", { device: "top", "top-node": "base", "base-node": "mid" }],
+        ["block-commit", { device: "top", base: join(dir, "nope") }],
+        ["block-commit", { device: "top", top: join(dir, "nope") }],
+        ["block-commit", { device: "top", base: join(dir, "base.raw"), "base-node": "base" }],
+        ["block-commit", { device: "top", top: join(dir, "top.qcow2"), "top-node": "top" }],
+        ["block-commit", { device: "top", "backing-file": "x" }],
+        ["block-commit", { device: "top" }],
+      ];
+    },
+  );
+});

@@ -475,3 +475,28 @@ test("block-stream's and block-commit's errors are qemu-storage-daemon's", async
     },
   );
 });
+
+test("chain commands refuse nodes a job uses, and the daemon goes on serving", async (t) => {
+  const s = await servedChain(t, testSeed(t));
+  const mark = s.qmp.events.length;
+  await s.qmp.execute("block-stream", { "job-id": "s3", device: "disk0", speed: 64 * 1024 });
+  const overlay = join(s.dir, "ov.qcow2");
+  await qemuImgCreate(overlay, DISK_BYTES);
+  await addQcow2(s.qmp, "ov", overlay, null);
+  const busy = /Node 'disk0' is busy: block job s3 \(stream\)/;
+  await assert.rejects(s.qmp.execute("blockdev-snapshot", { node: "disk0", overlay: "ov" }), busy);
+  await assert.rejects(s.qmp.execute("block-stream", { "job-id": "s4", device: "disk0" }), busy);
+  await assert.rejects(s.qmp.execute("block-commit", { "job-id": "c4", device: "disk0" }), busy);
+  await assert.rejects(
+    s.qmp.execute("block-stream", { "job-id": "s3", device: "ov" }),
+    /Job ID 's3' already in use/,
+  );
+  // A commit into a base the overlay's header opened (no node of its own) is refused by name.
+  await s.qmp.execute("block-job-cancel", { device: "s3" });
+  await eventAfter(s.qmp, mark, jobEvent("s3", "BLOCK_JOB_CANCELLED"));
+  await assert.rejects(
+    s.qmp.execute("block-commit", { "job-id": "c5", device: "disk0" }),
+    /was opened read-only from its overlay's header/,
+  );
+  await assertServes(s.uri, s.model);
+});

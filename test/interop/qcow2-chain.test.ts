@@ -272,6 +272,7 @@ test("block-stream of the whole chain under writes: top keeps the guest's writes
   assert.equal(done.data.error, undefined);
   assert.equal(done.data.type, "stream");
   assert.equal(done.data.offset, DISK_BYTES);
+  await eventAfter(s.qmp, mark, statusEvent("s0", "null"));
   assert.deepEqual(jobEventLog(s.qmp, "s0"), [
     "created",
     "running",

@@ -41,7 +41,8 @@ export interface NodeInfo {
 
 interface NodeEntry {
   readonly node: BlockNode;
-  readonly info: NodeInfo;
+  /** Replaced only by setBackingNode (a qcow2 node's backing changes at runtime). */
+  info: NodeInfo;
   /** user id -> why ("export e0", "block job backup0", "child of raw0") */
   readonly users: Map<string, string>;
   /** Internal nodes (a drive-backup target) are hidden from query-block. */
@@ -219,6 +220,20 @@ export class BlockGraph {
   jobUsesOf(nodeName: string): string[] {
     const users = this.#nodes.get(nodeName)?.users ?? new Map<string, string>();
     return [...users].filter(([user]) => user.startsWith("job:")).map(([, why]) => why);
+  }
+
+  /**
+   * A qcow2 node's backing changed (block-stream, block-commit, blockdev-snapshot): the old backing
+   * node is let go and the new one (a node name, or undefined for none or a node-less image) is held
+   * as this node's backing from now on.
+   */
+  setBackingNode(name: string, backing: string | undefined): void {
+    const e = this.#nodes.get(name);
+    if (!e) throw new GraphError(`Cannot find node-name='${name}'`);
+    if (backing !== undefined) this.claim(backing, `backing:${name}`, `backing of ${name}`);
+    if (e.info.backing !== undefined && e.info.backing !== backing)
+      this.release(e.info.backing, `backing:${name}`);
+    e.info = { ...e.info, backing };
   }
 
   /** Removes a node nobody uses and closes it. */

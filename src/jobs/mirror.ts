@@ -48,6 +48,10 @@ export interface MirrorOptions extends Omit<BackupOptions, "sync" | "type"> {
   readonly bufSize?: number;
   /** block-job-complete: make the served disk use the target. Called with all writes held. */
   readonly pivot?: () => Promise<void>;
+  /** The job's type in events and queries ("commit" for an active commit); "mirror" by default. */
+  readonly jobType?: string;
+  /** Sets the initial bitmap instead of `sync` (an active commit: what the layers above the base hold). */
+  readonly fillDirty?: (dirty: DirtyBitmap) => Promise<void>;
 }
 
 interface Range {
@@ -62,6 +66,7 @@ export class MirrorJob extends BackupJobBase {
   readonly bufSize: number;
   readonly #mirrorSync: MirrorSync;
   readonly #pivot?: () => Promise<void>;
+  readonly #fillDirty?: (dirty: DirtyBitmap) => Promise<void>;
   /** Target operations started in before(), awaited in after() (write-blocking). */
   readonly #pending = new Map<TrackedRequest, Promise<Error | undefined>>();
   readonly #copies = new Set<Range>();
@@ -86,11 +91,12 @@ export class MirrorJob extends BackupJobBase {
   #unwatchLink: (() => void) | null = null;
 
   constructor(options: MirrorOptions) {
-    super({ ...options, sync: "full", type: "mirror" });
+    super({ ...options, sync: "full", type: options.jobType ?? "mirror" });
     this.copyMode = options.copyMode;
     this.#mirrorSync = options.sync;
     this.bufSize = options.bufSize ?? MIRROR_BUF_SIZE_DEFAULT;
     this.#pivot = options.pivot;
+    this.#fillDirty = options.fillDirty;
     this.dirty = new DirtyBitmap(this.source.size(), options.granularity ?? MIRROR_GRANULARITY_DEFAULT);
   }
 
@@ -321,7 +327,8 @@ export class MirrorJob extends BackupJobBase {
   }
 
   async #initialBitmap(): Promise<void> {
-    if (this.#mirrorSync === "full") this.dirty.setAll();
+    if (this.#fillDirty) await this.#fillDirty(this.dirty);
+    else if (this.#mirrorSync === "full") this.dirty.setAll();
     else if (this.#mirrorSync === "top") {
       await forEachTopRange(this.source, this.target, (offset, length) =>
         this.dirty.setRange(offset, length),

@@ -3,6 +3,7 @@ import type { BlockGraph } from "../../graph/block-graph.js";
 import type { QmpServer } from "../server.js";
 import { backupCommands } from "./backup.js";
 import { bitmapCommands } from "./bitmaps.js";
+import { chainCommands } from "./chain.js";
 import { blockCommands } from "./block.js";
 import { blockstatsCommands } from "./blockstats.js";
 import { createCommands } from "./create.js";
@@ -29,6 +30,7 @@ export function registerCommands(server: QmpServer, graph: BlockGraph): void {
     ...jobCommands(graph),
     ...backupCommands(graph),
     ...bitmapCommands(graph),
+    ...chainCommands(graph),
     ...journalCommands(graph),
     ...mirrorCommands(graph),
     ...objectCommands(graph),

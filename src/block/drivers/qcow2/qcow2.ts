@@ -22,6 +22,7 @@ import { BlockError, toBlockError } from "../../../core/errors.js";
 import { MiB } from "../../../core/units.js";
 import type { BlockDriver, DriverCapabilities, Extent, WriteFlags, ZeroFlags } from "../../driver.js";
 import { Qcow2Bitmaps, type Qcow2BitmapHost } from "./bitmaps.js";
+import { withBackingName, type BackingName } from "./backing-header.js";
 import { ClusterLocks } from "./cluster-locks.js";
 import {
   compressedExtent,
@@ -92,12 +93,14 @@ const UNALLOCATED: Mapping = { kind: Kind.Unallocated, host: 0, copied: false, b
 export class Qcow2Driver implements BlockDriver {
   readonly driverName = "qcow2";
   readonly file: BlockDriver;
-  readonly header: Qcow2Header;
-  readonly backing: BlockDriver | null;
+  /** Replaced (not mutated) by changeBacking, which rewrites the backing name. */
+  header: Qcow2Header;
+  /** Changed only by changeBacking, with the node drained. */
+  backing: BlockDriver | null;
   readonly readOnly: boolean;
   readonly ownsFile: boolean;
   readonly capabilities: DriverCapabilities;
-  readonly #ownsBacking: boolean;
+  #ownsBacking: boolean;
   readonly #cb: number;
   readonly #l2Entries: number;
   readonly #l1: Buffer;
@@ -230,9 +233,13 @@ export class Qcow2Driver implements BlockDriver {
 
   /** What bitmaps.ts may do to the image: allocate, free, write back, edit the header. */
   #bitmapHost(): Qcow2BitmapHost {
+    const driver = this;
     return {
       file: this.file,
-      header: this.header,
+      // A getter: changeBacking replaces the header, and a later store must keep the new name.
+      get header(): Qcow2Header {
+        return driver.header;
+      },
       readOnly: this.readOnly,
       hostLimit: () => this.#hostLimit(),
       allocCluster: () => this.#r.allocCluster(),
@@ -763,6 +770,64 @@ export class Qcow2Driver implements BlockDriver {
       });
       this.#dirtyMarked = null;
     }
+  }
+
+  // ---- the backing image at runtime ----
+
+  /**
+   * Replaces the backing image (block-stream, block-commit, blockdev-snapshot); the caller has drained
+   * the node, since requests in flight read through the old one. With `name` (null: none) the header
+   * names the new backing too: everything written so far is made durable first, then cluster 0 is
+   * rewritten and flushed. A crash before that leaves the old chain, which jobs keep complete until
+   * they relink; after it, the new one. The old backing is returned; the caller closes it if `owned`.
+   */
+  async changeBacking(
+    backing: BlockDriver | null,
+    o: { readonly owns: boolean; readonly name?: BackingName | null },
+  ): Promise<{ old: BlockDriver | null; owned: boolean }> {
+    const name = o.name;
+    if (name !== undefined) {
+      this.#checkWritable();
+      await this.#writeback();
+      // Cluster 0 is shared with the other header writers (bitmaps, dirty bit, refcount table).
+      await this.#flushMutex.run(() =>
+        this.#headerMutex.run(async () => {
+          const first = Buffer.alloc(Math.min(this.#cb, this.#hostLimit()));
+          await this.file.pread(0, first);
+          const out = withBackingName(first, this.header.headerBytes, this.#cb, name);
+          // The dirty bit as this session holds it (the disk may not have caught up with memory).
+          if (this.header.version === 3) writeU64(out, 72, this.#incompatible);
+          await this.file.pwrite(0, [out], {});
+          await this.file.flush();
+        }),
+      );
+      this.header = { ...this.header, backingFile: name?.file ?? null, backingFormat: name?.format ?? null };
+    }
+    const old = { old: this.backing, owned: this.#ownsBacking };
+    this.backing = backing;
+    this.#ownsBacking = o.owns;
+    return old;
+  }
+
+  /**
+   * Whether the clusters from `offset` are allocated in this image itself (data, compressed or zero:
+   * each hides the backing image), and for how many bytes that holds, up to `length`. QEMU's
+   * bdrv_is_allocated, which stream and commit use to copy only what a layer holds.
+   */
+  async allocatedHere(offset: number, length: number): Promise<{ allocated: boolean; bytes: number }> {
+    const cb = this.#cb;
+    const end = Math.min(offset + length, this.size());
+    let allocated: boolean | undefined;
+    let pos = offset;
+    while (pos < end) {
+      const m0 = this.#mapping(Math.floor(pos / cb));
+      const m = m0 instanceof Promise ? await m0 : m0;
+      const here = m.kind !== Kind.Unallocated;
+      if (allocated === undefined) allocated = here;
+      else if (here !== allocated) break;
+      pos = Math.min((Math.floor(pos / cb) + 1) * cb, end);
+    }
+    return { allocated: allocated ?? false, bytes: pos - offset };
   }
 
   // ---- block status ----

@@ -502,32 +502,34 @@ test("chain commands refuse nodes a job uses, and the daemon goes on serving", a
   await assertServes(s.uri, s.model);
 });
 
-test("block-stream on a top with an in-image bitmap: the header keeps the bitmap, and the store at close keeps the new backing", async (t) => {
+test("block-stream on a top with an in-image bitmap: the header keeps the bitmap, and the store at close keeps the new backing name", async (t) => {
   const seed = testSeed(t);
   const s = await servedChain(t, seed);
   await s.qmp.execute("block-dirty-bitmap-add", { node: "disk0", name: "b0", persistent: true });
   await qemuIo(s.uri, "raw", ["write -P 0x5a 1M 64k"]);
   await qemuIo(s.model, "raw", ["write -P 0x5a 1M 64k"]);
   const mark = s.qmp.events.length;
-  await s.qmp.execute("block-stream", { "job-id": "s0", device: "disk0" });
+  await s.qmp.execute("block-stream", { "job-id": "s0", device: "disk0", base: s.base });
   const done = await eventAfter(s.qmp, mark, jobEvent("s0", "BLOCK_JOB_COMPLETED"));
   assert.equal(done.data.error, undefined);
   await eventAfter(s.qmp, mark, statusEvent("s0", "null"));
   assert.equal(await s.daemon.stop(), 0);
   const info = (await imageInfo(s.top)) as {
     "backing-filename"?: string;
+    "backing-filename-format"?: string;
     "format-specific"?: { data?: { bitmaps?: Array<{ name: string; flags: string[] }> } };
   };
   assert.equal(
     info["backing-filename"],
-    undefined,
-    "the bitmap store at close did not bring the old backing back",
+    s.base,
+    "the bitmap store at close kept the new backing name",
   );
   assert.deepEqual(
     info["format-specific"]?.data?.bitmaps?.map((b) => [b.name, b.flags]),
     [["b0", ["auto"]]],
     "the backing rewrite kept the bitmaps extension",
   );
+  assert.equal(info["backing-filename-format"], "raw");
   await assertChecks(s.top);
   const cmp = await run("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", s.top, s.model]);
   assert.equal(cmp.code, 0, cmp.stdout);

@@ -233,12 +233,12 @@ export class Qcow2Driver implements BlockDriver {
 
   /** What bitmaps.ts may do to the image: allocate, free, write back, edit the header. */
   #bitmapHost(): Qcow2BitmapHost {
-    const driver = this;
+    const current = (): Qcow2Header => this.header;
     return {
       file: this.file,
       // A getter: changeBacking replaces the header, and a later store must keep the new name.
       get header(): Qcow2Header {
-        return driver.header;
+        return current();
       },
       readOnly: this.readOnly,
       hostLimit: () => this.#hostLimit(),

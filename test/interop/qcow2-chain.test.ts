@@ -519,11 +519,7 @@ test("block-stream on a top with an in-image bitmap: the header keeps the bitmap
     "backing-filename-format"?: string;
     "format-specific"?: { data?: { bitmaps?: Array<{ name: string; flags: string[] }> } };
   };
-  assert.equal(
-    info["backing-filename"],
-    s.base,
-    "the bitmap store at close kept the new backing name",
-  );
+  assert.equal(info["backing-filename"], s.base, "the bitmap store at close kept the new backing name");
   assert.deepEqual(
     info["format-specific"]?.data?.bitmaps?.map((b) => [b.name, b.flags]),
     [["b0", ["auto"]]],

@@ -41,7 +41,9 @@ export function withBackingName(
     );
   }
   const start = Math.max(headerBytes, QCOW2_HEADER_V2_BYTES);
-  const kept = headerExtensions(first, start, clusterBytes).filter((e) => e.type !== QCOW2_EXT_BACKING_FORMAT);
+  const kept = headerExtensions(first, start, clusterBytes).filter(
+    (e) => e.type !== QCOW2_EXT_BACKING_FORMAT,
+  );
   const parts: Buffer[] = [Buffer.from(first.subarray(0, start))];
   const ext = (type: number, data: Buffer): void => {
     const e = Buffer.alloc(8 + Math.ceil(data.length / 8) * 8);

@@ -42,6 +42,8 @@ export const QCOW2_INCOMPAT_COMPRESSION = 1 << 3;
 export const QCOW2_INCOMPAT_EXTL2 = 1 << 4;
 // Compatible feature bits.
 export const QCOW2_COMPAT_LAZY_REFCOUNTS = 1 << 0;
+// Autoclear feature bits.
+export const QCOW2_AUTOCLEAR_BITMAPS = 1 << 0;
 
 export const QCOW2_COMPRESSION_TYPE_ZLIB = 0;
 
@@ -267,9 +269,14 @@ export function parseHeader(buf: Buffer, fileBytes: number): Qcow2Header {
   };
 }
 
-interface Extension {
+export interface Extension {
   readonly type: number;
   readonly data: Buffer;
+}
+
+/** The header extensions of a parsed header (`buf`: the image's first cluster). */
+export function headerExtensions(buf: Buffer, h: Qcow2Header): Extension[] {
+  return extensions(buf, h.version === 3 ? h.headerBytes : QCOW2_HEADER_V2_BYTES, h.clusterBytes);
 }
 
 /** The header extensions after the header, checked to stay inside the first cluster. */

@@ -21,6 +21,7 @@ import { promisify } from "node:util";
 import { BlockError, toBlockError } from "../../../core/errors.js";
 import { MiB } from "../../../core/units.js";
 import type { BlockDriver, DriverCapabilities, Extent, WriteFlags, ZeroFlags } from "../../driver.js";
+import { repairLazyRefcounts, type RepairSummary } from "./check.js";
 import { ClusterLocks } from "./cluster-locks.js";
 import {
   compressedExtent,
@@ -66,6 +67,8 @@ export interface Qcow2OpenOptions {
   readonly ownsBacking?: boolean;
   /** L2 cache size in bytes (tests make it tiny to exercise eviction). */
   readonly l2CacheBytes?: number;
+  /** Told what the repair of a crash-dirty image with lazy refcounts found (the caller logs it). */
+  readonly onRepair?: (summary: RepairSummary) => void;
   /** Called when a write-back holds freed clusters until reads in flight are done (tests watch it). */
   readonly onFreesWaitForReads?: () => void;
 }
@@ -124,7 +127,13 @@ export class Qcow2Driver implements BlockDriver {
   readonly #zeros: Buffer;
   #closed = false;
 
-  private constructor(file: BlockDriver, header: Qcow2Header, l1: Buffer, o: Qcow2OpenOptions) {
+  private constructor(
+    file: BlockDriver,
+    header: Qcow2Header,
+    l1: Buffer,
+    fileBytes: number,
+    o: Qcow2OpenOptions,
+  ) {
     this.#onFreesWaitForReads = o.onFreesWaitForReads;
     this.file = file;
     this.header = header;
@@ -135,7 +144,7 @@ export class Qcow2Driver implements BlockDriver {
     this.#cb = header.clusterBytes;
     this.#l2Entries = header.clusterBytes / 8;
     this.#l1 = l1;
-    this.#fileBytes = file.size();
+    this.#fileBytes = fileBytes;
     this.#incompatible = header.incompatible;
     // A writable open of an image a crash left dirty (eager refcounts: nothing to repair) owns the
     // bit from the start: a clean close clears it even if this session changes no metadata.
@@ -160,9 +169,11 @@ export class Qcow2Driver implements BlockDriver {
     };
   }
 
-  /** Reads and checks the header, the L1 table and the refcount table of the image in `file`. */
-  static async open(file: BlockDriver, o: Qcow2OpenOptions = {}): Promise<Qcow2Driver> {
-    const fileBytes = file.size();
+  /** Reads and checks the header (from the whole first cluster) of the image in `file`. */
+  static async #readHeader(
+    file: BlockDriver,
+    fileBytes: number,
+  ): Promise<{ header: Qcow2Header; first: Buffer }> {
     const probe = Buffer.alloc(Math.min(HEADER_PROBE_BYTES, fileBytes));
     await file.pread(0, probe);
     // The header, its extensions and the backing file name all lie in cluster 0: read it whole
@@ -171,7 +182,16 @@ export class Qcow2Driver implements BlockDriver {
     const inRange = bits >= QCOW2_CLUSTER_BITS_MIN && bits <= QCOW2_CLUSTER_BITS_MAX;
     const first = inRange ? Buffer.alloc(Math.min(2 ** bits, fileBytes)) : probe;
     if (inRange) await file.pread(0, first);
-    const header = parseHeader(first, fileBytes);
+    return { header: parseHeader(first, fileBytes), first };
+  }
+
+  /**
+   * Reads and checks the header, the L1 table and the refcount table of the image in `file`. A
+   * writable open of an image a crash left dirty with lazy refcounts repairs it first (check.ts).
+   */
+  static async open(file: BlockDriver, o: Qcow2OpenOptions = {}): Promise<Qcow2Driver> {
+    let fileBytes = file.size();
+    let { header, first } = await Qcow2Driver.#readHeader(file, fileBytes);
     const readOnly = o.readOnly ?? false;
     if (!readOnly && header.incompatible & QCOW2_INCOMPAT_CORRUPT) {
       throw new BlockError(
@@ -184,17 +204,16 @@ export class Qcow2Driver implements BlockDriver {
       header.incompatible & QCOW2_INCOMPAT_DIRTY &&
       header.compatible & QCOW2_COMPAT_LAZY_REFCOUNTS
     ) {
-      // Lazy refcounts may be behind the L2 tables after a crash; writing before a repair could reuse
-      // a cluster that is still in use.
-      throw new BlockError(
-        "EPERM",
-        "qcow2: the image was not closed cleanly and uses lazy refcounts; repair it with 'qemu-img check -r all' " +
-          "before opening it writable (read-only opens work)",
-      );
+      // Lazy refcounts may be behind the L2 tables after a crash: allocating from them could reuse a
+      // cluster still in use. The repair rebuilds them (the file grows by the new structure).
+      const summary = await repairLazyRefcounts(file, header, first);
+      o.onRepair?.(summary);
+      fileBytes = summary.fileBytes;
+      ({ header, first } = await Qcow2Driver.#readHeader(file, fileBytes));
     }
     const l1 = Buffer.alloc(header.l1Entries * 8);
     if (l1.length > 0) await file.pread(header.l1Offset, l1);
-    const driver = new Qcow2Driver(file, header, l1, o);
+    const driver = new Qcow2Driver(file, header, l1, fileBytes, o);
     const refs = await Refcounts.open({
       child: file,
       clusterBits: header.clusterBits,

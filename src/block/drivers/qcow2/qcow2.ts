@@ -44,6 +44,7 @@ import { Refcounts } from "./refcounts.js";
 import { TableCache } from "./table-cache.js";
 
 const inflateRawAsync = promisify(inflateRaw);
+const DONE: Promise<void> = Promise.resolve();
 
 /** Bytes of L2 tables kept in memory (QEMU's default is 1 MiB; 4 MiB maps 32 GiB of 64 KiB clusters). */
 export const QCOW2_L2_CACHE_BYTES = 4 * MiB;
@@ -220,6 +221,7 @@ export class Qcow2Driver implements BlockDriver {
       tableOffset: header.refcountTableOffset,
       tableClusters: header.refcountTableClusters,
       hostLimit: () => driver.#hostLimit(),
+      openedFileBytes: fileBytes,
       cacheTables: Math.max(
         QCOW2_CACHE_TABLES_MIN,
         Math.floor(QCOW2_REFCOUNT_CACHE_BYTES / header.clusterBytes),
@@ -399,16 +401,72 @@ export class Qcow2Driver implements BlockDriver {
     if (this.#closed) throw new BlockError("ESHUTDOWN", "qcow2: the image is closed");
   }
 
-  async pwrite(offset: number, data: readonly Buffer[], _flags: WriteFlags): Promise<void> {
-    this.#checkWritable();
+  /**
+   * Not async: a write inside one cluster that is allocated and COPIED, with its L2 table cached (the
+   * steady state of a written disk), takes the lock, finds the host offset and calls the child
+   * without a promise or microtask of its own beyond releasing the lock. Everything else takes
+   * #pwriteLocked. (ARCHITECTURE.md, "The path of one write", says why `async` layers cost.)
+   */
+  pwrite(offset: number, data: readonly Buffer[], _flags: WriteFlags): Promise<void> {
+    try {
+      this.#checkWritable();
+    } catch (err) {
+      return Promise.reject(err);
+    }
     let total = 0;
     for (const b of data) total += b.length;
-    if (total === 0) return;
+    if (total === 0) return DONE;
     const cb = this.#cb;
     const first = Math.floor(offset / cb);
     const last = Math.floor((offset + total - 1) / cb);
     const lock = this.#locks.acquire(first, last);
-    const release = lock instanceof Promise ? await lock : lock;
+    if (lock instanceof Promise)
+      return lock.then((release) => this.#pwriteLocked(offset, data, total, release));
+    const host = first === last ? this.#inPlaceHost(first) : -1;
+    if (host < 0) return this.#pwriteLocked(offset, data, total, lock);
+    return this.#writeData(host + (offset - first * cb), data as Buffer[], total).then(
+      () => {
+        lock();
+        return this.#writebackIfFull();
+      },
+      (err: unknown) => {
+        lock();
+        throw err;
+      },
+    );
+  }
+
+  /**
+   * Guest cluster ci's host offset if a write may go there in place right now (allocated, COPIED,
+   * not a zero cluster, its L2 table cached, the entry valid), else -1: the slow path decides then.
+   */
+  #inPlaceHost(ci: number): number {
+    let l2Offset: number;
+    try {
+      l2Offset = this.#l1Entry(Math.floor(ci / this.#l2Entries)).offset;
+    } catch {
+      return -1;
+    }
+    if (l2Offset === 0) return -1;
+    const table = this.#l2.peek(l2Offset);
+    if (table === undefined) return -1;
+    const idx = (ci % this.#l2Entries) * 8;
+    const hi = table.readUInt32BE(idx);
+    const lo = table.readUInt32BE(idx + 4);
+    if (hi & QCOW_OFLAG_COMPRESSED_HI || !(hi & QCOW_OFLAG_COPIED_HI)) return -1;
+    if (this.header.version === 3 && lo & QCOW_OFLAG_ZERO) return -1;
+    const host = entryOffset(hi, lo);
+    if (host < this.#cb || host % this.#cb !== 0 || host >= this.#hostLimit()) return -1;
+    return host;
+  }
+
+  async #pwriteLocked(
+    offset: number,
+    data: readonly Buffer[],
+    total: number,
+    release: () => void,
+  ): Promise<void> {
+    const cb = this.#cb;
     try {
       const tasks: Promise<void>[] = [];
       let runHost = -1;
@@ -470,9 +528,10 @@ export class Qcow2Driver implements BlockDriver {
     const cb = this.#cb;
     let bytes = 0;
     for (const p of pieces) bytes += p.length;
-    let content: Buffer[];
-    if (within === 0 && bytes === cb) content = pieces;
-    else {
+    const whole = within === 0 && bytes === cb;
+    const zeroBelow = !whole && this.#readsZero(ci, m);
+    let content: Buffer[] = pieces;
+    if (!whole && !zeroBelow) {
       const buf = Buffer.alloc(cb);
       await this.#oldContent(ci, m, buf);
       let at = within;
@@ -481,10 +540,26 @@ export class Qcow2Driver implements BlockDriver {
     }
     await this.#markDirty();
     const reuse = m.kind === Kind.Zero && m.host !== 0 && m.copied;
-    const host = reuse ? m.host : await this.#r.allocCluster();
-    if (reuse && this.#overlapsMetadata(host, cb))
-      throw formatError(`a data cluster at ${host} overlaps the image's metadata`);
-    await this.file.pwrite(host, content, {});
+    let host: number;
+    let at = 0;
+    if (reuse) {
+      host = m.host;
+      if (this.#overlapsMetadata(host, cb))
+        throw formatError(`a data cluster at ${host} overlaps the image's metadata`);
+    } else {
+      const got = await this.#r.allocData();
+      host = got.offset;
+      // A fresh cluster already reads as zeros: only the data is written, not 64 KiB of padding.
+      if (zeroBelow && got.fresh) at = within;
+    }
+    if (zeroBelow && at === 0) {
+      // The rest of the cluster is zeros: the data between two views of the shared zero buffer,
+      // written in one pwritev, with no cluster-sized buffer to allocate and fill.
+      const tail = cb - within - bytes;
+      content = within > 0 ? [this.#zeros.subarray(0, within), ...pieces] : [...pieces];
+      if (tail > 0) content.push(this.#zeros.subarray(0, tail));
+    }
+    await this.file.pwrite(host + at, content, {});
     await this.#setEntry(ci, (QCOW_OFLAG_COPIED_HI | Math.floor(host / 2 ** 32)) >>> 0, host % 2 ** 32);
     if (!reuse) this.#freeOld(m);
   }
@@ -677,14 +752,16 @@ export class Qcow2Driver implements BlockDriver {
 
   // ---- flush and write-back ----
 
-  async #writebackIfFull(): Promise<void> {
+  /** A write-back when a cache is full of dirty tables or too many frees wait; else nothing. */
+  #writebackIfFull(): Promise<void> | undefined {
     if (
       this.#l2.overCapacity ||
       this.#r.overCapacity ||
       this.#pendingFrees.length > QCOW2_PENDING_FREES_MAX
     ) {
-      await this.#writeback();
+      return this.#writeback();
     }
+    return undefined;
   }
 
   /** Writes dirty metadata back in crash-safe order (see the module comment). */

@@ -42,7 +42,7 @@ import {
 import { REFCOUNT_MAX } from "./refcounts.js";
 
 /** Clusters the repair counts at most: 64 MiB of 16-bit counts (2 TiB files of 64 KiB clusters). */
-export const QCOW2_REPAIR_CLUSTERS_MAX = 32 * MiB;
+export const QCOW2_REPAIR_CLUSTERS_MAX = 2 ** 25;
 /** QEMU's bound on a snapshot's extra data. */
 export const QCOW2_SNAPSHOT_EXTRA_BYTES_MAX = 1024;
 /** QEMU's bound on the bitmap directory (1 KiB for each of at most 65535 bitmaps). */

@@ -20,6 +20,7 @@ import {
   type ImageFormat,
 } from "../block/drivers/qcow2/image.js";
 import { ProbedRawGuard } from "../block/filters/probed-raw.js";
+import type { RepairSummary } from "../block/drivers/qcow2/check.js";
 import type { ClientTls, ServerAddress } from "../nbd/client/connection.js";
 import { NbdDriver } from "../nbd/client/nbd-driver.js";
 import { ErrorInjectDriver } from "../block/filters/error-inject.js";
@@ -151,7 +152,12 @@ export async function addFormatOverNode(
       const raw = new FilterDriver("raw", next, false);
       driver = format === undefined ? new ProbedRawGuard(raw) : raw;
     } else {
-      driver = await openQcow2Over(next, filename, { readOnly, ownsFile: false, onProbe });
+      driver = await openQcow2Over(next, filename, {
+        readOnly,
+        ownsFile: false,
+        onProbe,
+        onRepair: logRepair(graph, filename ?? child),
+      });
     }
     const node = new BlockNode(name, driver, { readOnly });
     graph.addNode(node, { driver: chosen, child, filename });
@@ -160,6 +166,16 @@ export async function addFormatOverNode(
     graph.release(child, `node:${name}`);
     throw err;
   }
+}
+
+/** Logs what the open-time repair of a crash-dirty lazy-refcount image found, as QEMU reports it. */
+function logRepair(graph: BlockGraph, image: string): (summary: RepairSummary) => void {
+  return (s) =>
+    graph.log.warn(
+      { image, ...s },
+      `qcow2: '${image}' was not closed cleanly (lazy refcounts): refcounts rebuilt, ` +
+        `${s.refcountErrors} refcount error(s) and ${s.leaks} leaked cluster(s) fixed`,
+    );
 }
 
 /** Options a parent passes down to the file it opens inline (raw's force-share reaches its file). */
@@ -334,6 +350,7 @@ async function openQcow2(
       backing,
       ownsFile: owns,
       onProbe: (path, format) => graph.log.warn({ path, format }, probedBackingMessage(path, format)),
+      onRepair: logRepair(graph, info.filename ?? info.child ?? parent),
     });
     return { driver, info: { ...info, backing: backingNode } };
   } catch (err) {

@@ -12,7 +12,7 @@ import { join } from "node:path";
 import { NbdDriver } from "../../src/nbd/client/nbd-driver.js";
 import { startDaemon, stopAfter, type RunningDaemon } from "../helpers/daemon.js";
 import { KiB, MiB, prng, seededBytes, testSeed } from "../helpers/jobs.js";
-import { qemuImgCreate } from "../helpers/qcow2.js";
+import { dirtyFlag, qemuImgCreate } from "../helpers/qcow2.js";
 import { run, runOk, tempDir } from "../helpers/run.js";
 
 const DISK_BYTES = 32 * MiB;
@@ -127,10 +127,7 @@ for (const cluster of ["4k", "64k"]) {
     assert.equal(await again.stop(), 0);
     const after = await run("qemu-img", ["check", image]);
     assert.ok(after.code === CHECK_CLEAN || after.code === CHECK_LEAKS, after.stdout + after.stderr);
-    const info = JSON.parse((await runOk("qemu-img", ["info", "--output=json", image])).stdout) as {
-      "dirty-flag": boolean;
-    };
-    assert.equal(info["dirty-flag"], false);
+    assert.equal(await dirtyFlag(image), false);
   });
 }
 

@@ -268,6 +268,11 @@ export interface GuestOptions {
   readonly fioMib?: number;
   readonly budgetMs?: number;
   readonly stallMs?: number;
+  /**
+   * What QEMU does with the guest's discards: "unmap" (default) passes them on, so fstrim reaches the
+   * server; "ignore" drops them, so mkfs and fstrim leave what the disk held before in place.
+   */
+  readonly discard?: "unmap" | "ignore";
 }
 
 export interface GuestResult {
@@ -318,7 +323,7 @@ export async function startGuest(opts: GuestOptions): Promise<RunningGuest> {
     `server.path=${opts.socket}`,
     ...(opts.exportName ? [`export=${opts.exportName}`] : []),
     // QEMU drops guest discards unless told to pass them on: fstrim must reach the server.
-    "discard=unmap",
+    `discard=${opts.discard ?? "unmap"}`,
   ].join(",");
   const args = [
     "-accel",

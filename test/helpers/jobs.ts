@@ -67,16 +67,23 @@ export interface QmpDaemon {
 }
 
 /**
- * Writes `content` (or a sparse image of sizeBytes) to a temp file, serves it with --qmp and connects
- * a QMP client. Everything is stopped and removed after the test.
+ * Writes `content` (or a sparse image of sizeBytes, or what `make` makes) to a temp file, serves it
+ * with --qmp and connects a QMP client. Everything is stopped and removed after the test.
  */
 export async function serveWithQmp(
   t: T,
-  opts: { content?: Buffer; sizeBytes?: number; prepare?: (image: string) => void },
+  opts: {
+    content?: Buffer;
+    sizeBytes?: number;
+    prepare?: (image: string) => void;
+    /** Makes the image to serve in the test's directory (a qcow2 overlay, say) instead of a raw one. */
+    make?: (dir: string) => Promise<string>;
+  },
 ): Promise<QmpDaemon> {
   const dir = tempDir(t, "drivetap-jobs-");
-  const image = join(dir, "disk.img");
-  if (opts.content) writeFileSync(image, opts.content);
+  let image = join(dir, "disk.img");
+  if (opts.make) image = await opts.make(dir);
+  else if (opts.content) writeFileSync(image, opts.content);
   else makeImage(image, opts.sizeBytes ?? 0);
   opts.prepare?.(image);
   const qmpPath = join(dir, "qmp.sock");

@@ -1,5 +1,6 @@
 /** qemu-img and qemu-io steps the qcow2 tests share: making images, writing them, checking them. */
 import assert from "node:assert/strict";
+import { closeSync, openSync, readSync, writeSync } from "node:fs";
 import { run, runOk, type RunResult } from "./run.js";
 
 export interface CreateOptions {
@@ -49,4 +50,62 @@ export async function assertChecks(image: string): Promise<void> {
 export async function assertSame(a: string, b: string): Promise<void> {
   const r = await run("qemu-img", ["compare", a, b]);
   assert.equal(r.code, 0, `qemu-img compare ${a} ${b}: ${r.stdout}${r.stderr}`);
+}
+
+/**
+ * The offset in a big-endian u64 of an image file: a header field, or an L1/L2/refcount table entry
+ * with its flag bits masked (bits 9-55).
+ */
+export function readOffsetAt(image: string, offset: number): number {
+  const b = Buffer.alloc(8);
+  const fd = openSync(image, "r");
+  try {
+    readSync(fd, b, 0, 8, offset);
+  } finally {
+    closeSync(fd);
+  }
+  return Number(b.readBigUInt64BE(0) & 0x00fffffffffffe00n);
+}
+
+/** Overwrites bytes of an image file in place (crafting damaged images). */
+export function patchImage(image: string, offset: number, bytes: Buffer): void {
+  const fd = openSync(image, "r+");
+  try {
+    writeSync(fd, bytes, 0, bytes.length, offset);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Sets the dirty bit of a v3 image, as a crash leaves it. */
+export function setDirtyBit(image: string): void {
+  const b = Buffer.alloc(8);
+  const fd = openSync(image, "r");
+  try {
+    readSync(fd, b, 0, 8, 72);
+  } finally {
+    closeSync(fd);
+  }
+  b[7] |= 1;
+  patchImage(image, 72, b);
+}
+
+/**
+ * `qemu-img check` of an image: its exit code (0 clean, 2 corrupt, 3 leaks) and all it printed.
+ * `forceShare` (-U) checks an image a running daemon holds.
+ */
+export async function qemuImgCheck(
+  image: string,
+  forceShare = false,
+): Promise<{ code: number | null; text: string }> {
+  const r = await run("qemu-img", ["check", ...(forceShare ? ["-U"] : []), image]);
+  return { code: r.code, text: r.stdout + r.stderr };
+}
+
+/** `qemu-img info`'s dirty flag. */
+export async function dirtyFlag(image: string): Promise<boolean> {
+  const info = JSON.parse((await runOk("qemu-img", ["info", "-U", "--output=json", image])).stdout) as {
+    "dirty-flag": boolean;
+  };
+  return info["dirty-flag"];
 }

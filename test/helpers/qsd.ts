@@ -24,7 +24,7 @@ export async function startQsdProcess(
   t: Pick<TestContext, "after">,
   extraArgs: readonly string[] = [],
   command: readonly string[] = [QSD],
-): Promise<{ socket: string; dir: string }> {
+): Promise<{ socket: string; dir: string; pid: number }> {
   const dir = tempDir(t, "drivetap-qsd-");
   const socket = join(dir, "qmp.sock");
   const pidfile = join(dir, "qsd.pid");
@@ -47,7 +47,7 @@ export async function startQsdProcess(
       // Already gone.
     }
   });
-  return { socket, dir };
+  return { socket, dir, pid };
 }
 
 /** startQsdProcess, with a QMP client connected to its monitor. */

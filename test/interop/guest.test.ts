@@ -11,6 +11,11 @@
  *   After a cancel the target must equal the source. Where it does not, the failure says which of the
  *   differing blocks the guest last discarded, so a target that kept data the guest trimmed is named
  *   as such.
+ * - qcow2 overlay: the disk is a qcow2 overlay (`drivetap create -b base.raw -F raw`) on a raw base
+ *   holding an ext4 over patterned bytes, and QEMU drops the guest's discards, so mkfs, fio and the
+ *   fill write 4 KiB blocks into 64 KiB clusters whose rest is copied from the base. A stream job
+ *   into a copy of the base records what the guest expects; afterwards the overlay reads the same,
+ *   `qemu-img check` is clean and the base is unchanged.
  * - stall: a guest whose writes the server holds (the mirror target is frozen with SIGSTOP) is
  *   reported as a stall with the server's unanswered requests, not as a bare timeout.
  */
@@ -18,7 +23,9 @@ import assert from "node:assert/strict";
 import * as net from "node:net";
 import { join } from "node:path";
 import { test, type TestContext } from "node:test";
-import { makeImage } from "../helpers/daemon.js";
+import { createHash } from "node:crypto";
+import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { CLI, makeImage } from "../helpers/daemon.js";
 import {
   assertFsckClean,
   assertGuestOk,
@@ -27,9 +34,18 @@ import {
   startGuest,
   type RunningGuest,
 } from "../helpers/guest.js";
-import { blockJob, jobEvent, MiB, pollUntil, serveWithQmp, type QmpDaemon } from "../helpers/jobs.js";
+import {
+  blockJob,
+  jobEvent,
+  MiB,
+  pollUntil,
+  seededBytes,
+  serveWithQmp,
+  type QmpDaemon,
+} from "../helpers/jobs.js";
 import { assertIdentical, cancelInSync, startQemuNbd, type RemoteTarget } from "../helpers/remote.js";
-import { run } from "../helpers/run.js";
+import { assertChecks } from "../helpers/qcow2.js";
+import { run, runOk } from "../helpers/run.js";
 
 const DISK_BYTES = 256 * MiB;
 /** A test's own limit: the image build (first run: download), a guest run, the checks. */
@@ -37,7 +53,10 @@ const TEST_TIMEOUT_MS = 6 * 60_000;
 /** Differences are classified per sector: ext4 on a 256 MiB disk uses 1 KiB blocks, at 1 KiB offsets. */
 const BLOCK_BYTES = 512;
 
-function bootGuest(d: QmpDaemon, extra: { stallMs?: number } = {}): Promise<RunningGuest> {
+function bootGuest(
+  d: QmpDaemon,
+  extra: { stallMs?: number; discard?: "unmap" | "ignore" } = {},
+): Promise<RunningGuest> {
   return startGuest({ socket: d.daemon.socket, qmpPath: d.qmpPath, dir: d.dir, ...extra });
 }
 
@@ -173,31 +192,83 @@ test(
     await guestImage(); // before the daemon starts: a first build (download) is not part of the run
     const d = await serveWithQmp(t, { sizeBytes: DISK_BYTES });
     const target = makeImage(join(d.dir, "stream.img"), DISK_BYTES);
-    await d.qmp.execute("blockdev-add", {
-      driver: "raw",
-      "node-name": "copy",
-      file: { driver: "file", filename: target },
-    });
-    await d.qmp.execute("blockdev-backup", {
-      "job-id": "s0",
-      device: "disk0",
-      target: "copy",
-      sync: "stream",
-    });
+    await streamTo(d, target);
 
     const guest = await bootGuest(d);
     const r = await guest.done;
     t.diagnostic(describeRun(r));
     assertGuestOk(r);
-
-    const job = await blockJob(d.qmp, "s0");
-    assert.equal(job.status, "running", `the stream job is still running: ${JSON.stringify(job)}`);
-    await d.qmp.execute("block-job-cancel", { device: "s0" });
-    const cancelled = await d.qmp.waitForEvent(jobEvent("s0", "BLOCK_JOB_CANCELLED"), 60_000);
-    assert.equal(cancelled.data.error, undefined, JSON.stringify(cancelled.data));
+    await endStream(d);
     await assertIdentical(d.image, target);
     await assertFsckClean(d.image);
     await assertFsckClean(target);
+  },
+);
+
+/** A stream job from disk0 into `target` (a raw file the size of the disk), started before the guest. */
+async function streamTo(d: QmpDaemon, target: string): Promise<void> {
+  await d.qmp.execute("blockdev-add", {
+    driver: "raw",
+    "node-name": "copy",
+    file: { driver: "file", filename: target },
+  });
+  await d.qmp.execute("blockdev-backup", { "job-id": "s0", device: "disk0", target: "copy", sync: "stream" });
+}
+
+/** Cancels the stream job s0 once the guest is done; it must end without an error. */
+async function endStream(d: QmpDaemon): Promise<void> {
+  const job = await blockJob(d.qmp, "s0");
+  assert.equal(job.status, "running", `the stream job is still running: ${JSON.stringify(job)}`);
+  await d.qmp.execute("block-job-cancel", { device: "s0" });
+  const cancelled = await d.qmp.waitForEvent(jobEvent("s0", "BLOCK_JOB_CANCELLED"), 60_000);
+  assert.equal(cancelled.data.error, undefined, JSON.stringify(cancelled.data));
+}
+
+function sha(path: string): string {
+  return createHash("sha256").update(readFileSync(path)).digest("hex");
+}
+
+test(
+  "guest: ext4, fill, fio QD32 on a qcow2 overlay over a raw base (partial clusters copied from the base); overlay == what the guest wrote, qemu-img check clean, base unchanged",
+  { timeout: TEST_TIMEOUT_MS },
+  async (t) => {
+    await guestImage();
+    let base = "";
+    let expected = "";
+    const d = await serveWithQmp(t, {
+      make: async (dir) => {
+        // The base: patterned bytes everywhere (so a cluster copied from it is visible), and a host-made
+        // ext4 with a file over them (mkfs without discard keeps the pattern in its free space).
+        base = join(dir, "base.raw");
+        const chunk = seededBytes(13, 1 * MiB);
+        writeFileSync(base, Buffer.alloc(0));
+        for (let at = 0; at < DISK_BYTES; at += chunk.length) writeFileSync(base, chunk, { flag: "a" });
+        const content = join(dir, "content");
+        mkdirSync(content);
+        writeFileSync(join(content, "base.dat"), seededBytes(14, 3 * MiB));
+        await runOk("mkfs.ext4", ["-q", "-F", "-E", "nodiscard", "-d", content, base]);
+        expected = join(dir, "expected.raw");
+        copyFileSync(base, expected);
+        const overlay = join(dir, "overlay.qcow2");
+        await runOk(process.execPath, [CLI, "create", "-f", "qcow2", "-b", base, "-F", "raw", overlay]);
+        return overlay;
+      },
+    });
+    const baseSha = sha(base);
+    await streamTo(d, expected);
+
+    const guest = await bootGuest(d, { discard: "ignore" });
+    const r = await guest.done;
+    t.diagnostic(describeRun(r));
+    assertGuestOk(r);
+    await endStream(d);
+    assert.equal(await d.daemon.stop(), 0);
+
+    assert.equal(sha(base), baseSha, "the base is unchanged");
+    await assertChecks(d.image);
+    const cmp = await run("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", d.image, expected]);
+    assert.match(cmp.stdout, /Images are identical/, cmp.stdout + cmp.stderr);
+    await assertFsckClean(expected);
   },
 );
 

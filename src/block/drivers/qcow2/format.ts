@@ -283,6 +283,11 @@ export interface HeaderExtension {
   readonly data: Buffer;
 }
 
+/** The header extensions of a parsed header (`buf`: the image's first cluster). */
+export function extensionsOf(buf: Buffer, h: Qcow2Header): HeaderExtension[] {
+  return headerExtensions(buf, h.version === 3 ? h.headerBytes : QCOW2_HEADER_V2_BYTES, h.clusterBytes);
+}
+
 /** The header extensions after the header, checked to stay inside the first cluster. */
 export function headerExtensions(buf: Buffer, start: number, clusterBytes: number): HeaderExtension[] {
   const end = Math.min(buf.length, clusterBytes);

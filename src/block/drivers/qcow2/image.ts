@@ -10,6 +10,7 @@ import { BlockError } from "../../../core/errors.js";
 import type { BlockDriver } from "../../driver.js";
 import { FileDriver, type FileDriverOptions } from "../file.js";
 import { QCOW_MAGIC } from "./format.js";
+import type { RepairSummary } from "./check.js";
 import { Qcow2Driver } from "./qcow2.js";
 
 export const BACKING_CHAIN_DEPTH_MAX = 16;
@@ -100,6 +101,8 @@ export async function openQcow2Over(
     depth?: number;
     ownsFile?: boolean;
     onProbe?: (path: string, format: ImageFormat) => void;
+    /** A crash-dirty image with lazy refcounts was repaired (writable opens only). */
+    onRepair?: (summary: RepairSummary) => void;
   },
 ): Promise<Qcow2Driver> {
   // A file node a removed qcow2 node wrote through has grown with that node's allocations, and its
@@ -142,6 +145,7 @@ export async function openQcow2Over(
       backing,
       ownsBacking,
       ownsFile: o.ownsFile ?? true,
+      onRepair: o.onRepair,
     });
   } catch (err) {
     if (ownsBacking) await backing?.close();

@@ -23,6 +23,7 @@ import { MiB } from "../../../core/units.js";
 import type { BlockDriver, DriverCapabilities, Extent, WriteFlags, ZeroFlags } from "../../driver.js";
 import { Qcow2Bitmaps, type Qcow2BitmapHost } from "./bitmaps.js";
 import { withBackingName, type BackingName } from "./backing-header.js";
+import { repairLazyRefcounts, type RepairSummary } from "./check.js";
 import { ClusterLocks } from "./cluster-locks.js";
 import {
   compressedExtent,
@@ -45,6 +46,7 @@ import { Refcounts } from "./refcounts.js";
 import { TableCache } from "./table-cache.js";
 
 const inflateRawAsync = promisify(inflateRaw);
+const DONE: Promise<void> = Promise.resolve();
 
 /** Bytes of L2 tables kept in memory (QEMU's default is 1 MiB; 4 MiB maps 32 GiB of 64 KiB clusters). */
 export const QCOW2_L2_CACHE_BYTES = 4 * MiB;
@@ -68,6 +70,8 @@ export interface Qcow2OpenOptions {
   readonly ownsBacking?: boolean;
   /** L2 cache size in bytes (tests make it tiny to exercise eviction). */
   readonly l2CacheBytes?: number;
+  /** Told what the repair of a crash-dirty image with lazy refcounts found (the caller logs it). */
+  readonly onRepair?: (summary: RepairSummary) => void;
   /** Called when a write-back holds freed clusters until reads in flight are done (tests watch it). */
   readonly onFreesWaitForReads?: () => void;
 }
@@ -131,7 +135,13 @@ export class Qcow2Driver implements BlockDriver {
   readonly #zeros: Buffer;
   #closed = false;
 
-  private constructor(file: BlockDriver, header: Qcow2Header, l1: Buffer, o: Qcow2OpenOptions) {
+  private constructor(
+    file: BlockDriver,
+    header: Qcow2Header,
+    l1: Buffer,
+    fileBytes: number,
+    o: Qcow2OpenOptions,
+  ) {
     this.#onFreesWaitForReads = o.onFreesWaitForReads;
     this.file = file;
     this.header = header;
@@ -142,7 +152,7 @@ export class Qcow2Driver implements BlockDriver {
     this.#cb = header.clusterBytes;
     this.#l2Entries = header.clusterBytes / 8;
     this.#l1 = l1;
-    this.#fileBytes = file.size();
+    this.#fileBytes = fileBytes;
     this.#incompatible = header.incompatible;
     // A writable open of an image a crash left dirty (eager refcounts: nothing to repair) owns the
     // bit from the start: a clean close clears it even if this session changes no metadata.
@@ -167,9 +177,11 @@ export class Qcow2Driver implements BlockDriver {
     };
   }
 
-  /** Reads and checks the header, the L1 table and the refcount table of the image in `file`. */
-  static async open(file: BlockDriver, o: Qcow2OpenOptions = {}): Promise<Qcow2Driver> {
-    const fileBytes = file.size();
+  /** Reads and checks the header (from the whole first cluster) of the image in `file`. */
+  static async #readHeader(
+    file: BlockDriver,
+    fileBytes: number,
+  ): Promise<{ header: Qcow2Header; first: Buffer }> {
     const probe = Buffer.alloc(Math.min(HEADER_PROBE_BYTES, fileBytes));
     await file.pread(0, probe);
     // The header, its extensions and the backing file name all lie in cluster 0: read it whole
@@ -178,7 +190,16 @@ export class Qcow2Driver implements BlockDriver {
     const inRange = bits >= QCOW2_CLUSTER_BITS_MIN && bits <= QCOW2_CLUSTER_BITS_MAX;
     const first = inRange ? Buffer.alloc(Math.min(2 ** bits, fileBytes)) : probe;
     if (inRange) await file.pread(0, first);
-    const header = parseHeader(first, fileBytes);
+    return { header: parseHeader(first, fileBytes), first };
+  }
+
+  /**
+   * Reads and checks the header, the L1 table and the refcount table of the image in `file`. A
+   * writable open of an image a crash left dirty with lazy refcounts repairs it first (check.ts).
+   */
+  static async open(file: BlockDriver, o: Qcow2OpenOptions = {}): Promise<Qcow2Driver> {
+    let fileBytes = file.size();
+    let { header, first } = await Qcow2Driver.#readHeader(file, fileBytes);
     const readOnly = o.readOnly ?? false;
     if (!readOnly && header.incompatible & QCOW2_INCOMPAT_CORRUPT) {
       throw new BlockError(
@@ -191,23 +212,23 @@ export class Qcow2Driver implements BlockDriver {
       header.incompatible & QCOW2_INCOMPAT_DIRTY &&
       header.compatible & QCOW2_COMPAT_LAZY_REFCOUNTS
     ) {
-      // Lazy refcounts may be behind the L2 tables after a crash; writing before a repair could reuse
-      // a cluster that is still in use.
-      throw new BlockError(
-        "EPERM",
-        "qcow2: the image was not closed cleanly and uses lazy refcounts; repair it with 'qemu-img check -r all' " +
-          "before opening it writable (read-only opens work)",
-      );
+      // Lazy refcounts may be behind the L2 tables after a crash: allocating from them could reuse a
+      // cluster still in use. The repair rebuilds them (the file grows by the new structure).
+      const summary = await repairLazyRefcounts(file, header, first);
+      o.onRepair?.(summary);
+      fileBytes = summary.fileBytes;
+      ({ header, first } = await Qcow2Driver.#readHeader(file, fileBytes));
     }
     const l1 = Buffer.alloc(header.l1Entries * 8);
     if (l1.length > 0) await file.pread(header.l1Offset, l1);
-    const driver = new Qcow2Driver(file, header, l1, o);
+    const driver = new Qcow2Driver(file, header, l1, fileBytes, o);
     const refs = await Refcounts.open({
       child: file,
       clusterBits: header.clusterBits,
       tableOffset: header.refcountTableOffset,
       tableClusters: header.refcountTableClusters,
       hostLimit: () => driver.#hostLimit(),
+      openedFileBytes: fileBytes,
       cacheTables: Math.max(
         QCOW2_CACHE_TABLES_MIN,
         Math.floor(QCOW2_REFCOUNT_CACHE_BYTES / header.clusterBytes),
@@ -420,16 +441,72 @@ export class Qcow2Driver implements BlockDriver {
     if (this.#closed) throw new BlockError("ESHUTDOWN", "qcow2: the image is closed");
   }
 
-  async pwrite(offset: number, data: readonly Buffer[], _flags: WriteFlags): Promise<void> {
-    this.#checkWritable();
+  /**
+   * Not async: a write inside one cluster that is allocated and COPIED, with its L2 table cached (the
+   * steady state of a written disk), takes the lock, finds the host offset and calls the child
+   * without a promise or microtask of its own beyond releasing the lock. Everything else takes
+   * #pwriteLocked. (ARCHITECTURE.md, "The path of one write", says why `async` layers cost.)
+   */
+  pwrite(offset: number, data: readonly Buffer[], _flags: WriteFlags): Promise<void> {
+    try {
+      this.#checkWritable();
+    } catch (err) {
+      return Promise.reject(err);
+    }
     let total = 0;
     for (const b of data) total += b.length;
-    if (total === 0) return;
+    if (total === 0) return DONE;
     const cb = this.#cb;
     const first = Math.floor(offset / cb);
     const last = Math.floor((offset + total - 1) / cb);
     const lock = this.#locks.acquire(first, last);
-    const release = lock instanceof Promise ? await lock : lock;
+    if (lock instanceof Promise)
+      return lock.then((release) => this.#pwriteLocked(offset, data, total, release));
+    const host = first === last ? this.#inPlaceHost(first) : -1;
+    if (host < 0) return this.#pwriteLocked(offset, data, total, lock);
+    return this.#writeData(host + (offset - first * cb), data as Buffer[], total).then(
+      () => {
+        lock();
+        return this.#writebackIfFull();
+      },
+      (err: unknown) => {
+        lock();
+        throw err;
+      },
+    );
+  }
+
+  /**
+   * Guest cluster ci's host offset if a write may go there in place right now (allocated, COPIED,
+   * not a zero cluster, its L2 table cached, the entry valid), else -1: the slow path decides then.
+   */
+  #inPlaceHost(ci: number): number {
+    let l2Offset: number;
+    try {
+      l2Offset = this.#l1Entry(Math.floor(ci / this.#l2Entries)).offset;
+    } catch {
+      return -1;
+    }
+    if (l2Offset === 0) return -1;
+    const table = this.#l2.peek(l2Offset);
+    if (table === undefined) return -1;
+    const idx = (ci % this.#l2Entries) * 8;
+    const hi = table.readUInt32BE(idx);
+    const lo = table.readUInt32BE(idx + 4);
+    if (hi & QCOW_OFLAG_COMPRESSED_HI || !(hi & QCOW_OFLAG_COPIED_HI)) return -1;
+    if (this.header.version === 3 && lo & QCOW_OFLAG_ZERO) return -1;
+    const host = entryOffset(hi, lo);
+    if (host < this.#cb || host % this.#cb !== 0 || host >= this.#hostLimit()) return -1;
+    return host;
+  }
+
+  async #pwriteLocked(
+    offset: number,
+    data: readonly Buffer[],
+    total: number,
+    release: () => void,
+  ): Promise<void> {
+    const cb = this.#cb;
     try {
       const tasks: Promise<void>[] = [];
       let runHost = -1;
@@ -491,9 +568,10 @@ export class Qcow2Driver implements BlockDriver {
     const cb = this.#cb;
     let bytes = 0;
     for (const p of pieces) bytes += p.length;
-    let content: Buffer[];
-    if (within === 0 && bytes === cb) content = pieces;
-    else {
+    const whole = within === 0 && bytes === cb;
+    const zeroBelow = !whole && this.#readsZero(ci, m);
+    let content: Buffer[] = pieces;
+    if (!whole && !zeroBelow) {
       const buf = Buffer.alloc(cb);
       await this.#oldContent(ci, m, buf);
       let at = within;
@@ -502,10 +580,26 @@ export class Qcow2Driver implements BlockDriver {
     }
     await this.#markDirty();
     const reuse = m.kind === Kind.Zero && m.host !== 0 && m.copied;
-    const host = reuse ? m.host : await this.#r.allocCluster();
-    if (reuse && this.#overlapsMetadata(host, cb))
-      throw formatError(`a data cluster at ${host} overlaps the image's metadata`);
-    await this.file.pwrite(host, content, {});
+    let host: number;
+    let at = 0;
+    if (reuse) {
+      host = m.host;
+      if (this.#overlapsMetadata(host, cb))
+        throw formatError(`a data cluster at ${host} overlaps the image's metadata`);
+    } else {
+      const got = await this.#r.allocData();
+      host = got.offset;
+      // A fresh cluster already reads as zeros: only the data is written, not 64 KiB of padding.
+      if (zeroBelow && got.fresh) at = within;
+    }
+    if (zeroBelow && at === 0) {
+      // The rest of the cluster is zeros: the data between two views of the shared zero buffer,
+      // written in one pwritev, with no cluster-sized buffer to allocate and fill.
+      const tail = cb - within - bytes;
+      content = within > 0 ? [this.#zeros.subarray(0, within), ...pieces] : [...pieces];
+      if (tail > 0) content.push(this.#zeros.subarray(0, tail));
+    }
+    await this.file.pwrite(host + at, content, {});
     await this.#setEntry(ci, (QCOW_OFLAG_COPIED_HI | Math.floor(host / 2 ** 32)) >>> 0, host % 2 ** 32);
     if (!reuse) this.#freeOld(m);
   }
@@ -700,14 +794,16 @@ export class Qcow2Driver implements BlockDriver {
 
   // ---- flush and write-back ----
 
-  async #writebackIfFull(): Promise<void> {
+  /** A write-back when a cache is full of dirty tables or too many frees wait; else nothing. */
+  #writebackIfFull(): Promise<void> | undefined {
     if (
       this.#l2.overCapacity ||
       this.#r.overCapacity ||
       this.#pendingFrees.length > QCOW2_PENDING_FREES_MAX
     ) {
-      await this.#writeback();
+      return this.#writeback();
     }
+    return undefined;
   }
 
   /** Writes dirty metadata back in crash-safe order (see the module comment). */

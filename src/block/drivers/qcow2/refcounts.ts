@@ -28,6 +28,8 @@ export interface RefcountsOptions {
   readonly tableClusters: number;
   /** Host bytes the image may reference: the file size at open (grown by allocations). */
   readonly hostLimit: () => number;
+  /** The file's size at open: clusters past it that this session never allocated read as zeros. */
+  readonly openedFileBytes: number;
   readonly cacheTables: number;
   /** Writes refcount_table_offset and refcount_table_clusters into the header (not flushed). */
   readonly writeHeaderTable: (offset: number, clusters: number) => Promise<void>;
@@ -105,7 +107,17 @@ export class Refcounts {
   }
 
   /** Allocates one cluster (refcount 1 in the cache) and returns its host offset. */
-  allocCluster(): Promise<number> {
+  async allocCluster(): Promise<number> {
+    return (await this.allocData()).offset;
+  }
+
+  /**
+   * Allocates one cluster, and says whether it is *fresh*: past the end of the file as opened and
+   * never allocated before in this session, so nothing was ever written there and it reads as zeros
+   * (a file reads zeros past its end and in holes). A new data cluster that would be filled with
+   * zeros needs only its data written then.
+   */
+  allocData(): Promise<{ offset: number; fresh: boolean }> {
     return this.#mutex.run(async () => {
       for (;;) {
         const ci = this.#freeHint;
@@ -119,7 +131,8 @@ export class Refcounts {
           await this.#newBlock(ti, ci);
           continue;
         }
-        const block = await this.#cache.get(blockOff);
+        const b0 = this.#cache.get(blockOff);
+        const block = b0 instanceof Promise ? await b0 : b0;
         let i = ci % this.#blockEntries;
         while (i < this.#blockEntries && block.readUInt16BE(i * 2) !== 0) i++;
         if (i === this.#blockEntries) {
@@ -129,9 +142,10 @@ export class Refcounts {
         block.writeUInt16BE(1, i * 2);
         this.#cache.markDirty(blockOff, block);
         const found = ti * this.#blockEntries + i;
+        const fresh = found >= this.#allocatedEnd && found * this.#clusterBytes >= this.#o.openedFileBytes;
         this.#freeHint = found + 1;
         this.#allocatedEnd = Math.max(this.#allocatedEnd, found + 1);
-        return found * this.#clusterBytes;
+        return { offset: found * this.#clusterBytes, fresh };
       }
     });
   }

@@ -379,25 +379,30 @@ export class Qcow2Driver implements BlockDriver {
       if (runLen > 0) tasks.push(this.file.pread(runHost, into.subarray(runAt, runAt + runLen)));
       runLen = 0;
     };
-    for (const { pos, ci, within, n, done } of clusterSpans(offset, into.length, cb)) {
-      const m0 = this.#mapping(ci);
-      const m = m0 instanceof Promise ? await m0 : m0;
-      const part = into.subarray(done, done + n);
-      if (m.kind === Kind.Data) {
-        const host = m.host + within;
-        if (runLen > 0 && runHost + runLen === host) runLen += n;
-        else {
+    try {
+      for (const { pos, ci, within, n, done } of clusterSpans(offset, into.length, cb)) {
+        const m0 = this.#mapping(ci);
+        const m = m0 instanceof Promise ? await whileStarted(tasks, m0) : m0;
+        const part = into.subarray(done, done + n);
+        if (m.kind === Kind.Data) {
+          const host = m.host + within;
+          if (runLen > 0 && runHost + runLen === host) runLen += n;
+          else {
+            endRun();
+            runHost = host;
+            runAt = done;
+            runLen = n;
+          }
+        } else {
           endRun();
-          runHost = host;
-          runAt = done;
-          runLen = n;
+          if (m.kind === Kind.Zero) part.fill(0);
+          else if (m.kind === Kind.Unallocated) tasks.push(this.#readBelow(pos, part));
+          else tasks.push(this.#readCompressed(m, within, part));
         }
-      } else {
-        endRun();
-        if (m.kind === Kind.Zero) part.fill(0);
-        else if (m.kind === Kind.Unallocated) tasks.push(this.#readBelow(pos, part));
-        else tasks.push(this.#readCompressed(m, within, part));
       }
+    } catch (err) {
+      await endedAll(tasks);
+      throw err;
     }
     endRun();
     await settleAll(tasks);
@@ -517,25 +522,31 @@ export class Qcow2Driver implements BlockDriver {
         runPieces = [];
         runLen = 0;
       };
-      for (const { ci, within, n, done } of clusterSpans(offset, total, cb)) {
-        const pieces = sliceIov(data, done, n);
-        const m0 = this.#mapping(ci);
-        const m = m0 instanceof Promise ? await m0 : m0;
-        if (m.kind === Kind.Data && m.copied) {
-          const host = m.host + within;
-          if (runLen > 0 && runHost + runLen === host) {
-            runPieces.push(...pieces);
-            runLen += n;
+      try {
+        for (const { ci, within, n, done } of clusterSpans(offset, total, cb)) {
+          const pieces = sliceIov(data, done, n);
+          const m0 = this.#mapping(ci);
+          const m = m0 instanceof Promise ? await whileStarted(tasks, m0) : m0;
+          if (m.kind === Kind.Data && m.copied) {
+            const host = m.host + within;
+            if (runLen > 0 && runHost + runLen === host) {
+              runPieces.push(...pieces);
+              runLen += n;
+            } else {
+              endRun();
+              runHost = host;
+              runPieces = pieces;
+              runLen = n;
+            }
           } else {
             endRun();
-            runHost = host;
-            runPieces = pieces;
-            runLen = n;
+            tasks.push(this.#allocWrite(ci, m, within, pieces));
           }
-        } else {
-          endRun();
-          tasks.push(this.#allocWrite(ci, m, within, pieces));
         }
+      } catch (err) {
+        // The clusters' locks are held until the writes already started have ended.
+        await endedAll(tasks);
+        throw err;
       }
       endRun();
       await settleAll(tasks);
@@ -1007,6 +1018,22 @@ export class Qcow2Driver implements BlockDriver {
 }
 
 /** Waits for every task, then throws the first failure (no child request is left running). */
+/**
+ * Awaits a cluster's mapping while child requests of earlier clusters run: their failures are
+ * handled (settleAll or endedAll reports them later), not left as unhandled rejections meanwhile.
+ */
+function whileStarted<T>(tasks: readonly Promise<void>[], mapping: Promise<T>): Promise<T> {
+  for (const p of tasks) p.catch(ignore);
+  return mapping;
+}
+
+function ignore(): void {}
+
+/** A request failed part-way: the child requests it started end before it reports the failure. */
+async function endedAll(tasks: readonly Promise<void>[]): Promise<void> {
+  await Promise.allSettled(tasks);
+}
+
 async function settleAll(tasks: Promise<void>[]): Promise<void> {
   if (tasks.length === 1) return tasks[0];
   const results = await Promise.allSettled(tasks);

@@ -9,7 +9,13 @@ import assert from "node:assert/strict";
 import { existsSync, readdirSync } from "node:fs";
 import { join } from "node:path";
 import type { QmpClient } from "../../src/qmp/client.js";
-import { startDaemon, stopAfter, unixUri, type RunningDaemon } from "../helpers/daemon.js";
+import {
+  startDaemon,
+  stopAfter,
+  unixUri,
+  untilImageUnlocked,
+  type RunningDaemon,
+} from "../helpers/daemon.js";
 import {
   assertExit,
   connectQmp,
@@ -58,6 +64,7 @@ async function restart(
   n: number,
 ): Promise<{ daemon: RunningDaemon; qmp: QmpClient }> {
   const qmpPath = join(dir, `qmp${n}.sock`);
+  await untilImageUnlocked(image); // a killed daemon's ring may still hold the file a moment
   const daemon = await startDaemon({ image, args: ["--qmp", qmpPath] });
   stopAfter(t, daemon);
   return { daemon, qmp: await connectQmp(t, qmpPath) };

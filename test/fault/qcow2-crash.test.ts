@@ -10,7 +10,7 @@ import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { NbdDriver } from "../../src/nbd/client/nbd-driver.js";
-import { startDaemon, stopAfter, type RunningDaemon } from "../helpers/daemon.js";
+import { startDaemon, stopAfter, untilImageUnlocked, type RunningDaemon } from "../helpers/daemon.js";
 import { KiB, MiB, prng, seededBytes, testSeed } from "../helpers/jobs.js";
 import { dirtyFlag, qemuImgCreate } from "../helpers/qcow2.js";
 import { run, runOk, tempDir } from "../helpers/run.js";
@@ -96,6 +96,7 @@ for (const cluster of ["4k", "64k"]) {
     await Promise.race(inFlight);
     daemon.proc.kill("SIGKILL");
     await daemon.exited;
+    await untilImageUnlocked(image);
     await Promise.all(inFlight);
     await client.close().catch(() => undefined);
     for (const q of last) for (let s = q.offset / 512; s < (q.offset + q.length) / 512; s++) unknown[s] = 1;

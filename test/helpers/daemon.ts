@@ -285,3 +285,31 @@ export function readImage(path: string, offset: number, length: number): Buffer 
     closeSync(fd);
   }
 }
+
+/** How long a killed daemon's image locks may outlive its process (see untilImageUnlocked). */
+const KILLED_LOCKS_LINGER_MS_MAX = 10_000;
+
+/**
+ * Waits until nobody holds `image`'s write locks. After kill -9 of a daemon on io_uring, requests
+ * still in the kernel's workers hold the file open, and so its OFD locks, for a moment after the
+ * process is gone: the kernel tears the ring down asynchronously. There is no event for that, so
+ * this probes the lock bytes (as a writer would take them) until they are free, up to a bound.
+ */
+export async function untilImageUnlocked(image: string): Promise<void> {
+  const { lockImage, unlockImage, imagePermissions, ImageLockError } =
+    await import("../../src/block/drivers/image-lock.js");
+  const deadline = Date.now() + KILLED_LOCKS_LINGER_MS_MAX;
+  for (;;) {
+    const fd = openSync(image, "r");
+    try {
+      lockImage(fd, image, imagePermissions({ readOnly: false }));
+      unlockImage(fd);
+      return;
+    } catch (err) {
+      if (!(err instanceof ImageLockError) || Date.now() > deadline) throw err;
+    } finally {
+      closeSync(fd);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}

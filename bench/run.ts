@@ -62,6 +62,14 @@ export const SERVERS: readonly Server[] = [
       spawn(process.execPath, [CLI, "serve", image, "--socket", socket], { stdio: "ignore" }),
   },
   {
+    // The engine `auto` picks where io_uring is refused, in the same run (issue 14: the best engine).
+    name: "drivetap-sync",
+    start: (image, socket) =>
+      spawn(process.execPath, [CLI, "serve", image, "--socket", socket, "--io-engine", "sync"], {
+        stdio: "ignore",
+      }),
+  },
+  {
     name: "qemu-nbd",
     start: (image, socket) => spawn("qemu-nbd", qemuNbdArgs(image, socket), { stdio: "ignore" }),
   },
@@ -204,7 +212,8 @@ async function main(): Promise<void> {
 }
 
 async function benchServers(servers: readonly Server[], dir: string, image: string): Promise<void> {
-  for (const s of servers) if (s.name !== "drivetap") need(s.name);
+  const ours = (name: string): boolean => name.startsWith("drivetap");
+  for (const s of servers) if (!ours(s.name)) need(s.name);
   const results = new Map<string, number[]>(); // `${server}/${workload}`
   let drivetapRss = 0;
   for (let round = 1; round <= ROUNDS; round++) {
@@ -230,22 +239,24 @@ async function benchServers(servers: readonly Server[], dir: string, image: stri
   }
 
   const names = servers.map((s) => s.name);
+  const pairs = names.filter(ours).flatMap((a) => names.filter((b) => !ours(b)).map((b) => [a, b]));
   const header = [
     "workload",
-    ...names.map((n) => n),
-    ...names.filter((n) => n !== "drivetap").map((n) => `vs ${n}`),
+    ...names,
+    ...pairs.map(([a, b]) => (a === "drivetap" ? `vs ${b}` : `${a} vs ${b}`)),
   ];
   const rows = WORKLOADS.map((w) => {
     const runs = names.map((n) => results.get(`${n}/${w.name}`) ?? [NaN]);
-    const dt = runs[names.indexOf("drivetap")];
     // Ratios are taken round by round (the servers ran back to back in each), then summarised.
-    const ratios = names
-      .filter((n) => n !== "drivetap")
-      .map((n) => {
-        const other = runs[names.indexOf(n)];
-        const perRound = dt.map((v, i) => v / other[i]);
-        return spread(perRound, 2, "x");
-      });
+    const ratios = pairs.map(([a, b]) => {
+      const mine = runs[names.indexOf(a)];
+      const other = runs[names.indexOf(b)];
+      return spread(
+        mine.map((v, i) => v / other[i]),
+        2,
+        "x",
+      );
+    });
     return [`${w.name} (${w.unit})`, ...runs.map((r) => spread(r, 0, "")), ...ratios];
   });
   console.log(

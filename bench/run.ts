@@ -173,13 +173,18 @@ async function benchStream(dir: string, image: string, targetKind: StreamTarget)
     targetKind === "tap"
       ? "a live feed instead of a job (`drivetap tap` reading every write, output discarded)"
       : `backup sync=stream to ${targetKind === "file" ? "a local raw file" : "a journal node (data: true)"}`;
-  console.log(`\n${what}, through drivetap's export, median of ${ROUNDS} rounds`);
+  console.log(
+    `\n${what}, through drivetap's export, ${ROUNDS} interleaved rounds; median (min-max), ratios per round`,
+  );
   console.log(`| workload | no job | ${targetKind === "tap" ? "tap reader" : "stream job"} | ratio |`);
   console.log("|---|---|---|---|");
   for (const w of JOB_WORKLOADS) {
-    const a = median(results.get(`no job/${w.name}`) ?? [NaN]);
-    const b = median(results.get(`stream job/${w.name}`) ?? [NaN]);
-    console.log(`| ${w.name} (${w.unit}) | ${a.toFixed(0)} | ${b.toFixed(0)} | ${(b / a).toFixed(2)}x |`);
+    const a = results.get(`no job/${w.name}`) ?? [NaN];
+    const b = results.get(`stream job/${w.name}`) ?? [NaN];
+    const ratios = b.map((v, i) => v / a[i]);
+    console.log(
+      `| ${w.name} (${w.unit}) | ${spread(a, 0, "")} | ${spread(b, 0, "")} | ${spread(ratios, 2, "x")} |`,
+    );
   }
 }
 

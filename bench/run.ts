@@ -35,7 +35,6 @@ import {
   RUNTIME_S,
   SIZE,
   WORKLOADS,
-  median,
   need,
   peakRssBytes,
   printTable,

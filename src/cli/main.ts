@@ -297,7 +297,7 @@ program
   )
   .option(
     "--io-engine <engine>",
-    "the file driver's I/O: auto (io_uring where the kernel allows it), io_uring, sync or threads",
+    "the file driver's I/O: auto (sync, the fastest measured here), io_uring, sync or threads",
     ioEngineOption,
   )
   .option("-v, --verbose", "debug logs on stderr")

@@ -522,9 +522,12 @@ test("block_resize takes the resize lock: another process that does not share re
     `--socket=${join(d.dir, "qn.sock")}`,
     image,
   ]);
+  // The pid is read now: the temp directory (and the pid file in it) may be gone by the time the
+  // after-hooks run, and a forked qemu-nbd would outlive the test.
+  const pid = Number(readFileSync(pidfile, "utf8"));
   t.after(() => {
     try {
-      process.kill(Number(readFileSync(pidfile, "utf8")), "SIGKILL");
+      process.kill(pid, "SIGKILL");
     } catch {
       // Already gone.
     }

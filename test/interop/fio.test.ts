@@ -50,7 +50,7 @@ async function fio(
   return { code: r.code, job, text: `${r.stdout}\n${r.stderr}`, stderr: r.stderr };
 }
 
-// The default engine (io_uring here) and the synchronous one it replaced.
+// The io_uring engine and the synchronous one (the default).
 for (const engine of ["io_uring", "sync"])
   test(`fio randwrite bs=4k iodepth=32 with crc32c verify, I/O engine ${engine}`, async (t) => {
     const { daemon, dir } = await serveTempImage(t, IMAGE_BYTES, { args: ["--io-engine", engine] });

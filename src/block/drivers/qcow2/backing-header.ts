@@ -10,6 +10,7 @@
  */
 import { BlockError } from "../../../core/errors.js";
 import {
+  encodeExtension,
   headerExtensions,
   QCOW2_BACKING_NAME_BYTES_MAX,
   QCOW2_EXT_BACKING_FORMAT,
@@ -45,13 +46,7 @@ export function withBackingName(
     (e) => e.type !== QCOW2_EXT_BACKING_FORMAT,
   );
   const parts: Buffer[] = [Buffer.from(first.subarray(0, start))];
-  const ext = (type: number, data: Buffer): void => {
-    const e = Buffer.alloc(8 + Math.ceil(data.length / 8) * 8);
-    e.writeUInt32BE(type, 0);
-    e.writeUInt32BE(data.length, 4);
-    data.copy(e, 8);
-    parts.push(e);
-  };
+  const ext = (type: number, data: Buffer): number => parts.push(encodeExtension(type, data));
   if (backing !== null) ext(QCOW2_EXT_BACKING_FORMAT, Buffer.from(backing.format, "utf8"));
   for (const e of kept) ext(e.type, e.data);
   parts.push(Buffer.alloc(8)); // end of extensions

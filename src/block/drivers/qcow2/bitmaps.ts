@@ -17,6 +17,7 @@ import { BlockError } from "../../../core/errors.js";
 import { MiB } from "../../../core/units.js";
 import type { BlockDriver } from "../../driver.js";
 import {
+  encodeExtension,
   formatError,
   headerExtensions,
   QCOW2_AUTOCLEAR_BITMAPS,
@@ -314,15 +315,9 @@ export function rewriteBitmapsExtension(c0: Buffer, header: Qcow2Header, ext: Bu
   const kept = headerExtensions(c0, start, cb).filter((x) => x.type !== QCOW2_EXT_BITMAPS);
   const backing = header.backingFile === null ? null : Buffer.from(header.backingFile, "utf8");
   const parts: Buffer[] = [];
-  const push = (type: number, data: Buffer): void => {
-    const b = Buffer.alloc(8 + Math.ceil(data.length / 8) * 8);
-    b.writeUInt32BE(type, 0);
-    b.writeUInt32BE(data.length, 4);
-    data.copy(b, 8);
-    parts.push(b);
-  };
-  for (const x of kept) push(x.type, Buffer.from(x.data));
-  if (ext !== null) push(QCOW2_EXT_BITMAPS, ext);
+  // Each kept extension is copied out of c0 here, before c0 is overwritten below.
+  for (const x of kept) parts.push(encodeExtension(x.type, x.data));
+  if (ext !== null) parts.push(encodeExtension(QCOW2_EXT_BITMAPS, ext));
   parts.push(Buffer.alloc(8)); // end of extensions
   const area = Buffer.concat(parts);
   const end = start + area.length + (backing?.length ?? 0);

@@ -39,21 +39,17 @@ import {
   readU64,
   writeU64,
 } from "./format.js";
+import { parseBitmapsExtension, parseDirectory, type BitmapDirEntry } from "./bitmaps.js";
 import { REFCOUNT_MAX } from "./refcounts.js";
 
 /** Clusters the repair counts at most: 64 MiB of 16-bit counts (2 TiB files of 64 KiB clusters). */
 export const QCOW2_REPAIR_CLUSTERS_MAX = 2 ** 25;
 /** QEMU's bound on a snapshot's extra data. */
 export const QCOW2_SNAPSHOT_EXTRA_BYTES_MAX = 1024;
-/** QEMU's bound on the bitmap directory (1 KiB for each of at most 65535 bitmaps). */
-export const QCOW2_BITMAP_DIRECTORY_BYTES_MAX = 64 * MiB;
-/** QEMU's bound on the entries of one bitmap table. */
-export const QCOW2_BITMAP_TABLE_ENTRIES_MAX = 0x8000000;
 /** Bytes of a table (snapshot L1, bitmap table) read at once while streaming through it. */
 const TABLE_CHUNK_BYTES = 1 * MiB;
 
 const SNAPSHOT_HEADER_BYTES = 40;
-const BITMAP_ENTRY_HEADER_BYTES = 24;
 
 /** What the repair found and changed, for the log. */
 export interface RepairSummary {
@@ -202,38 +198,33 @@ async function countBitmaps(
   aligned: Aligned,
 ): Promise<void> {
   if (header.version !== 3 || !(header.autoclear & QCOW2_AUTOCLEAR_BITMAPS)) return;
-  const ext = extensionsOf(first, header).find((e) => e.type === QCOW2_EXT_BITMAPS);
-  if (ext === undefined || ext.data.length < 24) return;
-  const bitmaps = ext.data.readUInt32BE(0);
-  const dirBytes = readU64(ext.data, 8);
-  const dirOffset = readU64(ext.data, 16);
-  if (bitmaps === 0) return;
-  if (dirBytes > QCOW2_BITMAP_DIRECTORY_BYTES_MAX) throw unrepairable("the bitmap directory is too large");
-  aligned(dirOffset, "the bitmap directory");
-  ref(dirOffset, dirBytes, "the bitmap directory");
-  const dir = Buffer.alloc(dirBytes);
-  await file.pread(dirOffset, dir);
-  let at = 0;
-  for (let n = 0; n < bitmaps; n++) {
-    if (at + BITMAP_ENTRY_HEADER_BYTES > dir.length) throw unrepairable("the bitmap directory is truncated");
-    const tableOffset = readU64(dir, at);
-    const tableEntries = dir.readUInt32BE(at + 8);
-    const nameBytes = dir.readUInt16BE(at + 18);
-    const extraBytes = dir.readUInt32BE(at + 20);
-    at += Math.ceil((BITMAP_ENTRY_HEADER_BYTES + extraBytes + nameBytes) / 8) * 8;
-    if (tableEntries > QCOW2_BITMAP_TABLE_ENTRIES_MAX) throw unrepairable(`bitmap ${n}'s table is too large`);
-    if (tableEntries === 0) continue;
-    aligned(tableOffset, `bitmap ${n}'s table`);
-    ref(tableOffset, tableEntries * 8, `bitmap ${n}'s table`);
+  const data = extensionsOf(first, header).find((e) => e.type === QCOW2_EXT_BITMAPS)?.data;
+  if (data === undefined) return;
+  // The same checked parsers (and bounds) as the driver's open (bitmaps.ts).
+  const g = { clusterBytes: header.clusterBytes, sizeBytes: header.sizeBytes, fileBytes: file.size() };
+  let entries: BitmapDirEntry[];
+  try {
+    const ext = parseBitmapsExtension(data, g.clusterBytes, g.fileBytes);
+    ref(ext.directoryOffset, ext.directoryBytes, "the bitmap directory");
+    const dir = Buffer.alloc(ext.directoryBytes);
+    await file.pread(ext.directoryOffset, dir);
+    entries = parseDirectory(dir, ext.count, g);
+  } catch (err) {
+    if (err instanceof BlockError && err.message.startsWith("qcow2:")) throw unrepairable(err.message);
+    throw err;
+  }
+  for (const e of entries) {
+    const what = `bitmap '${e.name}'`;
+    ref(e.tableOffset, e.tableEntries * 8, `${what}'s table`);
     const chunkEntries = TABLE_CHUNK_BYTES / 8;
-    for (let i = 0; i < tableEntries; i += chunkEntries) {
-      const chunk = Buffer.alloc(Math.min(chunkEntries, tableEntries - i) * 8);
-      await file.pread(tableOffset + i * 8, chunk);
+    for (let i = 0; i < e.tableEntries; i += chunkEntries) {
+      const chunk = Buffer.alloc(Math.min(chunkEntries, e.tableEntries - i) * 8);
+      await file.pread(e.tableOffset + i * 8, chunk);
       for (let j = 0; j < chunk.length; j += 8) {
         const off = entryOffset(chunk.readUInt32BE(j), chunk.readUInt32BE(j + 4));
         if (off === 0) continue;
-        aligned(off, `bitmap ${n}'s data cluster`);
-        ref(off, header.clusterBytes, `bitmap ${n}'s data cluster`);
+        aligned(off, `${what}'s data cluster`);
+        ref(off, header.clusterBytes, `${what}'s data cluster`);
       }
     }
   }

@@ -347,6 +347,15 @@ const FEATURE_TABLE: ReadonlyArray<readonly [number, number, string]> = [
   [2, 1, "raw external data"],
 ];
 
+/** One header extension as it lies in cluster 0: type, length, the data padded to 8 bytes. */
+export function encodeExtension(type: number, data: Uint8Array): Buffer {
+  const e = Buffer.alloc(8 + Math.ceil(data.length / 8) * 8);
+  e.writeUInt32BE(type, 0);
+  e.writeUInt32BE(data.length, 4);
+  e.set(data, 8);
+  return e;
+}
+
 /** Encodes a v3 header with its extensions and backing file name: the content of cluster 0. */
 export function encodeHeader(h: NewHeader): Buffer {
   const clusterBytes = 2 ** h.clusterBits;
@@ -363,13 +372,7 @@ export function encodeHeader(h: NewHeader): Buffer {
   head.writeUInt32BE(QCOW2_REFCOUNT_ORDER, 96);
   head.writeUInt32BE(QCOW2_HEADER_V3_BYTES, 100);
   parts.push(head);
-  const ext = (type: number, data: Buffer): void => {
-    const e = Buffer.alloc(8 + Math.ceil(data.length / 8) * 8);
-    e.writeUInt32BE(type, 0);
-    e.writeUInt32BE(data.length, 4);
-    data.copy(e, 8);
-    parts.push(e);
-  };
+  const ext = (type: number, data: Buffer): number => parts.push(encodeExtension(type, data));
   if (h.backingFormat !== undefined) ext(QCOW2_EXT_BACKING_FORMAT, Buffer.from(h.backingFormat, "utf8"));
   const table = Buffer.alloc(48 * FEATURE_TABLE.length);
   FEATURE_TABLE.forEach(([type, bit, name], i) => {

@@ -10,7 +10,7 @@
 import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { existsSync, linkSync, readdirSync, readFileSync, symlinkSync } from "node:fs";
 import { join } from "node:path";
 import { startDaemon, stopAfter, type RunningDaemon } from "../helpers/daemon.js";
 import { assertQmpError, connectQmp, eventAfter, jobEvent } from "../helpers/jobs.js";
@@ -473,6 +473,18 @@ test("qcow2 targets an operator must not get: a raw file as qcow2, the source's 
       qmp.execute("drive-mirror", { device: "disk0", target: base, sync: "full", mode }),
       "GenericError",
       `'${base}' is a backing file of node 'disk0' and cannot be a backup or mirror target`,
+    );
+  }
+  // The same file under other names: a symlink and a hard link are the backing file too.
+  const viaSymlink = join(dir, "alias-symlink.qcow2");
+  const viaHardLink = join(dir, "alias-hardlink.qcow2");
+  symlinkSync(base, viaSymlink);
+  linkSync(base, viaHardLink);
+  for (const alias of [viaSymlink, viaHardLink]) {
+    await assertQmpError(
+      qmp.execute("drive-backup", { device: "disk0", target: alias, sync: "full", format: "qcow2" }),
+      "GenericError",
+      `'${alias}' is a backing file of node 'disk0' and cannot be a backup or mirror target`,
     );
   }
   assert.equal(sha(base), baseSha, "the backing file is untouched");

@@ -17,6 +17,12 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { TestContext } from "node:test";
+import {
+  ImageLockError,
+  imagePermissions,
+  lockImage,
+  unlockImage,
+} from "../../src/block/drivers/image-lock.js";
 
 /** The repository root (this file runs as dist/test/helpers/daemon.js). */
 export const REPO_ROOT = fileURLToPath(new URL("../../../", import.meta.url));
@@ -296,8 +302,6 @@ const KILLED_LOCKS_LINGER_MS_MAX = 10_000;
  * this probes the lock bytes (as a writer would take them) until they are free, up to a bound.
  */
 export async function untilImageUnlocked(image: string): Promise<void> {
-  const { lockImage, unlockImage, imagePermissions, ImageLockError } =
-    await import("../../src/block/drivers/image-lock.js");
   const deadline = Date.now() + KILLED_LOCKS_LINGER_MS_MAX;
   for (;;) {
     const fd = openSync(image, "r");

@@ -12,7 +12,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as C from "../../src/nbd/protocol/constants.js";
 import { HANDSHAKE_TIMEOUT_MS } from "../../src/nbd/server/limits.js";
-import { readImage, serveTempImage, type RunningDaemon } from "../helpers/daemon.js";
+import { memoryOf, readImage, serveTempImage, type RunningDaemon } from "../helpers/daemon.js";
 import { RawNbd } from "../helpers/raw-nbd.js";
 import { run } from "../helpers/run.js";
 import { clientTls, makePskFile, makeX509Dir, type X509Dir } from "../helpers/tls-certs.js";
@@ -222,4 +222,41 @@ test("through a worker: PSK identities, --tls-verify-peer and --tls-authz decide
   assert.equal(reply.type >>> 0, C.NBD_REP_ERR_POLICY >>> 0);
   await daemon.waitForStderr(/certificate subject 'CN=client,O=drivetap test' is not in --tls-authz/);
   refused.destroy();
+});
+
+test("through a worker, a TLS client that stops reading its replies stays within the buffer budget, and another session is served", async (t) => {
+  const { daemon } = await serveTempImage(t, IMAGE_BYTES, {
+    args: ["--tls-creds", x509().dir, "--max-buffer-memory", "80M"],
+    env: { DRIVETAP_TLS_WORKERS: "1" },
+  });
+  const attacker = await tlsClient(daemon);
+  t.after(() => attacker.destroy());
+  attacker.socket.pause();
+  // 512 MiB of replies asked for and none read: only the budget (80 MiB) and the worker's relay
+  // bound (RELAY_PAUSE_BYTES) may hold them.
+  const count = 128;
+  const length = 4 * MiB;
+  for (let i = 0; i < count; i++) {
+    attacker.sendRequest({ type: C.NBD_CMD_READ, offset: (i % 4) * length, length });
+  }
+  // Meanwhile a second session on the same worker writes and reads.
+  const honest = await tlsClient(daemon);
+  const data = randomBytes(64 * 1024);
+  for (let i = 0; i < 20; i++) {
+    assert.equal(await honest.write(i * 64 * 1024, data), 0);
+    const back = await honest.read(i * 64 * 1024, data.length);
+    assert.ok(back.data.equals(data), `round trip ${i}`);
+  }
+  await honest.disconnect();
+  const peak = memoryOf(daemon).peakBytes;
+  t.diagnostic(`peak RSS with 512 MiB of replies unread: ${(peak / MiB).toFixed(0)} MiB`);
+  assert.ok(peak < 400 * MiB, `peak RSS ${(peak / MiB).toFixed(0)} MiB`);
+  // Reading again, the stalled client gets every reply.
+  attacker.socket.resume();
+  for (let i = 0; i < count; i++) {
+    const r = await attacker.readSimpleReply(60_000);
+    assert.equal(r.error, 0);
+    await attacker.readExact(length, 60_000);
+  }
+  assert.ok(daemon.alive());
 });

@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <node_api.h>
+#include "loop_poll.h"
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
@@ -865,6 +866,7 @@ static napi_value init(napi_env env, napi_value exports) {
   };
   napi_define_properties(env, exports, sizeof(uring_props) / sizeof(uring_props[0]), uring_props);
 #endif
+  loop_poll_register(env, exports);
   return exports;
 }
 

@@ -14,6 +14,12 @@ import {
   setProcessIoEngine,
   type IoEngineMode,
 } from "../block/drivers/io-engine/index.js";
+import {
+  defaultPollMaxNs,
+  parsePollMaxNs,
+  POLL_MAX_NS_LIMIT,
+  setLoopPolling,
+} from "../block/drivers/io-engine/loop-poll.js";
 import { formatSize, parseSize } from "../core/units.js";
 import { Daemon, NULL_IMAGE, type ServeConfig } from "../daemon/daemon.js";
 import { NODE_NAME_PATTERN } from "../graph/node-factory.js";
@@ -52,6 +58,13 @@ function ioEngineOption(value: string): IoEngineMode {
   return mode;
 }
 
+function pollMaxNsOption(value: string): number {
+  const n = parsePollMaxNs(value);
+  if (n === undefined)
+    throw new InvalidArgumentError(`expected a whole number of ns, 0 to ${POLL_MAX_NS_LIMIT}`);
+  return n;
+}
+
 function tlsModeOption(value: string): TlsMode {
   if (value !== "off" && value !== "on" && value !== "require")
     throw new InvalidArgumentError(`expected off, on or require, not ${value}`);
@@ -77,6 +90,7 @@ interface ServeOptions {
   verbose?: boolean;
   asyncIo?: boolean;
   ioEngine?: IoEngineMode;
+  pollMaxNs?: number;
   qmp?: string;
   maxBufferMemory?: number;
   tls?: TlsMode;
@@ -186,6 +200,8 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
   };
   // Chosen before anything opens a file; io_uring asked for and refused ends here, with the reason.
   setProcessIoEngine(opts.asyncIo ? "threads" : (opts.ioEngine ?? DEFAULT_IO_ENGINE_MODE));
+  const pollMaxNs = opts.pollMaxNs ?? defaultPollMaxNs();
+  const polling = setLoopPolling(pollMaxNs);
   daemonRef = await Daemon.start(config);
   const daemon = daemonRef;
   log.debug({ native: FileDriver.nativeAvailable }, "file driver native addon");
@@ -200,6 +216,7 @@ async function serve(image: string | undefined, opts: ServeOptions): Promise<voi
   followNpx(() => stop("SIGTERM"));
   const file = daemon.file?.driver;
   const engine = file instanceof FileDriver ? `, I/O engine ${file.ioEngine}` : "";
+  log.debug({ pollMaxNs, polling }, "event loop polling");
   const what = image === undefined ? `built-in ${formatSize(opts.size)} sparse memory disk` : image;
   process.stdout.write(
     `drivetap: serving ${daemon.node.name} (${what}, ${daemon.node.size()} bytes${config.readOnly ? ", read-only" : ""}${engine})\n` +
@@ -299,6 +316,12 @@ program
     "--io-engine <engine>",
     "the file driver's I/O: auto (sync, the fastest measured here), io_uring, sync or threads",
     ioEngineOption,
+  )
+  .option(
+    "--poll-max-ns <ns>",
+    `poll for new requests up to this long before the event loop sleeps, adaptively (QEMU's iothread ` +
+      `poll-max-ns; 0 turns it off; default ${defaultPollMaxNs()})`,
+    pollMaxNsOption,
   )
   .option("-v, --verbose", "debug logs on stderr")
   .action(async (image: string | undefined, opts: ServeOptions) => {

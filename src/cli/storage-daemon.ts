@@ -35,6 +35,13 @@ import {
   setProcessIoEngine,
   type IoEngineMode,
 } from "../block/drivers/io-engine/index.js";
+import {
+  defaultPollMaxNs,
+  parsePollMaxNs,
+  POLL_MAX_NS_DEFAULT,
+  POLL_MAX_NS_LIMIT,
+  setLoopPolling,
+} from "../block/drivers/io-engine/loop-poll.js";
 
 const PROGRAM = "drivetap storage-daemon";
 /** The environment variable that tells a --daemonize child which fd reports readiness. */
@@ -58,7 +65,8 @@ type OptionName =
   | "nbd-server"
   | "object"
   | "pidfile"
-  | "io-engine";
+  | "io-engine"
+  | "poll-max-ns";
 
 const LONG_OPTIONS: Readonly<Record<OptionName, { readonly arg: boolean; readonly short?: string }>> = {
   help: { arg: false, short: "h" },
@@ -74,6 +82,8 @@ const LONG_OPTIONS: Readonly<Record<OptionName, { readonly arg: boolean; readonl
   pidfile: { arg: true },
   /** drivetap's own: the file driver's I/O engine (QSD has none; `aio` per node is QEMU's). */
   "io-engine": { arg: true },
+  /** drivetap's own: adaptive polling of the one event loop (QEMU's iothread poll-max-ns). */
+  "poll-max-ns": { arg: true },
 };
 
 export interface RawOption {
@@ -149,6 +159,8 @@ export interface Plan {
   readonly pidfile?: string;
   /** --io-engine: how file nodes do their I/O (default: auto). */
   readonly ioEngine?: IoEngineMode;
+  /** --poll-max-ns: adaptive polling of the event loop (default: loop-poll.ts's). */
+  readonly pollMaxNs?: number;
   /** -h / -V / --object help: print this and exit 0. */
   readonly print?: string;
 }
@@ -205,6 +217,7 @@ export function planCommandLine(argv: readonly string[]): Plan {
   let daemonize = false;
   let pidfile: string | undefined;
   let ioEngine: IoEngineMode | undefined;
+  let pollMaxNs: number | undefined;
   for (const o of splitOptions(argv)) {
     if (o.name === "help") return { steps: [], daemonize: false, print: usage() };
     if (o.name === "version") return { steps: [], daemonize: false, print: version() };
@@ -220,6 +233,13 @@ export function planCommandLine(argv: readonly string[]): Plan {
           throw new KeyvalError("drivetap has no QEMU trace events (-T/--trace)");
         case "pidfile":
           pidfile = arg;
+          break;
+        case "poll-max-ns":
+          pollMaxNs = parsePollMaxNs(arg);
+          if (pollMaxNs === undefined)
+            throw new KeyvalError(
+              `Invalid poll-max-ns '${arg}': expected a whole number of ns, 0 to ${POLL_MAX_NS_LIMIT}`,
+            );
           break;
         case "io-engine":
           ioEngine = parseIoEngineMode(arg);
@@ -308,7 +328,7 @@ export function planCommandLine(argv: readonly string[]): Plan {
       throw err;
     }
   }
-  return { steps, daemonize, pidfile, ioEngine };
+  return { steps, daemonize, pidfile, ioEngine, pollMaxNs };
 }
 
 /** QemuOpts' `--chardev socket,id=ID,path=P,server=on,wait=off`: the one kind a QMP monitor uses here. */
@@ -358,6 +378,8 @@ qemu-storage-daemon's command line, served by drivetap
   --pidfile <path>       write the process ID to a file after startup
   --io-engine auto|io_uring|sync|threads
                          drivetap's: how file nodes do I/O (auto: sync, the fastest measured here)
+  --poll-max-ns <ns>     drivetap's: poll for requests up to this long before the loop sleeps,
+                         adaptively (QEMU's iothread poll-max-ns; 0: off; default ${POLL_MAX_NS_DEFAULT})
 
 Options run in command-line order.
 `;
@@ -485,6 +507,7 @@ export async function storageDaemonMain(argv: readonly string[]): Promise<never>
   let engine: string;
   try {
     engine = setProcessIoEngine(plan.ioEngine ?? DEFAULT_IO_ENGINE_MODE).name;
+    setLoopPolling(plan.pollMaxNs ?? defaultPollMaxNs());
     monitors = await runPlan(plan, graph, log, () => stop("quit"));
     if (plan.pidfile !== undefined) writePidfile(plan.pidfile);
   } catch (err) {

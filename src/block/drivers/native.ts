@@ -1,7 +1,7 @@
 /**
  * Loader for the optional native addon (native/drivetap_native.c): fallocate, SEEK_DATA/SEEK_HOLE and
- * OFD byte-range locks, which Node's fs lacks, a hardware CRC-32C, an io_uring ring, and dup/socketpair
- * for sockets. When the addon did not build,
+ * OFD byte-range locks, which Node's fs lacks, a hardware CRC-32C, an io_uring ring, dup/socketpair
+ * for sockets, and the event loop's adaptive polling. When the addon did not build,
  * `native` is null: the file driver falls back to portable I/O, images are not locked, and
  * block/crc32c.ts uses TypeScript (see docs/ARCHITECTURE.md).
  */
@@ -85,6 +85,15 @@ export interface NativeCalls {
    */
   dupCloexec?(fd: number): number;
   unixSocketPair?(): [number, number] | number;
+  /**
+   * Adaptive polling of the event loop before it sleeps (native/loop_poll.c, io-engine/loop-poll.ts):
+   * start (or change the settings) with QEMU's poll-max-ns, poll-grow and poll-shrink, 0 or -errno;
+   * stop; and the counters [spins, spins that saw an event, ns spinning, waits that slept, the
+   * current window in ns, poll-max-ns]. Optional: an older addon lacks them.
+   */
+  loopPollStart?(maxNs: number, grow: number, shrink: number): number;
+  loopPollStop?(): number;
+  loopPollStats?(): number[];
 }
 
 /** An opaque ring from uringCreate. */

@@ -61,10 +61,10 @@ export const SERVERS: readonly Server[] = [
       spawn(process.execPath, [CLI, "serve", image, "--socket", socket], { stdio: "ignore" }),
   },
   {
-    // The engine `auto` picks where io_uring is refused, in the same run (issue 14: the best engine).
-    name: "drivetap-sync",
+    // The event loop without its adaptive polling (--poll-max-ns 0), in the same run: what polling buys.
+    name: "drivetap-nopoll",
     start: (image, socket) =>
-      spawn(process.execPath, [CLI, "serve", image, "--socket", socket, "--io-engine", "sync"], {
+      spawn(process.execPath, [CLI, "serve", image, "--socket", socket, "--poll-max-ns", "0"], {
         stdio: "ignore",
       }),
   },

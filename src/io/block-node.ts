@@ -126,22 +126,36 @@ export class BlockNode {
 
   // ---- the public I/O verbs ------------------------------------------------------------------------
 
-  async read(offset: number, into: Buffer): Promise<void> {
-    while (this.#drained) await this.#drained;
-    this.#checkRange("read", offset, into.length);
+  /** Not async, as write(): one `then` on the driver's promise instead of an async frame. */
+  read(offset: number, into: Buffer): Promise<void> {
+    if (this.#drained) return this.#drained.then(() => this.read(offset, into));
+    try {
+      this.#checkRange("read", offset, into.length);
+    } catch (err) {
+      return Promise.reject(err);
+    }
     const req = this.#begin("read", offset, into.length, null, NO_FLAGS, false);
     const t0 = BlockAccounting.now();
+    let p: Promise<void>;
     try {
-      await this.driver.pread(offset, into);
-      this.stats.readOps++;
-      this.stats.readBytes += into.length;
-      this.acct.done("read", t0);
+      p = this.driver.pread(offset, into);
     } catch (err) {
-      this.acct.failed("read", t0);
-      throw this.#failed(err);
-    } finally {
-      this.#end(req);
+      p = Promise.reject(err);
     }
+    return p.then(
+      () => {
+        this.stats.readOps++;
+        this.stats.readBytes += into.length;
+        this.acct.done("read", t0);
+        this.#end(req);
+      },
+      (err: unknown) => {
+        this.acct.failed("read", t0);
+        const failed = this.#failed(err);
+        this.#end(req);
+        throw failed;
+      },
+    );
   }
 
   /**
@@ -445,7 +459,51 @@ export class BlockNode {
     }
   }
 
-  async #mutate(
+  /**
+   * Not async: with no hook, no serialising request and no range lock (a node no job touches), a
+   * request has nothing to wait for, and one `then` on the driver's promise replaces the async
+   * frame, its promise and the await's microtask (measured: 2.8 KB allocated per 4 KiB NBD write
+   * before, most of it async frames). Everything else takes #mutateHooked.
+   */
+  #mutate(
+    kind: HookedKind,
+    offset: number,
+    length: number,
+    data: readonly Buffer[] | null,
+    flags: ZeroFlags,
+  ): Promise<void> {
+    if (
+      this.#hooks.length > 0 ||
+      this.#serialisingInFlight > 0 ||
+      this.#rangeLocks.size > 0 ||
+      (length === 0 && kind !== "flush")
+    )
+      return this.#mutateHooked(kind, offset, length, data, flags);
+    const t0 = BlockAccounting.now();
+    const req = this.#begin(kind, offset, length, data, flags, false);
+    let p: Promise<void>;
+    try {
+      p = this.#callDriver(req);
+    } catch (err) {
+      p = Promise.reject(err);
+    }
+    return p.then(
+      () => {
+        this.#count(kind, length);
+        this.acct.done(ACCT_KIND[kind]!, t0);
+        if (kind === "write" || kind === "zero") this.acct.wrote(offset + length);
+        this.#end(req);
+      },
+      (err: unknown) => {
+        this.acct.failed(ACCT_KIND[kind]!, t0);
+        const failed = this.#failed(err);
+        this.#end(req);
+        throw failed;
+      },
+    );
+  }
+
+  async #mutateHooked(
     kind: HookedKind,
     offset: number,
     length: number,

@@ -40,7 +40,8 @@ class SyncFileIo implements FileIo {
     if (now - startMs > SYNC_IO_SLOW_MS) this.#asyncUntilMs = now + ASYNC_BACKOFF_MS;
   }
 
-  async read(into: Buffer, position: number): Promise<number> {
+  /** Not async, as writev: a small read completes synchronously and hands back a settled promise. */
+  read(into: Buffer, position: number): Promise<number> {
     if (!this.#useSync(into.length)) return this.#threads.read(into, position);
     let done = 0;
     try {
@@ -52,9 +53,9 @@ class SyncFileIo implements FileIo {
       }
       this.#timed(t0);
     } catch (err) {
-      throw toBlockError(err);
+      return Promise.reject(toBlockError(err));
     }
-    return done;
+    return Promise.resolve(done);
   }
 
   /** Not async: a small write completes synchronously and hands back a settled promise. */

@@ -300,12 +300,12 @@ export class FileDriver implements BlockDriver {
     return this.#io.engine;
   }
 
-  /** Not async (the read path is as hot as the write path): one `then`, no async frame. */
+  /**
+   * Not async (the read path is as hot as the write path): the engine's own promise. A file shorter
+   * than its advertised size reads as zeros past its end.
+   */
   pread(offset: number, into: Buffer): Promise<void> {
-    return this.#io.read(into, offset).then((done) => {
-      // A file shorter than its advertised size reads as zeros past its end.
-      if (done < into.length) into.fill(0, done);
-    });
+    return this.#io.readFull(into, offset);
   }
 
   /** Not async: the sync engine completes a small write at once and hands back a settled promise. */

@@ -18,6 +18,8 @@ export interface FileIo {
   readonly engine: IoEngineName;
   /** Reads from `position` until `into` is full or the file ends; resolves to the bytes read. */
   read(into: Buffer, position: number): Promise<number>;
+  /** Fills `into` from `position`, with zeros past the file's end (the driver's pread). */
+  readFull(into: Buffer, position: number): Promise<void>;
   /** Writes all `total` bytes of `data` at `position` (short writes are continued). */
   writev(data: readonly Buffer[], position: number, total: number): Promise<void>;
   fdatasync(): Promise<void>;
@@ -31,6 +33,13 @@ export interface IoEngine {
   readonly name: IoEngineName;
   /** Takes over `fd`: its FileIo closes it. */
   open(fd: number): FileIo;
+}
+
+/** readFull from read: zeros past what the read found (a file shorter than its advertised size). */
+export function readZeroFilled(io: FileIo, into: Buffer, position: number): Promise<void> {
+  return io.read(into, position).then((done) => {
+    if (done < into.length) into.fill(0, done);
+  });
 }
 
 /** A BlockError for an operation's -errno result, with the C library's text. */

@@ -17,7 +17,14 @@ import { BlockError, systemErrorText } from "../../../core/errors.js";
 import { assert } from "../../../core/assert.js";
 import { remainingIov } from "../fs-async.js";
 import { EAGAIN, EBUSY, EINTR, native, type UringHandle } from "../native.js";
-import { ioError, nativeFallocate, type FallocMode, type FileIo, type IoEngine } from "./engine.js";
+import {
+  ioError,
+  nativeFallocate,
+  readZeroFilled,
+  type FallocMode,
+  type FileIo,
+  type IoEngine,
+} from "./engine.js";
 import { FdLifetime } from "./fd-lifetime.js";
 import { fdatasyncFull, readFullAsync, writevFullAsync } from "./threads.js";
 
@@ -369,6 +376,10 @@ class UringFileIo implements FileIo {
 
   read(into: Buffer, position: number): Promise<number> {
     return this.#engine.start("read", this.#fd, { into, position, total: into.length });
+  }
+
+  readFull(into: Buffer, position: number): Promise<void> {
+    return readZeroFilled(this, into, position);
   }
 
   async writev(data: readonly Buffer[], position: number, total: number): Promise<void> {

@@ -11,7 +11,7 @@ import { performance } from "node:perf_hooks";
 import { toBlockError } from "../../../core/errors.js";
 import { KiB } from "../../../core/units.js";
 import { remainingIov } from "../fs-async.js";
-import { nativeFallocate, type FallocMode, type FileIo, type IoEngine } from "./engine.js";
+import { nativeFallocate, readZeroFilled, type FallocMode, type FileIo, type IoEngine } from "./engine.js";
 import { ThreadsFileIo } from "./threads.js";
 
 export const SYNC_IO_BYTES_MAX = 128 * KiB;
@@ -43,19 +43,35 @@ class SyncFileIo implements FileIo {
   /** Not async, as writev: a small read completes synchronously and hands back a settled promise. */
   read(into: Buffer, position: number): Promise<number> {
     if (!this.#useSync(into.length)) return this.#threads.read(into, position);
-    let done = 0;
     try {
-      const t0 = performance.now();
-      while (done < into.length) {
-        const n = fs.readSync(this.#fd, into, done, into.length - done, position + done);
-        if (n === 0) break;
-        done += n;
-      }
-      this.#timed(t0);
+      return Promise.resolve(this.#readSync(into, position));
     } catch (err) {
       return Promise.reject(toBlockError(err));
     }
-    return Promise.resolve(done);
+  }
+
+  /** The driver's pread, the hot read path: a small read returns the one shared settled promise. */
+  readFull(into: Buffer, position: number): Promise<void> {
+    if (!this.#useSync(into.length)) return readZeroFilled(this.#threads, into, position);
+    try {
+      const done = this.#readSync(into, position);
+      if (done < into.length) into.fill(0, done);
+    } catch (err) {
+      return Promise.reject(toBlockError(err));
+    }
+    return DONE;
+  }
+
+  #readSync(into: Buffer, position: number): number {
+    let done = 0;
+    const t0 = performance.now();
+    while (done < into.length) {
+      const n = fs.readSync(this.#fd, into, done, into.length - done, position + done);
+      if (n === 0) break;
+      done += n;
+    }
+    this.#timed(t0);
+    return done;
   }
 
   /** Not async: a small write completes synchronously and hands back a settled promise. */

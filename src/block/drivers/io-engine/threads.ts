@@ -1,7 +1,7 @@
 /** The threadpool engine: every operation runs on the libuv threadpool (Node's async fs calls). */
 import { toBlockError } from "../../../core/errors.js";
 import { fdatasyncAsync, readAsync, remainingIov, writevAsync } from "../fs-async.js";
-import { nativeFallocate, type FallocMode, type FileIo, type IoEngine } from "./engine.js";
+import { nativeFallocate, readZeroFilled, type FallocMode, type FileIo, type IoEngine } from "./engine.js";
 import { FdLifetime } from "./fd-lifetime.js";
 
 /** Reads until `into` is full or the file ends, on the threadpool. */
@@ -61,6 +61,10 @@ export class ThreadsFileIo implements FileIo {
 
   read(into: Buffer, position: number): Promise<number> {
     return this.#tracked(readFullAsync(this.#fd.fd, into, position));
+  }
+
+  readFull(into: Buffer, position: number): Promise<void> {
+    return readZeroFilled(this, into, position);
   }
 
   writev(data: readonly Buffer[], position: number, total: number): Promise<void> {

@@ -10,6 +10,7 @@
 import type { Socket } from "node:net";
 import { TLSSocket } from "node:tls";
 import { BlockError, NBD_ERRNO, ProtocolError, toBlockError } from "../../core/errors.js";
+import { assert } from "../../core/assert.js";
 import { coarseNowMs } from "../../core/coarse-clock.js";
 import type { Logger } from "../../core/log.js";
 import type { Extent, WriteFlags } from "../../block/driver.js";
@@ -364,7 +365,9 @@ export class NbdConnection {
   async shutdown(): Promise<void> {
     this.#beginClose("server shutting down");
     await this.#whenIdle();
-    // end() flushes the last replies; then the socket goes even if the client lingers.
+    // The last turn's replies may still be in the batch: they go first, then end() flushes the
+    // socket; then the socket goes even if the client lingers.
+    if (this.#corked) this.#uncork();
     this.#socket.end(() => this.#socket.destroy());
   }
 
@@ -790,30 +793,34 @@ export class NbdConnection {
     if (h.type === C.NBD_CMD_WRITE) {
       // The hot paths, writes and plain reads: a `then` on the node's promise, no async frame (see #run).
       e.node.write(h.offset, payload!, writeFlags(h.flags)).then(
-        () => this.#answered(req, h, payload, () => this.#sendSimple(0, h, req)),
-        (err) => this.#answered(req, h, payload, () => this.#runFailed(h, req, err)),
+        () => this.#answer(req, h, payload, false, undefined),
+        (err) => this.#answer(req, h, payload, true, err),
       );
       return;
     }
     if (h.type === C.NBD_CMD_READ && !this.#maySparseRead(e.node, h)) {
       this.#plainRead(e.node, h, req).then(
         () => this.#requestDone(req, h, payload),
-        (err) => this.#answered(req, h, payload, () => this.#runFailed(h, req, err)),
+        (err) => this.#answer(req, h, payload, true, err),
       );
       return;
     }
-    this.#run(e.node, h, payload, req).then(
+    this.#run(e.node, h, req).then(
       () => this.#requestDone(req, h, payload),
       (err) => this.#handlerFailed(req, h, payload, err),
     );
   }
 
-  /** Sends a request's answer (`answer`), then ends it; an answer that throws is a bug. */
-  #answered(req: Request, h: RequestHeader, payload: Buffer[] | null, answer: () => void): void {
+  /**
+   * Answers a write or plain read the node has finished (a write's success reply here; a read's
+   * data went with #plainRead; `err` when it failed), then ends it. An answer that throws is a bug.
+   */
+  #answer(req: Request, h: RequestHeader, payload: Buffer[] | null, failed: boolean, err: unknown): void {
     try {
-      answer();
-    } catch (err) {
-      return this.#handlerFailed(req, h, payload, err);
+      if (failed) this.#runFailed(h, req, err);
+      else this.#sendSimple(0, h, req);
+    } catch (bug) {
+      return this.#handlerFailed(req, h, payload, bug);
     }
     this.#requestDone(req, h, payload);
   }
@@ -853,18 +860,17 @@ export class NbdConnection {
   }
 
   /**
-   * Runs one request and sends its reply; `req` goes with the final reply buffer. Writes, the hot
-   * path, normally come as one `then` on the node's promise in #onRequest instead: this async frame
-   * and the `then` on it cost a few hundred bytes of garbage per 4 KiB write.
+   * Runs one request other than a write and sends its reply; `req` goes with the final reply
+   * buffer. Writes, and reads that need no block status, are one `then` on the node's promise in
+   * #onRequest instead: this async frame and the `then` on it cost a few hundred bytes of garbage
+   * per 4 KiB request.
    */
-  async #run(node: BlockNode, h: RequestHeader, payload: Buffer[] | null, req: Request): Promise<void> {
+  async #run(node: BlockNode, h: RequestHeader, req: Request): Promise<void> {
+    assert(h.type !== C.NBD_CMD_WRITE, "writes are answered in #onRequest");
     try {
       switch (h.type) {
         case C.NBD_CMD_READ:
           return await this.#read(node, h, req);
-        case C.NBD_CMD_WRITE:
-          await node.write(h.offset, payload!, writeFlags(h.flags));
-          break;
         case C.NBD_CMD_FLUSH:
           await node.flush();
           break;
@@ -1117,11 +1123,7 @@ export class NbdConnection {
       // Large replies go at once (after what is corked, keeping order) so the socket drains while
       // the next request reads the disk.
       if (this.#corked) this.#uncork();
-    } else if (!this.#corked) {
-      this.#corked = true;
-      s.cork();
-      setImmediate(this.#uncork);
-    }
+    } else this.#corkForTurn();
     if (req === undefined) {
       s.write(buf);
       return;
@@ -1135,11 +1137,7 @@ export class NbdConnection {
     const s = this.#socket;
     if (this.#closed || s.destroyed || !s.writable) return this.#replyWritten(req);
     if (this.#batchUsed === 0 && s.writableLength === 0) this.#lastWriteMs = coarseNowMs();
-    if (!this.#corked) {
-      this.#corked = true;
-      s.cork();
-      setImmediate(this.#uncork);
-    }
+    this.#corkForTurn();
     let batch = this.#batch;
     if (batch === null) batch = this.#batch = Buffer.allocUnsafeSlow(REPLY_BATCH_BYTES);
     else if (this.#batchUsed === batch.length) this.#flushBatch();
@@ -1160,9 +1158,17 @@ export class NbdConnection {
     this.#socket.write(out, () => this.#takeBatch(n));
   }
 
+  /** Corks the socket for the rest of this event-loop turn (uncorked at setImmediate). */
+  #corkForTurn(): void {
+    if (this.#corked) return;
+    this.#corked = true;
+    this.#socket.cork();
+    setImmediate(this.#uncork);
+  }
+
   readonly #uncork = (): void => {
     this.#corked = false;
-    if (this.#batchUsed > 0 && !this.#closed && !this.#socket.destroyed) this.#flushBatch();
+    if (this.#batchReqs.length > 0 && !this.#closed && this.#socket.writable) this.#flushBatch();
     if (!this.#socket.destroyed) this.#socket.uncork();
   };
 

@@ -17,6 +17,7 @@ import {
 import {
   defaultPollMaxNs,
   parsePollMaxNs,
+  POLL_MAX_NS_DEFAULT,
   POLL_MAX_NS_LIMIT,
   setLoopPolling,
 } from "../block/drivers/io-engine/loop-poll.js";
@@ -320,7 +321,7 @@ program
   .option(
     "--poll-max-ns <ns>",
     `poll for new requests up to this long before the event loop sleeps, adaptively (QEMU's iothread ` +
-      `poll-max-ns; 0 turns it off; default ${defaultPollMaxNs()})`,
+      `poll-max-ns; 0 turns it off; default ${POLL_MAX_NS_DEFAULT})`,
     pollMaxNsOption,
   )
   .option("-v, --verbose", "debug logs on stderr")

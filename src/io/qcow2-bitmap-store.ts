@@ -104,4 +104,6 @@ export function loadQcow2Bitmaps(
       );
     } else log.info({ node: node.name, bitmap: l.name, dirty: bits.dirtyBytes }, "bitmap loaded");
   }
+  // The named bitmaps hold the bits now; the image's copy would double them for the node's life.
+  image.forgetLoaded();
 }

@@ -295,7 +295,7 @@ export class NbdConnection {
       throw notConnected(`the NBD server requires TLS for export '${name}' (give tls-creds)`);
     }
     if (last.type !== C.NBD_REP_ACK) {
-      const why = last.data.toString("utf8") || `error 0x${(last.type >>> 0).toString(16)}`;
+      const why = last.data.toString("utf8") || `error 0x${last.type.toString(16)}`;
       // An unknown export or a refusal will not change by retrying soon, but the server may be
       // restarting with its exports not yet added: treat it as not connected.
       throw notConnected(`the NBD server refused export '${name}': ${why}`);

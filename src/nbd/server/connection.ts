@@ -207,7 +207,6 @@ export class NbdConnection {
    * of the sends. A reply each cost a Buffer, a stream entry and a callback.
    */
   #batch: Buffer | null = null;
-  #batchUsed = 0;
   #batchReqs: Request[] = [];
   readonly #takeBatch = (n: number): void => {
     for (let i = 0; i < n; i++) this.#onReplyTaken();
@@ -908,11 +907,10 @@ export class NbdConnection {
     this.#replyError(h, be.code, be.message, req);
   }
 
+  /** A read #maySparseRead admits (the others are #plainRead's, from #onRequest): holes as holes. */
   async #read(node: BlockNode, h: RequestHeader, req: Request): Promise<void> {
-    if (this.#maySparseRead(node, h)) {
-      const extents = await node.blockStatus(h.offset, h.length);
-      if (extents.some((x) => x.zero)) return this.#sparseRead(node, h, extents, req);
-    }
+    const extents = await node.blockStatus(h.offset, h.length);
+    if (extents.some((x) => x.zero)) return this.#sparseRead(node, h, extents, req);
     return this.#plainRead(node, h, req);
   }
 
@@ -1117,7 +1115,7 @@ export class NbdConnection {
       if (req) this.#replyWritten(req);
       return;
     }
-    if (this.#batchUsed > 0) this.#flushBatch();
+    if (this.#batchReqs.length > 0) this.#flushBatch();
     if (s.writableLength === 0) this.#lastWriteMs = coarseNowMs();
     if (buf.length >= L.REPLY_DIRECT_BYTES_MIN) {
       // Large replies go at once (after what is corked, keeping order) so the socket drains while
@@ -1136,13 +1134,12 @@ export class NbdConnection {
   #sendSimple(error: number, h: RequestHeader, req: Request): void {
     const s = this.#socket;
     if (this.#closed || s.destroyed || !s.writable) return this.#replyWritten(req);
-    if (this.#batchUsed === 0 && s.writableLength === 0) this.#lastWriteMs = coarseNowMs();
+    if (this.#batchReqs.length === 0 && s.writableLength === 0) this.#lastWriteMs = coarseNowMs();
     this.#corkForTurn();
-    let batch = this.#batch;
-    if (batch === null) batch = this.#batch = Buffer.allocUnsafeSlow(REPLY_BATCH_BYTES);
-    else if (this.#batchUsed === batch.length) this.#flushBatch();
-    writeSimpleReply(batch, this.#batchUsed, error, h.cookieHi, h.cookieLo);
-    this.#batchUsed += C.NBD_SIMPLE_REPLY_BYTES;
+    const batch = (this.#batch ??= Buffer.allocUnsafeSlow(REPLY_BATCH_BYTES));
+    // A guard: every batched request holds one of the IN_FLIGHT_REQUESTS_MAX slots the batch has room for.
+    if (this.#batchReqs.length * C.NBD_SIMPLE_REPLY_BYTES === batch.length) this.#flushBatch();
+    writeSimpleReply(batch, this.#batchReqs.length * C.NBD_SIMPLE_REPLY_BYTES, error, h.cookieHi, h.cookieLo);
     this.#batchReqs.push(req);
   }
 
@@ -1150,9 +1147,9 @@ export class NbdConnection {
   #flushBatch(): void {
     const n = this.#batchReqs.length;
     if (n === 0) return;
-    const out = Buffer.allocUnsafe(this.#batchUsed);
-    this.#batch!.copy(out, 0, 0, this.#batchUsed);
-    this.#batchUsed = 0;
+    const used = n * C.NBD_SIMPLE_REPLY_BYTES;
+    const out = Buffer.allocUnsafe(used);
+    this.#batch!.copy(out, 0, 0, used);
     for (const r of this.#batchReqs) this.#queued.push(r);
     this.#batchReqs.length = 0;
     this.#socket.write(out, () => this.#takeBatch(n));
@@ -1228,7 +1225,6 @@ export class NbdConnection {
     this.#queued = [];
     this.#queuedHead = 0;
     this.#batchReqs = [];
-    this.#batchUsed = 0;
     this.#account.close();
     this.#directory.onClosed(this);
   }

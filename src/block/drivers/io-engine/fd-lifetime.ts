@@ -14,10 +14,6 @@ export class FdLifetime {
     this.fd = fd;
   }
 
-  get closing(): boolean {
-    return this.#closing !== undefined;
-  }
-
   begin(): void {
     this.#inflight++;
   }

@@ -31,8 +31,11 @@ class SyncFileIo implements FileIo {
     this.#threads = new ThreadsFileIo(fd);
   }
 
-  #useSync(length: number): boolean {
-    return length <= SYNC_IO_BYTES_MAX && performance.now() >= this.#asyncUntilMs;
+  /** The start time of a synchronous call for `length` bytes, or -1 when it goes to the threadpool. */
+  #syncStart(length: number): number {
+    if (length > SYNC_IO_BYTES_MAX) return -1;
+    const now = performance.now();
+    return now >= this.#asyncUntilMs ? now : -1;
   }
 
   #timed(startMs: number): void {
@@ -42,9 +45,10 @@ class SyncFileIo implements FileIo {
 
   /** Not async, as writev: a small read completes synchronously and hands back a settled promise. */
   read(into: Buffer, position: number): Promise<number> {
-    if (!this.#useSync(into.length)) return this.#threads.read(into, position);
+    const t0 = this.#syncStart(into.length);
+    if (t0 < 0) return this.#threads.read(into, position);
     try {
-      return Promise.resolve(this.#readSync(into, position));
+      return Promise.resolve(this.#readSync(into, position, t0));
     } catch (err) {
       return Promise.reject(toBlockError(err));
     }
@@ -52,9 +56,10 @@ class SyncFileIo implements FileIo {
 
   /** The driver's pread, the hot read path: a small read returns the one shared settled promise. */
   readFull(into: Buffer, position: number): Promise<void> {
-    if (!this.#useSync(into.length)) return readZeroFilled(this.#threads, into, position);
+    const t0 = this.#syncStart(into.length);
+    if (t0 < 0) return readZeroFilled(this.#threads, into, position);
     try {
-      const done = this.#readSync(into, position);
+      const done = this.#readSync(into, position, t0);
       if (done < into.length) into.fill(0, done);
     } catch (err) {
       return Promise.reject(toBlockError(err));
@@ -62,9 +67,8 @@ class SyncFileIo implements FileIo {
     return DONE;
   }
 
-  #readSync(into: Buffer, position: number): number {
+  #readSync(into: Buffer, position: number, t0: number): number {
     let done = 0;
-    const t0 = performance.now();
     while (done < into.length) {
       const n = fs.readSync(this.#fd, into, done, into.length - done, position + done);
       if (n === 0) break;
@@ -76,9 +80,9 @@ class SyncFileIo implements FileIo {
 
   /** Not async: a small write completes synchronously and hands back a settled promise. */
   writev(data: readonly Buffer[], position: number, total: number): Promise<void> {
-    if (!this.#useSync(total)) return this.#threads.writev(data, position, total);
+    const t0 = this.#syncStart(total);
+    if (t0 < 0) return this.#threads.writev(data, position, total);
     try {
-      const t0 = performance.now();
       let done = fs.writevSync(this.#fd, data as Buffer[], position);
       while (done < total) done += fs.writevSync(this.#fd, remainingIov(data, done), position + done);
       this.#timed(t0);

@@ -406,6 +406,11 @@ export class Qcow2Bitmaps {
     return this.#loaded;
   }
 
+  /** Drops what `loaded` holds once the io layer has its own copy of the bits (up to 256 MiB). */
+  forgetLoaded(): void {
+    this.#loaded = [];
+  }
+
   /** Whether the image had a bitmaps extension that a program without bitmap support disowned. */
   get stale(): boolean {
     return this.#stale;

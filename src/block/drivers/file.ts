@@ -136,6 +136,12 @@ export class FileDriver implements BlockDriver {
     let fd: number;
     // Whether this open made the file (O_EXCL says so for certain): only then may anyone remove it.
     let createdFile = false;
+    // A FIFO would block the event loop inside open() until a writer came (a backing name in a
+    // hostile image header can name one): refuse it before opening. The fstat below still checks
+    // what was opened.
+    if (fs.statSync(path, { throwIfNoEntry: false })?.isFIFO()) {
+      throw new BlockError("EINVAL", `${path}: not a regular file`);
+    }
     try {
       if (readOnly || !options.create) fd = fs.openSync(path, readOnly ? O_RDONLY : O_RDWR);
       else {

@@ -29,6 +29,7 @@ import {
 import { Qcow2Driver } from "../../block/drivers/qcow2/qcow2.js";
 import { FilterDriver } from "../../block/filters/filter.js";
 import type { BlockGraph } from "../../graph/block-graph.js";
+import { backingChain } from "../../graph/chain.js";
 import type { BlockNode } from "../../io/block-node.js";
 import { QmpError } from "../errors.js";
 
@@ -87,38 +88,34 @@ function nodeWithBackingFile(graph: BlockGraph, id: FileId): string | undefined 
   return undefined;
 }
 
-/** The backing image a new target names: its file name and format (QEMU writes both into the header). */
+/**
+ * The backing image a new target names: its file name and format (QEMU writes both into the header).
+ * The chain's layers (graph/chain.ts) name each layer's own file, never a URI.
+ */
 function newTargetBacking(
   graph: BlockGraph,
   source: BlockNode,
   backing: TargetBacking,
 ): { file: string; format: ImageFormat } | null {
   if (backing === "none") return null;
-  const info = graph.nodeInfo(source.name);
+  const chain = backingChain(graph, source.name);
   if (backing === "source") {
-    // Without a file name (memory, null-co, nbd) nothing can name the source; the target holds
-    // only the old data either way.
-    return info?.filename === undefined
-      ? null
-      : { file: path.resolve(info.filename), format: formatOf(source.driver) };
+    // Without a file of its own (memory, null-co, nbd) nothing can name the source; the target
+    // holds only the old data either way.
+    const own = chain[0]!;
+    return own.filename === undefined ? null : { file: path.resolve(own.filename), format: own.format };
   }
-  const d = source.driver;
-  if (!(d instanceof Qcow2Driver) || d.backing === null) return null;
-  if (info?.backing !== undefined) {
-    const file = graph.nodeInfo(info.backing)?.filename;
-    if (file === undefined) {
-      throw new QmpError(
-        "GenericError",
-        `The backing node '${info.backing}' of '${source.name}' has no file name`,
-      );
-    }
-    return { file: path.resolve(file), format: formatOf(d.backing) };
+  const below = chain[1];
+  if (below === undefined) return null;
+  if (below.filename === undefined) {
+    throw new QmpError(
+      "GenericError",
+      below.nodeName !== undefined
+        ? `The backing node '${below.nodeName}' of '${source.name}' has no file name`
+        : `The backing image of '${source.name}' has no file name`,
+    );
   }
-  const name = d.header.backingFile;
-  if (name === null || info?.filename === undefined) {
-    throw new QmpError("GenericError", `The backing image of '${source.name}' has no file name`);
-  }
-  return { file: path.resolve(resolveBackingPath(info.filename, name)), format: formatOf(d.backing) };
+  return { file: path.resolve(below.filename), format: below.format };
 }
 
 export async function openDriveTarget(
